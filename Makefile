@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export FLWR_TELEMETRY_ENABLED ?= 0
+export RAY_USAGE_STATS_ENABLED ?= 0
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export MPLCONFIGDIR ?= $(CURDIR)/.cache/matplotlib
+
+.PHONY: demo test install bench-centralized bench-federated clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	# torch/torchvision first, pinned exactly (pip takes them from this machine's disk when present)
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Main simulation: configs/quick.toml (uses FEDPRUNE_DATA_DIR / ./data / download, see README)
+demo: $(STAMP)
+	$(VENV)/bin/fedprune simulate --config configs/quick.toml --out runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench-centralized: $(STAMP)
+	$(PY) simulation/centralized_table.py --data-dir $${FEDPRUNE_DATA_DIR:-../shared/data/cifar10-subset}
+
+bench-federated: $(STAMP)
+	$(PY) simulation/bench_federated.py --data-dir $${FEDPRUNE_DATA_DIR:-../shared/data/cifar10-subset}
+
+clean:
+	rm -rf runs .pytest_cache .cache

@@ -1,0 +1,128 @@
+"""Server-side aggregation: consensus channel importance and HeteroFL-style weight merging.
+
+Consensus: every client's per-group importance vector is first normalised
+(divided by its group mean, so clients with different gradient scales or
+shard sizes compare), then combined per channel by
+
+* ``mean``          sample-weighted mean
+* ``median``        element-wise median (robust to a minority of outliers)
+* ``trimmed_mean``  element-wise mean after dropping ``trim_fraction`` of the
+                    values at each end
+* ``rank_vote``     sample-weighted mean of each client's normalised channel
+                    ranks (Borda count; ignores score scale entirely)
+
+Weights: :func:`merge_substates` averages every dense entry over the clients
+whose sub-model holds it (weighted by training examples); entries held by
+nobody keep their value. Dense FedAvg is the special case where every client
+holds every entry.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from fedprune.masks import StructuredMask
+
+__all__ = ["AGGREGATORS", "normalize_scores", "aggregate_importance", "mask_agreement", "merge_substates"]
+
+AGGREGATORS = ("mean", "median", "trimmed_mean", "rank_vote")
+
+
+def normalize_scores(scores: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Divide each group's vector by its mean (all-zero groups become all ones)."""
+    out = {}
+    for name, s in scores.items():
+        s = np.asarray(s, dtype=np.float64)
+        m = s.mean() if s.size else 0.0
+        out[name] = s / m if m > 0 else np.ones_like(s)
+    return out
+
+
+def _ranks(v: np.ndarray) -> np.ndarray:
+    """Normalised ranks in [0, 1]: 1 = most important (ties broken by index)."""
+    order = np.lexsort((np.arange(v.size), v))
+    r = np.empty(v.size, dtype=np.float64)
+    r[order] = np.arange(v.size)
+    return r / max(v.size - 1, 1)
+
+
+def _trimmed_mean(stack: np.ndarray, fraction: float) -> np.ndarray:
+    n = stack.shape[0]
+    k = int(np.floor(n * fraction))
+    if n - 2 * k < 1:
+        k = (n - 1) // 2
+    s = np.sort(stack, axis=0)
+    return s[k : n - k].mean(axis=0)
+
+
+def aggregate_importance(
+    client_scores: Sequence[Mapping[str, np.ndarray]],
+    weights: Sequence[float] | None = None,
+    method: str = "mean",
+    trim_fraction: float = 0.2,
+) -> dict[str, np.ndarray]:
+    """Combine per-client importance into one consensus vector per group (higher = keep)."""
+    if method not in AGGREGATORS:
+        raise ValueError(f"unknown aggregation {method!r}; allowed: {list(AGGREGATORS)}")
+    if not client_scores:
+        raise ValueError("aggregate_importance needs at least one client's scores")
+    w = np.asarray(weights if weights is not None else [1.0] * len(client_scores), dtype=np.float64)
+    if w.shape != (len(client_scores),) or (w <= 0).any():
+        raise ValueError(f"weights must be positive, one per client; got {w.tolist()}")
+    normed = [normalize_scores(s) for s in client_scores]
+    out = {}
+    for name in normed[0]:
+        stack = np.stack([n[name] for n in normed])
+        if method == "mean":
+            out[name] = (w[:, None] * stack).sum(axis=0) / w.sum()
+        elif method == "median":
+            out[name] = np.median(stack, axis=0)
+        elif method == "trimmed_mean":
+            out[name] = _trimmed_mean(stack, trim_fraction)
+        else:
+            ranks = np.stack([_ranks(v) for v in stack])
+            out[name] = (w[:, None] * ranks).sum(axis=0) / w.sum()
+    return out
+
+
+def mask_agreement(client_scores: Sequence[Mapping[str, np.ndarray]], consensus: StructuredMask) -> list[float]:
+    """Jaccard overlap of each client's own top-k mask (k = consensus kept counts) with the consensus mask."""
+    counts = consensus.kept_counts
+    return [StructuredMask.from_scores(s, counts).jaccard(consensus) for s in client_scores]
+
+
+def merge_substates(
+    dense_state: Mapping[str, torch.Tensor],
+    updates: Iterable[tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], float]],
+) -> dict[str, torch.Tensor]:
+    """HeteroFL-style merge of sub-model states into the dense state.
+
+    ``updates`` yields ``(sub_state, index_map, weight)`` where ``index_map``
+    comes from :func:`fedprune.masks.extraction_index_map` and ``weight`` is
+    usually the client's number of training examples. Every dense entry
+    becomes the weighted mean over the updates that hold it; entries held by
+    nobody keep their current value. Non-float entries
+    (``num_batches_tracked``) keep the dense value.
+    """
+    num = {k: torch.zeros(v.numel(), dtype=torch.float64) for k, v in dense_state.items() if v.is_floating_point()}
+    den = {k: torch.zeros_like(n) for k, n in num.items()}
+    for sub_state, index_map, weight in updates:
+        if not weight > 0:
+            raise ValueError(f"merge weight must be positive, got {weight}")
+        for k, idx in index_map.items():
+            flat_idx = idx.reshape(-1)
+            num[k].index_add_(0, flat_idx, sub_state[k].detach().reshape(-1).double() * float(weight))
+            den[k].index_add_(0, flat_idx, torch.full((flat_idx.numel(),), float(weight), dtype=torch.float64))
+    merged = {}
+    for k, v in dense_state.items():
+        if k not in num:
+            merged[k] = v.clone()
+            continue
+        held = den[k] > 0
+        flat = v.detach().reshape(-1).double().clone()
+        flat[held] = num[k][held] / den[k][held]
+        merged[k] = flat.to(v.dtype).reshape(v.shape)
+    return merged

@@ -1,0 +1,337 @@
+"""Experiment configuration: TOML files validated on load.
+
+A config file has a top-level ``seed`` and the tables ``[data]``, ``[model]``,
+``[train]``, ``[pruning]``, ``[federated]``, ``[eval]``; device profiles come
+from ``configs/profiles.toml`` (or the file named by ``federated.profiles_file``)
+and may be overridden per field in ``[profiles.NAME]`` tables. Unknown keys,
+wrong types and out-of-range values raise :class:`ConfigError` with one line
+naming the key, the value and what is allowed.
+
+Overrides use dotted keys: ``--set pruning.sparsity=0.7 federated.num_clients=20``
+(values are parsed as TOML, falling back to a plain string).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = [
+    "ConfigError",
+    "ExperimentConfig",
+    "ProfileConfig",
+    "load_config",
+    "load_profiles",
+    "config_from_dict",
+    "parse_overrides",
+    "config_to_dict",
+    "DEFAULT_PROFILES_FILE",
+    "PROFILE_NAMES",
+]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PROFILES_FILE = REPO_ROOT / "configs" / "profiles.toml"
+#: Profile names, from the most capable to the least.
+PROFILE_NAMES = ("edge_gpu", "mobile_cpu", "microcontroller")
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, of the wrong type, or out of range."""
+
+
+def _spec(default=dataclasses.MISSING, *, choices=None, lo=None, hi=None, lo_open=False, hi_open=False, doc=""):
+    meta = {"choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "doc": doc}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+DATASETS = ("cifar10", "synthetic")
+MODELS = ("seed_cnn", "resnet20", "mobilenetv2")
+CRITERIA = ("l1", "l2", "variance", "bn_gamma", "gradient", "taylor", "fisher", "activation")
+ALLOCATIONS = ("uniform", "global", "sensitivity")
+SCHEDULES = ("one_shot", "progressive", "lottery")
+PARTITIONS = ("iid", "dirichlet", "pathological")
+AGGREGATIONS = ("mean", "median", "trimmed_mean", "rank_vote")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _spec("cifar10", choices=DATASETS)
+    data_dir: str = _spec("", doc="directory holding cifar-10-batches-py; '' = FEDPRUNE_DATA_DIR, ./data, download")
+    download: bool = True
+    synthetic_train: int = _spec(2000, lo=10)
+    synthetic_test: int = _spec(500, lo=10)
+    partition: str = _spec("iid", choices=PARTITIONS)
+    alpha: float = _spec(0.5, lo=0.0, lo_open=True)
+    classes_per_client: int = _spec(2, lo=1, hi=10)
+    val_fraction: float = _spec(0.1, lo=0.0, hi=0.9)
+    test_samples: int = _spec(0, lo=0, doc="evaluate on the first N test images; 0 = all")
+
+
+@dataclass
+class ModelConfig:
+    name: str = _spec("seed_cnn", choices=MODELS)
+    width_mult: float = _spec(1.0, lo=0.1, hi=4.0, doc="mobilenetv2 only")
+
+
+@dataclass
+class TrainConfigSection:
+    epochs: int = _spec(8, lo=0)
+    lr: float = _spec(1e-3, lo=0.0, lo_open=True)
+    optimizer: str = _spec("adam", choices=("sgd", "adam"))
+    momentum: float = _spec(0.9, lo=0.0, hi=1.0)
+    weight_decay: float = _spec(0.0, lo=0.0)
+    batch_size: int = _spec(64, lo=1)
+    cosine: bool = False
+    threads: int = _spec(2, lo=1, hi=256)
+
+
+@dataclass
+class PruningConfig:
+    criterion: str = _spec("l2", choices=CRITERIA)
+    sparsity: float = _spec(0.5, lo=0.0, hi=1.0, hi_open=True)
+    allocation: str = _spec("uniform", choices=ALLOCATIONS)
+    schedule: str = _spec("one_shot", choices=SCHEDULES)
+    stages: int = _spec(3, lo=1, doc="progressive stages / lottery rounds")
+    finetune_epochs: int = _spec(5, lo=0)
+    num_batches: int = _spec(8, lo=1, doc="batches for data-driven criteria")
+    min_channels: int = _spec(1, lo=1)
+    round_to: int = _spec(0, lo=0, doc="round kept channels up to a multiple; 0 = off")
+    sensitivity_ratios: list = _spec([0.2, 0.5, 0.8])
+    rewind_epoch: int = _spec(0, lo=0, doc="lottery ticket: rewind to weights after this many epochs")
+
+
+@dataclass
+class FederatedConfig:
+    num_clients: int = _spec(10, lo=1)
+    clients_per_round: int = _spec(0, lo=0, doc="0 = all clients every round")
+    warmup_rounds: int = _spec(3, lo=0)
+    finetune_rounds: int = _spec(3, lo=0)
+    repeat_every: int = _spec(0, lo=0, doc="progressive federated pruning: redo importance+consensus every k fine-tune rounds; 0 = once")
+    aggregation: str = _spec("mean", choices=AGGREGATIONS)
+    trim_fraction: float = _spec(0.2, lo=0.0, hi=0.5, hi_open=True)
+    sensitivity: bool = _spec(False, doc="clients also measure layer sensitivity (needed for allocation='sensitivity')")
+    profiles_file: str = _spec("", doc="'' = configs/profiles.toml")
+    proportions: dict = _spec({"edge_gpu": 0.3, "mobile_cpu": 0.4, "microcontroller": 0.3})
+    num_cpus_per_client: float = _spec(1.0, lo=0.0, lo_open=True)
+    num_gpus_per_client: float = _spec(0.0, lo=0.0)
+    ray_num_cpus: int = _spec(2, lo=1)
+    min_replies_fraction: float = _spec(0.5, lo=0.0, hi=1.0)
+    eval_every: int = _spec(1, lo=0, doc="evaluate the global model every k rounds; 0 = only at the end")
+
+
+@dataclass
+class EvalConfig:
+    latency: bool = True
+    latency_threads: int = _spec(1, lo=1)
+    latency_repeats: int = _spec(20, lo=1)
+
+
+@dataclass
+class ProfileConfig:
+    """One device class. Speed and bandwidth feed the simulated round time."""
+
+    sparsity: float = _spec(0.5, lo=0.0, hi=1.0, hi_open=True, doc="channel sparsity target")
+    local_epochs: int = _spec(1, lo=0)
+    batch_size: int = _spec(32, lo=1)
+    compute_speed: float = _spec(1.0, lo=0.0, lo_open=True, doc="relative to the host (1 = host speed)")
+    bandwidth_mbps: float = _spec(10.0, lo=0.0, lo_open=True, doc="uplink/downlink in megabit/s")
+    failure_prob: float = _spec(0.0, lo=0.0, hi=1.0, hi_open=True)
+    budgets: dict = _spec({}, doc="hardware budgets (filled by the hardware-aware allocation)")
+
+
+@dataclass
+class ExperimentConfig:
+    seed: int = _spec(0, lo=0)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfigSection = field(default_factory=TrainConfigSection)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    profiles: dict = field(default_factory=dict)  # name -> ProfileConfig
+
+
+# --------------------------------------------------------------- validation
+def _type_name(t) -> str:
+    return getattr(t, "__name__", str(t))
+
+
+def _check_value(key: str, value: Any, f: dataclasses.Field, hint) -> Any:
+    meta = f.metadata
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' = {value!r} has the wrong type: expected true or false")
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' = {value!r} has the wrong type: expected an integer")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' = {value!r} has the wrong type: expected a finite number")
+        value = float(value)
+    elif hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' = {value!r} has the wrong type: expected a string")
+    elif hint is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' = {value!r} has the wrong type: expected a list")
+    elif hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' = {value!r} has the wrong type: expected a table")
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"config key '{key}' = {value!r} is not allowed; choose one of {list(meta['choices'])}")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None or hi is not None:
+        below = lo is not None and (value <= lo if meta["lo_open"] else value < lo)
+        above = hi is not None and (value >= hi if meta["hi_open"] else value > hi)
+        if below or above:
+            left = "(" if meta["lo_open"] else "["
+            right = ")" if meta["hi_open"] else "]"
+            rng = f"{left}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}{right}"
+            raise ConfigError(f"config key '{key}' = {value!r} is out of range: allowed {rng}")
+    return value
+
+
+def _build(cls, values: Mapping[str, Any], prefix: str):
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"config key '{prefix.rstrip('.')}' must be a table, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; allowed keys here: {sorted(fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_value(f"{prefix}{name}", value, fields[name], hint)
+    return cls(**kwargs)
+
+
+def load_profiles(path: str | Path | None = None) -> dict[str, ProfileConfig]:
+    """Read and validate a profiles file (``[NAME]`` tables of :class:`ProfileConfig` fields)."""
+    path = Path(path) if path else DEFAULT_PROFILES_FILE
+    raw = _read_toml(path)
+    return {name: _build(ProfileConfig, table, f"profiles.{name}.") for name, table in raw.items()}
+
+
+def _read_toml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+
+
+def _deep_update(base: dict, extra: Mapping) -> dict:
+    for k, v in extra.items():
+        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """``["a.b=1", "c=x"]`` -> nested dict; values parsed as TOML, else kept as strings."""
+    out: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. pruning.sparsity=0.7)")
+        key, raw = item.split("=", 1)
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def config_from_dict(raw: Mapping, base_dir: Path | None = None, resolved: bool = False) -> ExperimentConfig:
+    """Validate a nested dict (as read from TOML) into an :class:`ExperimentConfig`.
+
+    With ``resolved=True`` the dict is a complete, already resolved config
+    (:func:`config_to_dict` output): its ``profiles`` tables are taken as they
+    are instead of overriding the profiles file.
+    """
+    raw = dict(raw)
+    profile_overrides = raw.pop("profiles", {})
+    cfg = _build(ExperimentConfig, raw, "")
+    if resolved:
+        cfg.profiles = {name: _build(ProfileConfig, table, f"profiles.{name}.") for name, table in profile_overrides.items()}
+        _check_cross_field(cfg)
+        return cfg
+    pfile = cfg.federated.profiles_file
+    if pfile and base_dir is not None and not Path(pfile).is_absolute():
+        pfile = str((base_dir / pfile).resolve())
+    profiles = load_profiles(pfile or None)
+    if not isinstance(profile_overrides, Mapping):
+        raise ConfigError(f"config key 'profiles' must be a table of profile tables, got {profile_overrides!r}")
+    for name, table in profile_overrides.items():
+        if name not in profiles:
+            raise ConfigError(f"unknown profile 'profiles.{name}'; allowed: {sorted(profiles)}")
+        merged = _deep_update(dataclasses.asdict(profiles[name]), table)
+        profiles[name] = _build(ProfileConfig, merged, f"profiles.{name}.")
+    cfg.profiles = profiles
+    _check_cross_field(cfg)
+    return cfg
+
+
+def _check_cross_field(cfg: ExperimentConfig) -> None:
+    props = cfg.federated.proportions
+    for name, p in props.items():
+        if name not in cfg.profiles:
+            raise ConfigError(f"unknown profile 'federated.proportions.{name}'; allowed: {sorted(cfg.profiles)}")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or p < 0:
+            raise ConfigError(f"config key 'federated.proportions.{name}' = {p!r} must be a number >= 0")
+    total = sum(props.values())
+    if abs(total - 1.0) > 1e-6:
+        raise ConfigError(f"config key 'federated.proportions' sums to {total:g}; the proportions must sum to 1")
+    used = [n for n, p in props.items() if p > 0]
+    if len(used) > cfg.federated.num_clients:
+        raise ConfigError(
+            f"config key 'federated.num_clients' = {cfg.federated.num_clients} is smaller than the "
+            f"{len(used)} profiles with a non-zero proportion; every profile needs a client"
+        )
+    if cfg.federated.clients_per_round > cfg.federated.num_clients:
+        raise ConfigError(
+            f"config key 'federated.clients_per_round' = {cfg.federated.clients_per_round} exceeds "
+            f"federated.num_clients = {cfg.federated.num_clients}"
+        )
+    for r in cfg.pruning.sensitivity_ratios:
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < 1:
+            raise ConfigError(f"config key 'pruning.sensitivity_ratios' holds {r!r}; each ratio must be in (0, 1)")
+    if cfg.pruning.allocation == "sensitivity" and not cfg.federated.sensitivity:
+        cfg.federated.sensitivity = True  # the allocation cannot work without it
+    if cfg.data.data_dir and not Path(cfg.data.data_dir).is_dir():
+        raise ConfigError(f"config key 'data.data_dir' = {cfg.data.data_dir!r} is not an existing directory")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | Mapping | None = None) -> ExperimentConfig:
+    """Load ``path`` (or defaults when None), apply overrides, validate."""
+    raw: dict = {}
+    base_dir = None
+    if path is not None:
+        path = Path(path)
+        raw = _read_toml(path)
+        base_dir = path.resolve().parent
+    extra = parse_overrides(list(overrides)) if isinstance(overrides, (list, tuple)) else dict(overrides or {})
+    return config_from_dict(_deep_update(raw, extra), base_dir)
+
+
+def config_to_dict(cfg: ExperimentConfig) -> dict:
+    """Plain, JSON/TOML-friendly dict of a resolved config."""
+    return dataclasses.asdict(cfg)

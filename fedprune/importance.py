@@ -1,0 +1,334 @@
+"""Channel importance criteria, one small class each (Torch-Pruning style).
+
+Every criterion maps ``(model, groups[, loader])`` to an :class:`ImportanceScores`:
+a non-negative float64 vector per channel group (higher = more important)
+plus the number of samples the scores were computed from (0 for criteria that
+only read weights). Scores are computed on the dense index space of ``model``
+(which may be soft-masked; pruned channels then score 0).
+
+Criteria:
+
+=============  ==============================================================
+``l1``         sum of |w| of the channel's producer weights
+``l2``         L2 norm of the channel's producer weights
+``variance``   variance of the channel's producer weights
+``bn_gamma``   |gamma| of the BatchNorm(s) of the channel (network slimming)
+``gradient``   mean |dL/dw| over the channel's weights, accumulated over batches
+``taylor``     |sum_w w * dL/dw| per channel, accumulated over batches
+               (first-order Taylor estimate of the loss change on removal)
+``fisher``     empirical Fisher of a channel gate: mean over samples of
+               (sum_hw a * dL/da)^2 / 2 at the BN outputs (Theis et al. 2018)
+``activation`` mean |a| of the channel's BN outputs over samples and positions
+=============  ==============================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fedprune.groups import ChannelGroup, ChannelGroups
+
+__all__ = [
+    "ImportanceScores",
+    "Importance",
+    "CRITERIA",
+    "DATA_CRITERIA",
+    "get_importance",
+    "compute_importance",
+]
+
+
+@dataclass
+class ImportanceScores:
+    """Per-group channel scores (float64, >= 0) and the samples used to compute them."""
+
+    scores: dict[str, np.ndarray]
+    num_samples: int = 0
+    criterion: str = ""
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.scores[name]
+
+    def normalized(self, method: str = "mean") -> dict[str, np.ndarray]:
+        """Scores divided per group by their mean (or ``max``/``sum``), so groups compare."""
+        out = {}
+        for name, s in self.scores.items():
+            ref = {"mean": s.mean(), "max": s.max(), "sum": s.sum()}[method]
+            out[name] = s / ref if ref > 0 else np.ones_like(s)
+        return out
+
+
+# ----------------------------------------------------------------- helpers
+def _producer_weights(model: nn.Module, group: ChannelGroup) -> list[torch.Tensor]:
+    """Each producer's weight viewed as (channels, -1)."""
+    return [model.get_submodule(p).weight.reshape(group.size, -1) for p in group.producers]
+
+
+def _channel_params(model: nn.Module, group: ChannelGroup) -> list[torch.Tensor]:
+    """All parameters whose dim 0 indexes the group's channels (weights, biases, BN affine)."""
+    out = []
+    for name in group.producers + group.norms:
+        module = model.get_submodule(name)
+        for attr in ("weight", "bias"):
+            t = getattr(module, attr, None)
+            if isinstance(t, torch.Tensor):
+                out.append(t)
+    return out
+
+
+def _batches(loader: Iterable, num_batches: int | None):
+    for i, batch in enumerate(loader):
+        if num_batches is not None and i >= num_batches:
+            break
+        yield batch
+
+
+class Importance:
+    """Base class: ``__call__(model, groups, loader=None) -> ImportanceScores``."""
+
+    name: str = ""
+    needs_data: bool = False
+
+    def __call__(self, model: nn.Module, groups: ChannelGroups, loader: Iterable | None = None) -> ImportanceScores:
+        raise NotImplementedError
+
+
+class WeightImportance(Importance):
+    """Criteria that only read weights."""
+
+    @torch.no_grad()
+    def __call__(self, model, groups, loader=None):
+        scores = {g.name: self.score_group(model, g).double().cpu().numpy() for g in groups}
+        return ImportanceScores(scores, 0, self.name)
+
+    def score_group(self, model: nn.Module, group: ChannelGroup) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class MagnitudeImportance(WeightImportance):
+    """L1 (``p=1``: sum |w|) or L2 (``p=2``: sqrt(sum w^2)) norm of each channel's producer weights."""
+
+    def __init__(self, p: int = 2):
+        if p not in (1, 2):
+            raise ValueError(f"magnitude norm p must be 1 or 2, got {p}")
+        self.p, self.name = p, f"l{p}"
+
+    def score_group(self, model, group):
+        return sum(w.norm(p=self.p, dim=1) for w in _producer_weights(model, group))
+
+
+class WeightVarianceImportance(WeightImportance):
+    """Variance of each channel's producer weights (summed over coupled producers)."""
+
+    name = "variance"
+
+    def score_group(self, model, group):
+        return sum(w.var(dim=1, unbiased=False) if w.shape[1] > 1 else w.abs()[:, 0] for w in _producer_weights(model, group))
+
+
+class BNScaleImportance(WeightImportance):
+    """|gamma| of the BatchNorm layers of each channel (summed over coupled norms)."""
+
+    name = "bn_gamma"
+
+    def score_group(self, model, group):
+        if not group.norms:
+            raise ValueError(f"criterion 'bn_gamma' needs BatchNorm, but group {group.name!r} has none")
+        return sum(model.get_submodule(n).weight.abs() for n in group.norms)
+
+
+class DataImportance(Importance):
+    """Criteria that need a loader: run ``num_batches`` batches (all if None)."""
+
+    needs_data = True
+
+    def __init__(self, num_batches: int | None = 8):
+        if num_batches is not None and num_batches < 1:
+            raise ValueError(f"num_batches must be >= 1 or None, got {num_batches}")
+        self.num_batches = num_batches
+
+    def __call__(self, model, groups, loader=None):
+        if loader is None:
+            raise ValueError(f"criterion {self.name!r} needs data: pass a loader")
+        was_training = model.training
+        model.eval()  # deterministic: BN uses running stats, dropout off
+        try:
+            acc = {g.name: torch.zeros(g.size, dtype=torch.float64) for g in groups}
+            n = self.accumulate(model, groups, _batches(loader, self.num_batches), acc)
+        finally:
+            model.zero_grad(set_to_none=True)
+            model.train(was_training)
+        if n == 0:
+            raise ValueError(f"criterion {self.name!r} got an empty loader")
+        return ImportanceScores({k: self.finalize(v, n).numpy() for k, v in acc.items()}, n, self.name)
+
+    def accumulate(self, model, groups, batches, acc) -> int:
+        raise NotImplementedError
+
+    def finalize(self, total: torch.Tensor, num_samples: int) -> torch.Tensor:
+        return total / num_samples
+
+
+class _GradientBased(DataImportance):
+    """Back-propagates the mean cross-entropy of each batch; subclasses read .grad."""
+
+    def accumulate(self, model, groups, batches, acc):
+        n = 0
+        for x, y in batches:
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            with torch.no_grad():
+                for g in groups:
+                    acc[g.name] += self.batch_score(model, g).double() * len(y)
+            n += len(y)
+        return n
+
+    def batch_score(self, model, group) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class GradientImportance(_GradientBased):
+    """Mean |dL/dw| over each channel's producer weights, averaged over samples."""
+
+    name = "gradient"
+
+    def batch_score(self, model, group):
+        return sum(model.get_submodule(p).weight.grad.reshape(group.size, -1).abs().mean(dim=1) for p in group.producers)
+
+
+class TaylorImportance(_GradientBased):
+    """First-order Taylor: |sum over the channel's parameters of w * dL/dw| per batch, averaged."""
+
+    name = "taylor"
+
+    def batch_score(self, model, group):
+        total = torch.zeros(group.size, dtype=torch.float64)
+        for t in _channel_params(model, group):
+            if t.grad is not None:
+                total += (t * t.grad).reshape(group.size, -1).sum(dim=1).double()
+        return total.abs()
+
+
+class _ActivationHooks:
+    """Captures the output of each group's norms (or producers if it has none)."""
+
+    def __init__(self, model: nn.Module, groups: ChannelGroups, retain_grad: bool):
+        self.outputs: dict[str, list[torch.Tensor]] = {g.name: [] for g in groups}
+        self.handles = []
+        for g in groups:
+            for layer in g.norms or g.producers:
+                self.handles.append(model.get_submodule(layer).register_forward_hook(self._hook(g.name, retain_grad)))
+
+    def _hook(self, name: str, retain_grad: bool) -> Callable:
+        def hook(_module, _inp, out):
+            if retain_grad:
+                out.retain_grad()
+            self.outputs[name].append(out)
+
+        return hook
+
+    def clear(self) -> None:
+        for v in self.outputs.values():
+            v.clear()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class FisherImportance(DataImportance):
+    """Empirical Fisher of a per-channel gate, from per-sample gradients at BN outputs.
+
+    For sample n and channel c, d loss_n / d gate_c = sum over coupled layers
+    and positions of a * dL/da (exact per sample because the loss is summed).
+    Score = mean_n (that)^2 / 2.
+    """
+
+    name = "fisher"
+
+    def accumulate(self, model, groups, batches, acc):
+        hooks = _ActivationHooks(model, groups, retain_grad=True)
+        n = 0
+        try:
+            for x, y in batches:
+                hooks.clear()
+                model.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x), y, reduction="sum").backward()
+                with torch.no_grad():
+                    for g in groups:
+                        delta = sum(_per_sample_channel_sum(a * a.grad) for a in hooks.outputs[g.name])
+                        acc[g.name] += 0.5 * delta.double().pow(2).sum(dim=0)
+                n += len(y)
+        finally:
+            hooks.remove()
+        return n
+
+
+class ActivationImportance(DataImportance):
+    """Mean |activation| of each channel's BN outputs, over samples and positions."""
+
+    name = "activation"
+
+    @torch.no_grad()
+    def accumulate(self, model, groups, batches, acc):
+        hooks = _ActivationHooks(model, groups, retain_grad=False)
+        n = 0
+        try:
+            for x, y in batches:
+                hooks.clear()
+                model(x)
+                for g in groups:
+                    acc[g.name] += sum(_per_sample_channel_mean(a.abs()) for a in hooks.outputs[g.name]).double().sum(dim=0)
+                n += len(y)
+        finally:
+            hooks.remove()
+        return n
+
+
+def _per_sample_channel_sum(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, ...) -> (N, C) summed over positions."""
+    return t.reshape(t.shape[0], t.shape[1], -1).sum(dim=2)
+
+
+def _per_sample_channel_mean(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, ...) -> (N, C) averaged over positions."""
+    return t.reshape(t.shape[0], t.shape[1], -1).mean(dim=2)
+
+
+CRITERIA: dict[str, Callable[..., Importance]] = {
+    "l1": lambda **kw: MagnitudeImportance(p=1),
+    "l2": lambda **kw: MagnitudeImportance(p=2),
+    "variance": lambda **kw: WeightVarianceImportance(),
+    "bn_gamma": lambda **kw: BNScaleImportance(),
+    "gradient": lambda **kw: GradientImportance(**kw),
+    "taylor": lambda **kw: TaylorImportance(**kw),
+    "fisher": lambda **kw: FisherImportance(**kw),
+    "activation": lambda **kw: ActivationImportance(**kw),
+}
+
+#: Criteria that need a data loader.
+DATA_CRITERIA = ("gradient", "taylor", "fisher", "activation")
+
+
+def get_importance(name: str, num_batches: int | None = 8) -> Importance:
+    """Look up a criterion by name (see the module docstring)."""
+    if name not in CRITERIA:
+        raise ValueError(f"unknown importance criterion {name!r}; allowed: {sorted(CRITERIA)}")
+    return CRITERIA[name](num_batches=num_batches) if name in DATA_CRITERIA else CRITERIA[name]()
+
+
+def compute_importance(
+    name: str,
+    model: nn.Module,
+    groups: ChannelGroups,
+    loader: Iterable | None = None,
+    num_batches: int | None = 8,
+) -> ImportanceScores:
+    """One-call helper: ``get_importance(name, num_batches)(model, groups, loader)``."""
+    return get_importance(name, num_batches)(model, groups, loader)

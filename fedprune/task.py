@@ -1,0 +1,209 @@
+"""Glue shared by the CLI, the Flower apps and the benchmarks (Flower's ``task.py``).
+
+Builds models, data and training settings from an :class:`ExperimentConfig`,
+with per-process caches so Ray workers load data and trace models once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import torch.nn as nn
+
+from fedprune.config import ExperimentConfig
+from fedprune.data import ImageArrays, load_dataset
+from fedprune.groups import ChannelGroups, groups_for
+from fedprune.models import get_model
+from fedprune.training import TrainConfig, train
+
+__all__ = ["model_kwargs", "build_model", "model_groups", "load_data", "train_config", "make_train_fn"]
+
+
+def model_kwargs(cfg: ExperimentConfig) -> dict:
+    """Keyword arguments of the registered model (only mobilenetv2 takes width_mult)."""
+    return {"width_mult": cfg.model.width_mult} if cfg.model.name == "mobilenetv2" else {}
+
+
+def build_model(cfg: ExperimentConfig) -> nn.Module:
+    """A fresh dense model (weights from torch's current RNG state)."""
+    return get_model(cfg.model.name, **model_kwargs(cfg))
+
+
+def model_groups(cfg: ExperimentConfig) -> ChannelGroups:
+    """The model's channel groups (traced once per process)."""
+    return groups_for(cfg.model.name, **model_kwargs(cfg))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_data_cached(dataset: str, data_dir: str, seed: int, sizes: tuple[int, int], download: bool, test_samples: int):
+    train, test = load_dataset(dataset, data_dir or None, seed, sizes, download)
+    if test_samples and test_samples < len(test):
+        test = test.subset(list(range(test_samples)))
+    return train, test
+
+
+def load_data(cfg: ExperimentConfig) -> tuple[ImageArrays, ImageArrays]:
+    """(train, test) arrays for the config's dataset (cached per process)."""
+    d = cfg.data
+    data_dir = d.data_dir or os.environ.get("FEDPRUNE_DATA_DIR", "")
+    return _load_data_cached(d.dataset, data_dir, cfg.seed, (d.synthetic_train, d.synthetic_test), d.download, d.test_samples)
+
+
+def train_config(cfg: ExperimentConfig, epochs: int | None = None, batch_size: int | None = None) -> TrainConfig:
+    """The optimiser settings of ``[train]`` with optional epoch/batch overrides."""
+    t = cfg.train
+    return TrainConfig(
+        epochs=max(1, epochs if epochs is not None else t.epochs),
+        lr=t.lr,
+        optimizer=t.optimizer,
+        momentum=t.momentum,
+        weight_decay=t.weight_decay,
+        batch_size=batch_size or t.batch_size,
+        cosine=t.cosine,
+        threads=t.threads,
+    )
+
+
+def make_train_fn(loader, base: TrainConfig, progress: str | None = None):
+    """``train_fn(model, epochs, after_step)`` for :mod:`fedprune.schedules`."""
+
+    def train_fn(model: nn.Module, epochs: int, after_step=None) -> dict:
+        return train(model, loader, dataclasses.replace(base, epochs=epochs), after_step=after_step, progress=progress)
+
+    return train_fn
+
+
+# ----------------------------------------------------------------------------
+# Client work: what one federated client does, callable with or without Flower.
+# ----------------------------------------------------------------------------
+import copy  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from fedprune.data import ClientShard, make_client_shard, make_loader  # noqa: E402
+from fedprune.importance import compute_importance  # noqa: E402
+from fedprune.masks import StructuredMask, extract_submodel  # noqa: E402
+from fedprune.profiles import assign_profiles  # noqa: E402
+from fedprune.sensitivity import measure_sensitivity  # noqa: E402
+from fedprune.training import evaluate, set_seed  # noqa: E402
+
+#: Images of the local shard used for importance/sensitivity (eval transform).
+CLIENT_SCORE_SUBSET = 512
+
+
+def client_seed(cfg: ExperimentConfig, partition_id: int, round_num: int) -> int:
+    """Per-client, per-round seed: runs are reproducible whatever the scheduling order."""
+    return int(np.random.SeedSequence([cfg.seed, partition_id, round_num]).generate_state(1)[0])
+
+
+def client_shard(cfg: ExperimentConfig, partition_id: int, num_partitions: int) -> ClientShard:
+    """This client's private shard (indices into the training set), deterministic from the seed."""
+    train, _ = load_data(cfg)
+    d = cfg.data
+    return make_client_shard(
+        train.labels, num_partitions, partition_id, d.partition, cfg.seed, d.alpha, d.classes_per_client, d.val_fraction
+    )
+
+
+def client_profile(cfg: ExperimentConfig, partition_id: int, num_partitions: int) -> str:
+    """This client's device profile (by the configured proportions, seeded)."""
+    return assign_profiles(num_partitions, cfg.federated.proportions, cfg.seed)[partition_id]
+
+
+@functools.lru_cache(maxsize=32)
+def _skeleton(model_name: str, kwargs_items: tuple, mask_key: bytes, mask: StructuredMask) -> torch.nn.Module:
+    model = get_model(model_name, **dict(kwargs_items))
+    groups = groups_for(model_name, **dict(kwargs_items))
+    return extract_submodel(model, mask, groups)
+
+
+def submodel(cfg: ExperimentConfig, mask: StructuredMask, state: dict | None = None) -> torch.nn.Module:
+    """The architecture of ``mask``'s sub-network (physically smaller), optionally loaded with ``state``."""
+    mask.validate(model_groups(cfg))
+    model = copy.deepcopy(_skeleton(cfg.model.name, tuple(sorted(model_kwargs(cfg).items())), mask.key(), mask))
+    if state is not None:
+        model.load_state_dict(state, strict=False)
+    return model
+
+
+def client_register(cfg: ExperimentConfig, partition_id: int, num_partitions: int) -> dict:
+    """What the server needs to know about a client: profile and data sizes (no data)."""
+    shard = client_shard(cfg, partition_id, num_partitions)
+    return {
+        "partition-id": partition_id,
+        "profile": client_profile(cfg, partition_id, num_partitions),
+        "num-train": shard.num_train,
+        "num-val": shard.num_val,
+        "label-histogram": list(shard.label_histogram),
+    }
+
+
+def client_importance(
+    cfg: ExperimentConfig,
+    partition_id: int,
+    num_partitions: int,
+    dense_state: dict,
+    criterion: str,
+    num_batches: int,
+    sensitivity: bool,
+    ratios: tuple[float, ...],
+    round_num: int = 0,
+) -> dict:
+    """Score channels (and optionally layer sensitivity) of the dense model on the private shard.
+
+    Returns ``{"scores": {group: vector}, "sensitivity": {group: float} | None,
+    "num-examples": training examples on this client (the consensus weight),
+    "scored-samples": samples the criterion actually used (0 for weight-only criteria)}``.
+    """
+    train, _ = load_data(cfg)
+    shard = client_shard(cfg, partition_id, num_partitions)
+    groups = model_groups(cfg)
+    model = build_model(cfg)
+    model.load_state_dict(dense_state)
+    set_seed(client_seed(cfg, partition_id, round_num))
+    local = train.subset(shard.train_idx[:CLIENT_SCORE_SUBSET])
+    loader = make_loader(local, cfg.train.batch_size, train=False)
+    scores = compute_importance(criterion, model, groups, loader, num_batches)
+    sens = None
+    if sensitivity:
+        val = train.subset(shard.val_idx) if shard.num_val else local
+        sens = measure_sensitivity(model, groups, scores.scores, make_loader(val, 256, train=False), ratios).score()
+    return {"scores": scores.scores, "sensitivity": sens, "num-examples": shard.num_train, "scored-samples": scores.num_samples}
+
+
+def client_train(
+    cfg: ExperimentConfig,
+    partition_id: int,
+    num_partitions: int,
+    mask: StructuredMask,
+    sub_state: dict,
+    epochs: int,
+    batch_size: int,
+    round_num: int,
+) -> tuple[dict, dict]:
+    """Fine-tune the received sub-network on the private shard; returns (state, metrics)."""
+    train_arrays, _ = load_data(cfg)
+    shard = client_shard(cfg, partition_id, num_partitions)
+    model = submodel(cfg, mask, sub_state)
+    seed = client_seed(cfg, partition_id, round_num)
+    set_seed(seed)  # after building the model: cache misses must not shift the RNG stream
+    loader = make_loader(train_arrays.subset(shard.train_idx), batch_size, train=True, seed=seed)
+    start = time.perf_counter()
+    out = train(model, loader, train_config(cfg, epochs=epochs, batch_size=batch_size)) if epochs > 0 else {"loss": float("nan")}
+    metrics = {"num-examples": shard.num_train, "train-loss": float(out["loss"]), "compute-s": time.perf_counter() - start}
+    return {k: v.detach() for k, v in model.state_dict().items()}, metrics
+
+
+def client_evaluate(cfg: ExperimentConfig, partition_id: int, num_partitions: int, mask: StructuredMask, sub_state: dict) -> dict:
+    """Accuracy and loss of the received sub-network on the local validation split."""
+    train_arrays, _ = load_data(cfg)
+    shard = client_shard(cfg, partition_id, num_partitions)
+    if shard.num_val == 0:
+        return {"num-examples": 0, "accuracy": float("nan"), "loss": float("nan")}
+    model = submodel(cfg, mask, sub_state)
+    m = evaluate(model, make_loader(train_arrays.subset(shard.val_idx), 256, train=False))
+    return {"num-examples": int(m["num_examples"]), "accuracy": float(m["accuracy"]), "loss": float(m["loss"])}
