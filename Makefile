@@ -8,6 +8,9 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export MPLCONFIGDIR ?= $(CURDIR)/.cache/matplotlib
+# Real CIFAR-10 subset beside the checkout, when present (see README "Data")
+SHARED_CIFAR := $(wildcard $(CURDIR)/../shared/data/cifar10-subset)
+export FEDPRUNE_DATA_DIR ?= $(SHARED_CIFAR)
 
 .PHONY: demo test install bench-centralized bench-federated clean
 

@@ -185,6 +185,10 @@ class FederatedPruning:
         self.consensus_log: list[dict] = []
         self._index_maps: dict[bytes, dict] = {}
         self.model_version = 0
+        # BN running statistics per sub-network (mask key): sub-networks of different
+        # widths see different activation statistics, so they must not be averaged together.
+        self.bn_stat_keys = {n for n in self.state if n.endswith(("running_mean", "running_var"))}
+        self.bn_stats: dict[bytes, dict[str, torch.Tensor]] = {}
 
     # ------------------------------------------------------------ helpers
     def index_map(self, mask: StructuredMask) -> dict:
@@ -192,6 +196,27 @@ class FederatedPruning:
         if key not in self._index_maps:
             self._index_maps[key] = extraction_index_map(self.model, mask, self.groups)
         return self._index_maps[key]
+
+    def substate(self, mask: StructuredMask) -> dict[str, torch.Tensor]:
+        """The sub-network's state: sliced global weights plus its own BN running statistics."""
+        sub = slice_state(self.state, self.index_map(mask))
+        sub.update({k: v.clone() for k, v in self.bn_stats.get(mask.key(), {}).items()})
+        return sub
+
+    def _merge(self, updates: list[tuple[dict, dict, float, bytes]]) -> None:
+        """Merge weights across all clients (HeteroFL); BN running stats only within each sub-network."""
+        shared = [({k: v for k, v in st.items() if k not in self.bn_stat_keys}, {k: v for k, v in im.items() if k not in self.bn_stat_keys}, w)
+                  for st, im, w, _ in updates]
+        self.state = merge_substates(self.state, shared)
+        by_mask: dict[bytes, list[tuple[dict, float]]] = {}
+        for st, _, w, key in updates:
+            by_mask.setdefault(key, []).append((st, w))
+        for key, items in by_mask.items():
+            total = sum(w for _, w in items)
+            self.bn_stats[key] = {k: sum(st[k].double() * w for st, w in items).div(total).float() for k in self.bn_stat_keys}
+        dense_key = StructuredMask.dense(self.groups).key()
+        if dense_key in self.bn_stats:  # the dense model keeps its statistics in the global state
+            self.state.update({k: v.clone() for k, v in self.bn_stats[dense_key].items()})
 
     def _config(self, **extra):
         return config_to_record(self.cfg, **extra)
@@ -247,8 +272,8 @@ class FederatedPruning:
             mask = self._mask_for(n)
             imap = self.index_map(mask)
             prof = self.cfg.profiles[self.nodes[n].profile]
-            sub = slice_state(self.state, imap)
-            sent[n] = (imap, {k: v.shape for k, v in sub.items()})
+            sub = self.substate(mask)
+            sent[n] = (imap, {k: v.shape for k, v in sub.items()}, mask.key())
             content = RecordDict({
                 "arrays": state_to_record(sub),
                 "mask": mask_to_record(mask),
@@ -259,7 +284,7 @@ class FederatedPruning:
         ok, failed = self._check_replies(replies, f"{phase} round {round_num}")
         updates, losses, sim_s = [], [], []
         for r in ok:
-            imap, shapes = sent[r.node_id]
+            imap, shapes, key = sent[r.node_id]
             state = record_to_state(r.content["arrays"])
             bad = [k for k, s in shapes.items() if k not in state or tuple(state[k].shape) != tuple(s)]
             if bad:
@@ -267,11 +292,11 @@ class FederatedPruning:
                 log.warning("%s round %d: dropped client %s: arrays %s do not match", phase, round_num, self._pid(r.node_id), bad[:3])
                 continue
             m = r.content["metrics"]
-            updates.append((state, imap, float(m["num-examples"])))
+            updates.append((state, imap, float(m["num-examples"]), key))
             losses.append(float(m["train-loss"]))
             sim_s.append(simulated_client_seconds(self.cfg.profiles[self.nodes[r.node_id].profile], float(m["compute-s"]), r.bytes_down, r.bytes_up))
         if updates:
-            self.state = merge_substates(self.state, updates)
+            self._merge(updates)
             self.model_version += 1
         rec = self._round_record(round_num, phase, t0, replies, nodes, failed)
         rec["train_loss"] = float(np.mean(losses)) if losses else None
@@ -296,7 +321,7 @@ class FederatedPruning:
         requests = []
         for n in nodes:
             mask = self._mask_for(n)
-            sub = slice_state(self.state, self.index_map(mask))
+            sub = self.substate(mask)
             conf = self._config(**{"cache-model": cache_model, "model-version": self.model_version})
             requests.append((n, "evaluate", RecordDict({"arrays": state_to_record(sub), "mask": mask_to_record(mask), "config": conf})))
         replies = self.transport.exchange(requests)
@@ -404,7 +429,11 @@ class FederatedPruning:
     def extracted(self, mask: StructuredMask | None = None) -> torch.nn.Module:
         model = copy.deepcopy(self.model)
         model.load_state_dict(self.state)
-        return model if mask is None else extract_submodel(model, mask, self.groups)
+        if mask is None:
+            return model
+        sub = extract_submodel(model, mask, self.groups)
+        sub.load_state_dict(self.substate(mask), strict=False)
+        return sub
 
     def _evaluate_round(self, rec: dict) -> None:
         every = self.cfg.federated.eval_every

@@ -3,11 +3,16 @@
 Units: parameters are counts; MACs are multiply-accumulates of one forward
 pass at batch 1 (FLOPs = 2 x MACs), counted by ``torch.utils.flop_counter``
 (convolutions and matrix products; BN/ReLU/pooling are not counted); latency
-is milliseconds of wall time per forward pass.
+is milliseconds of wall time per forward pass of the model's *deployment
+form* (:func:`deployment_form`: eval mode, BatchNorm folded into the preceding
+convolutions, channels_last memory format), the same for dense, soft-masked
+and pruned models.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import statistics
 import time
 from contextlib import contextmanager
@@ -18,7 +23,36 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fedprune.groups import EXAMPLE_INPUT_SHAPE
 
-__all__ = ["count_params", "count_macs", "count_flops", "param_sparsity", "measure_latency_ms", "model_costs", "torch_threads"]
+log = logging.getLogger(__name__)
+
+__all__ = ["deployment_form", "count_params", "count_macs", "count_flops", "param_sparsity", "measure_latency_ms", "latency_side_by_side", "model_costs", "torch_threads"]
+
+
+class _ChannelsLast(nn.Module):
+    """Runs the wrapped model on channels_last input (NHWC), as CPU inference runtimes do."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.contiguous(memory_format=torch.channels_last))
+
+
+def deployment_form(model: nn.Module) -> nn.Module:
+    """An inference copy of ``model``: eval mode, BN folded into convs, channels_last.
+
+    Outputs equal the original's in eval mode (up to float rounding). If the
+    model cannot be traced by torch.fx, BN is left unfolded.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    model = copy.deepcopy(model).eval()
+    try:
+        model = fuse(model)
+    except Exception as exc:  # pragma: no cover - depends on the architecture
+        log.debug("BN folding skipped: %s", exc)
+    return _ChannelsLast(model).eval()
 
 
 def count_params(model: nn.Module) -> int:
@@ -69,36 +103,12 @@ def torch_threads(n: int | None):
         torch.set_num_threads(old)
 
 
-@torch.no_grad()
-def measure_latency_ms(
-    model: nn.Module,
-    batch_size: int = 1,
-    threads: int | None = 1,
-    warmup: int = 5,
-    repeats: int = 20,
-    min_seconds: float = 0.0,
-) -> float:
-    """Median wall time (ms) of one eval-mode forward pass on random CIFAR-sized input.
+def measure_latency_ms(model: nn.Module, batch_size: int = 1, threads: int | None = 1, warmup: int = 5, repeats: int = 20) -> float:
+    """Median wall time (ms) of one forward pass of ``deployment_form(model)`` on random CIFAR-sized input.
 
     ``threads`` fixes torch's thread count for the measurement (restored after).
-    At least ``repeats`` runs after ``warmup``; more until ``min_seconds`` pass.
     """
-    was_training = model.training
-    model.eval()
-    x = torch.randn(batch_size, *EXAMPLE_INPUT_SHAPE[1:])
-    times: list[float] = []
-    try:
-        with torch_threads(threads):
-            for _ in range(warmup):
-                model(x)
-            start = time.perf_counter()
-            while len(times) < repeats or time.perf_counter() - start < min_seconds:
-                t0 = time.perf_counter()
-                model(x)
-                times.append((time.perf_counter() - t0) * 1e3)
-    finally:
-        model.train(was_training)
-    return statistics.median(times)
+    return latency_side_by_side({"model": model}, batch_size, threads, warmup, repeats)["model"]
 
 
 def model_costs(model: nn.Module, latency: bool = False, threads: int | None = 1, repeats: int = 20) -> dict:
@@ -111,3 +121,31 @@ def model_costs(model: nn.Module, latency: bool = False, threads: int | None = 1
             "b64": measure_latency_ms(model, 64, threads, warmup=2, repeats=max(5, repeats // 4)),
         }
     return out
+
+
+@torch.no_grad()
+def latency_side_by_side(
+    models: dict[str, nn.Module],
+    batch_size: int = 1,
+    threads: int | None = 1,
+    warmup: int = 3,
+    repeats: int = 15,
+) -> dict[str, float]:
+    """Median forward latency (ms) of several models' deployment forms, measured round-robin.
+
+    Interleaving makes the ratios robust to other load on the machine: every
+    model sees the same conditions. Returns ``{name: median ms}``.
+    """
+    x = torch.randn(batch_size, *EXAMPLE_INPUT_SHAPE[1:])
+    models = {n: deployment_form(m) for n, m in models.items()}
+    times: dict[str, list[float]] = {n: [] for n in models}
+    with torch_threads(threads):
+        for _ in range(warmup):
+            for m in models.values():
+                m(x)
+        for _ in range(repeats):
+            for name, m in models.items():
+                t0 = time.perf_counter()
+                m(x)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {n: statistics.median(t) for n, t in times.items()}

@@ -89,7 +89,7 @@ from fedprune.importance import compute_importance  # noqa: E402
 from fedprune.masks import StructuredMask, extract_submodel  # noqa: E402
 from fedprune.profiles import assign_profiles  # noqa: E402
 from fedprune.sensitivity import measure_sensitivity  # noqa: E402
-from fedprune.training import evaluate, set_seed  # noqa: E402
+from fedprune.training import evaluate, recalibrate_bn, set_seed  # noqa: E402
 
 #: Images of the local shard used for importance/sensitivity (eval transform).
 CLIENT_SCORE_SUBSET = 512
@@ -194,6 +194,8 @@ def client_train(
     loader = make_loader(train_arrays.subset(shard.train_idx), batch_size, train=True, seed=seed)
     start = time.perf_counter()
     out = train(model, loader, train_config(cfg, epochs=epochs, batch_size=batch_size)) if epochs > 0 else {"loss": float("nan")}
+    # Static BN: exact statistics of the final weights on this shard (see recalibrate_bn).
+    recalibrate_bn(model, make_loader(train_arrays.subset(shard.train_idx), 256, train=False))
     metrics = {"num-examples": shard.num_train, "train-loss": float(out["loss"]), "compute-s": time.perf_counter() - start}
     return {k: v.detach() for k, v in model.state_dict().items()}, metrics
 

@@ -206,3 +206,37 @@ def predict_logits(model: nn.Module, loader: DataLoader) -> torch.Tensor:
     finally:
         model.train(was_training)
     return torch.cat(outputs) if outputs else torch.empty((0, 0))
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader: Iterable, max_batches: int | None = None) -> int:
+    """Recompute BatchNorm running statistics exactly (cumulative average) over ``loader``.
+
+    One forward pass in train mode without gradients; other parameters are
+    untouched and the model's train/eval mode is restored. This is the
+    "static BN" of HeteroFL: statistics that match the final weights and the
+    sub-network's width, instead of momentum averages that lag behind.
+    Returns the number of examples used (0 if the model has no BatchNorm).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    saved = [(m, m.momentum) for m in norms]
+    was_training = model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.train()
+    device = _device_of(model)
+    seen = 0
+    try:
+        for i, (x, _) in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            model(x.to(device))
+            seen += len(x)
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+        model.train(was_training)
+    return seen
