@@ -42,8 +42,8 @@ def normalize_scores(scores: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _ranks(v: np.ndarray) -> np.ndarray:
-    """Normalised ranks in [0, 1]: 1 = most important (ties broken by index)."""
-    order = np.lexsort((np.arange(v.size), v))
+    """Normalised ranks in [0, 1]: 1 = most important (ties favour the lower index, as in masks)."""
+    order = np.lexsort((-np.arange(v.size), v))
     r = np.empty(v.size, dtype=np.float64)
     r[order] = np.arange(v.size)
     return r / max(v.size - 1, 1)

@@ -254,8 +254,11 @@ def parse_overrides(items: list[str] | None) -> dict:
             value = raw
         node = out
         parts = key.strip().split(".")
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                prefix = ".".join(parts[: i + 1])
+                raise ConfigError(f"override {item!r} conflicts with the override of '{prefix}' = {node!r}")
         node[parts[-1]] = value
     return out
 
@@ -283,6 +286,8 @@ def config_from_dict(raw: Mapping, base_dir: Path | None = None, resolved: bool 
     for name, table in profile_overrides.items():
         if name not in profiles:
             raise ConfigError(f"unknown profile 'profiles.{name}'; allowed: {sorted(profiles)}")
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"config key 'profiles.{name}' must be a table, got {table!r}")
         merged = _deep_update(dataclasses.asdict(profiles[name]), table)
         profiles[name] = _build(ProfileConfig, merged, f"profiles.{name}.")
     cfg.profiles = profiles
@@ -311,6 +316,8 @@ def _check_cross_field(cfg: ExperimentConfig) -> None:
             f"config key 'federated.clients_per_round' = {cfg.federated.clients_per_round} exceeds "
             f"federated.num_clients = {cfg.federated.num_clients}"
         )
+    if not cfg.pruning.sensitivity_ratios:
+        raise ConfigError("config key 'pruning.sensitivity_ratios' = [] is empty; give at least one ratio in (0, 1)")
     for r in cfg.pruning.sensitivity_ratios:
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < 1:
             raise ConfigError(f"config key 'pruning.sensitivity_ratios' holds {r!r}; each ratio must be in (0, 1)")

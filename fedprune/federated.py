@@ -228,7 +228,8 @@ class FederatedPruning:
         if not k or k >= len(ids):
             return ids
         rng = np.random.default_rng([self.cfg.seed, round_num, 104729])
-        return sorted(rng.choice(ids, size=k, replace=False).tolist(), key=lambda n: self.nodes[n].partition_id)
+        picked = np.sort(rng.choice(len(ids), size=k, replace=False))  # positions: node ids are 64-bit
+        return [ids[i] for i in picked]
 
     def _mask_for(self, node: int) -> StructuredMask:
         return self.node_masks.get(node) or StructuredMask.dense(self.groups)

@@ -111,7 +111,8 @@ class StructuredMask:
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray], groups: ChannelGroups | None = None) -> "StructuredMask":
         """Inverse of :meth:`to_arrays`; validates against ``groups`` if given."""
-        mask = cls({k: np.asarray(v).astype(bool) if np.asarray(v).dtype != np.bool_ else np.asarray(v) for k, v in arrays.items()})
+        # The constructor converts 0/1 vectors (e.g. uint8 from to_arrays) and rejects other values.
+        mask = cls({k: np.asarray(v) for k, v in arrays.items()})
         if groups is not None:
             mask.validate(groups)
         return mask

@@ -1,0 +1,162 @@
+"""Federated consensus pruning: aggregation math, client work, and tiny end-to-end runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from fedprune.aggregation import aggregate_importance, mask_agreement, normalize_scores
+from fedprune.config import load_config
+from fedprune.federated import FederatedPruning, InProcessTransport, simulate
+from fedprune.masks import StructuredMask, extraction_index_map, slice_state
+from fedprune.records import config_to_record, record_to_config, recorddict_nbytes, state_to_record
+from fedprune.task import build_model, client_register, client_train, model_groups
+
+TINY = [
+    "data.dataset='synthetic'", "data.synthetic_train=160", "data.synthetic_test=64",
+    "federated.num_clients=3", "federated.warmup_rounds=1", "federated.finetune_rounds=1",
+    "pruning.criterion='taylor'", "pruning.num_batches=1", "train.threads=1", "train.batch_size=32",
+    "eval.latency=false", "profiles.edge_gpu.local_epochs=1",
+    "federated.proportions={edge_gpu=0.34, mobile_cpu=0.33, microcontroller=0.33}",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg():
+    return load_config(None, TINY)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_cfg, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fed")
+    return simulate(tiny_cfg, out, engine="inprocess"), out
+
+
+# ------------------------------------------------------------ aggregation
+def test_aggregation_math_on_hand_made_vectors():
+    a = {"g": np.array([1.0, 2.0, 3.0])}       # mean 2 -> [0.5, 1, 1.5]
+    b = {"g": np.array([3.0, 3.0, 0.0])}       # mean 2 -> [1.5, 1.5, 0]
+    c = {"g": np.array([0.0, 0.0, 30.0])}      # mean 10 -> [0, 0, 3]
+    assert np.allclose(normalize_scores(a)["g"], [0.5, 1.0, 1.5])
+    mean = aggregate_importance([a, b], weights=[1, 3], method="mean")["g"]
+    assert np.allclose(mean, (np.array([0.5, 1, 1.5]) + 3 * np.array([1.5, 1.5, 0])) / 4)
+    assert np.allclose(aggregate_importance([a, b, c], method="median")["g"], [0.5, 1.0, 1.5])
+    # trim 1 of 3 at each end with fraction 0.34 -> the median
+    assert np.allclose(aggregate_importance([a, b, c], method="trimmed_mean", trim_fraction=0.34)["g"], [0.5, 1.0, 1.5])
+    # rank vote: ranks a=[0, .5, 1]; b=[1, .5, 0] (tie between 0 and 1 favours the lower index)
+    votes = aggregate_importance([a, a, b], method="rank_vote")["g"]
+    assert np.allclose(votes, [1 / 3, 0.5, 2 / 3])
+    with pytest.raises(ValueError, match="unknown aggregation 'avg'"):
+        aggregate_importance([a], method="avg")
+
+
+def test_robust_aggregators_resist_one_inverted_client():
+    rng = np.random.default_rng(0)
+    honest = [{"g": np.linspace(1, 2, 20) + rng.normal(0, 0.01, 20)} for _ in range(4)]
+    poisoned = {"g": 1000.0 / np.linspace(1, 2, 20)}
+    for method in ("median", "trimmed_mean", "rank_vote"):
+        agg = aggregate_importance(honest + [poisoned], method=method, trim_fraction=0.2)["g"]
+        assert np.argsort(agg)[-5:].tolist() == list(range(15, 20)), method
+
+
+def test_mask_agreement_is_one_for_identical_clients():
+    scores = {"g": np.arange(10.0)}
+    mask = StructuredMask.from_scores(scores, {"g": 4})
+    assert mask_agreement([scores, scores], mask) == [1.0, 1.0]
+
+
+# ------------------------------------------------------------ client work
+def test_config_travels_in_records(tiny_cfg):
+    back = record_to_config(config_to_record(tiny_cfg))
+    assert back == tiny_cfg
+
+
+def test_client_that_does_not_train_returns_its_weights_unchanged(tiny_cfg):
+    groups = model_groups(tiny_cfg)
+    model = build_model(tiny_cfg)
+    scores = {g.name: np.random.default_rng(1).random(g.size) for g in groups}
+    mask = StructuredMask.from_scores(scores, {g.name: g.size // 2 for g in groups})
+    sub = slice_state(model.state_dict(), extraction_index_map(model, mask, groups))
+    state, metrics = client_train(tiny_cfg, 0, 3, mask, sub, epochs=0, batch_size=32, round_num=1)
+    assert metrics["num-examples"] == client_register(tiny_cfg, 0, 3)["num-train"]
+    for k, v in sub.items():
+        if not k.endswith(("running_mean", "running_var")):  # BN statistics are recomputed (static BN)
+            assert torch.equal(state[k], v), k
+
+
+def test_byte_accounting_matches_serialised_size(tiny_cfg):
+    model = build_model(tiny_cfg)
+    from flwr.app import RecordDict
+
+    rd = RecordDict({"arrays": state_to_record(model.state_dict())})
+    n_bytes = recorddict_nbytes(rd)
+    payload = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+    assert payload <= n_bytes <= payload * 1.01 + 4096
+
+
+# ------------------------------------------------------------ end to end
+def test_tiny_inprocess_run_schema_and_invariants(tiny_run, tiny_cfg):
+    res, out = tiny_run
+    for key in ("config", "dense", "profiles", "rounds", "consensus", "totals", "summary"):
+        assert key in res
+    assert set(res["profiles"]) == {"edge_gpu", "mobile_cpu", "microcontroller"}
+    for name, p in res["profiles"].items():
+        for key in ("channel_sparsity", "params", "flops", "accuracy", "clients", "kept_channels"):
+            assert key in p, (name, key)
+        assert abs(p["channel_sparsity"] - tiny_cfg.profiles[name].sparsity) < 0.02
+        assert p["params"] < res["dense"]["params"] and p["flops"] < res["dense"]["flops"]
+    phases = [r["phase"] for r in res["rounds"]]
+    assert phases == ["warmup", "importance", "finetune"]
+    for r in res["rounds"]:
+        for key in ("round", "phase", "wall_s", "bytes_up", "bytes_down", "clients", "failures"):
+            assert key in r
+    warm, imp = res["rounds"][0], res["rounds"][1]
+    assert imp["bytes_up"] + imp["bytes_down"] < 0.01 * (warm["bytes_up"] + warm["bytes_down"])
+    assert res["consensus"]["nested"] and res["consensus"]["clients"] == 3
+    # masks on disk are nested: microcontroller ⊆ mobile_cpu ⊆ edge_gpu
+    z = np.load(out / "masks.npz")
+    groups = model_groups(tiny_cfg).names
+    masks = {p: StructuredMask({g: z[f"{p}/{g}"] for g in groups}) for p in res["profiles"]}
+    assert masks["microcontroller"].is_subset_of(masks["mobile_cpu"])
+    assert masks["mobile_cpu"].is_subset_of(masks["edge_gpu"])
+    for f in ("results.json", "rounds.csv", "global_model.pt", "accuracy_per_round.png", "accuracy_vs_flops.png", "kept_channels.png"):
+        assert (out / f).is_file(), f
+    assert json.loads((out / "results.json").read_text())["summary"] == res["summary"]
+
+
+def test_same_seed_same_numbers(tiny_run, tiny_cfg, tmp_path):
+    res, _ = tiny_run
+    again = simulate(tiny_cfg, tmp_path, engine="inprocess")
+    assert again["profiles"] == res["profiles"]
+    timings = ("wall_s", "simulated_round_s")
+    strip = lambda rounds: [{k: v for k, v in r.items() if k not in timings} for r in rounds]  # noqa: E731
+    assert strip(again["rounds"]) == strip(res["rounds"])
+
+
+def test_local_and_random_mask_baselines_run(tiny_cfg):
+    for source in ("local", "random"):
+        res = FederatedPruning(tiny_cfg, InProcessTransport(3), None, mask_source=source).run()
+        assert res["mask_source"] == source and set(res["profiles"]) == {"edge_gpu", "mobile_cpu", "microcontroller"}
+    dense = FederatedPruning(tiny_cfg, InProcessTransport(3), None, mask_source="none").run()
+    assert dense["profiles"] == {} or all(p["channel_sparsity"] == 0 for p in dense["profiles"].values())
+    assert [r["phase"] for r in dense["rounds"]] == ["dense", "dense"]
+
+
+def test_ray_simulation_matches_inprocess(tiny_run, tiny_cfg, tmp_path):
+    """Flower's Simulation Engine (Ray backend) gives the same numbers as the in-process loop."""
+    res, _ = tiny_run
+    before = _ray_pids()
+    ray_res = simulate(tiny_cfg, tmp_path, engine="ray")
+    assert ray_res["profiles"] == res["profiles"]
+    assert ray_res["rounds"][0]["bytes_down"] == res["rounds"][0]["bytes_down"]
+    # The simulation shuts down the Ray instance it started: no new raylet/GCS is left running.
+    assert _ray_pids() - before == set()
+
+
+def _ray_pids() -> set[str]:
+    out = subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True).stdout.split()
+    return set(out)
