@@ -315,15 +315,17 @@ class FederatedPruning:
             "failures": len(failed),
         }
 
-    def federated_evaluate(self, nodes: list[int], cache_model: bool = False) -> tuple[dict, list[Reply]]:
-        """Each node evaluates its own sub-model on local validation data; returns per-profile accuracy."""
+    def federated_evaluate(self, nodes: list[int], dense: bool = False) -> tuple[dict, list[Reply]]:
+        """Each node evaluates its own sub-model (or, with ``dense``, the dense global model) on
+        local validation data; returns per-profile accuracy. The dense model is cached by the
+        clients for the importance round that follows."""
         from flwr.app import RecordDict
 
         requests = []
         for n in nodes:
-            mask = self._mask_for(n)
+            mask = StructuredMask.dense(self.groups) if dense else self._mask_for(n)
             sub = self.substate(mask)
-            conf = self._config(**{"cache-model": cache_model, "model-version": self.model_version})
+            conf = self._config(**{"cache-model": dense, "model-version": self.model_version})
             requests.append((n, "evaluate", RecordDict({"arrays": state_to_record(sub), "mask": mask_to_record(mask), "config": conf})))
         replies = self.transport.exchange(requests)
         ok, _ = self._check_replies(replies, "evaluate")
@@ -342,8 +344,8 @@ class FederatedPruning:
         t0 = time.perf_counter()
         fed, pr = self.cfg.federated, self.cfg.pruning
         nodes = self.sample(round_num)
-        # The global model reached the clients with the evaluation just before; they cached it.
-        _, eval_replies = self.federated_evaluate(nodes, cache_model=True)
+        # The dense global model reaches the clients with the evaluation just before; they cache it.
+        _, eval_replies = self.federated_evaluate(nodes, dense=True)
         eval_bytes = (sum(r.bytes_down for r in eval_replies), sum(r.bytes_up for r in eval_replies))
 
         def request(n, with_model):

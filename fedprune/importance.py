@@ -242,7 +242,28 @@ class _ActivationHooks:
             h.remove()
 
 
-class FisherImportance(DataImportance):
+class _HookedImportance(DataImportance):
+    """Criteria that read the activations of each group's BN outputs through forward hooks."""
+
+    retain_grad = False
+
+    def accumulate(self, model, groups, batches, acc):
+        hooks = _ActivationHooks(model, groups, retain_grad=self.retain_grad)
+        n = 0
+        try:
+            for x, y in batches:
+                hooks.clear()
+                self.update(model, groups, x, y, hooks.outputs, acc)
+                n += len(y)
+        finally:
+            hooks.remove()
+        return n
+
+    def update(self, model, groups, x, y, outputs: dict[str, list[torch.Tensor]], acc) -> None:
+        raise NotImplementedError
+
+
+class FisherImportance(_HookedImportance):
     """Empirical Fisher of a per-channel gate, from per-sample gradients at BN outputs.
 
     For sample n and channel c, d loss_n / d gate_c = sum over coupled layers
@@ -251,44 +272,27 @@ class FisherImportance(DataImportance):
     """
 
     name = "fisher"
+    retain_grad = True
 
-    def accumulate(self, model, groups, batches, acc):
-        hooks = _ActivationHooks(model, groups, retain_grad=True)
-        n = 0
-        try:
-            for x, y in batches:
-                hooks.clear()
-                model.zero_grad(set_to_none=True)
-                F.cross_entropy(model(x), y, reduction="sum").backward()
-                with torch.no_grad():
-                    for g in groups:
-                        delta = sum(_per_sample_channel_sum(a * a.grad) for a in hooks.outputs[g.name])
-                        acc[g.name] += 0.5 * delta.double().pow(2).sum(dim=0)
-                n += len(y)
-        finally:
-            hooks.remove()
-        return n
+    def update(self, model, groups, x, y, outputs, acc):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y, reduction="sum").backward()
+        with torch.no_grad():
+            for g in groups:
+                delta = sum(_per_sample_channel_sum(a * a.grad) for a in outputs[g.name])
+                acc[g.name] += 0.5 * delta.double().pow(2).sum(dim=0)
 
 
-class ActivationImportance(DataImportance):
+class ActivationImportance(_HookedImportance):
     """Mean |activation| of each channel's BN outputs, over samples and positions."""
 
     name = "activation"
 
     @torch.no_grad()
-    def accumulate(self, model, groups, batches, acc):
-        hooks = _ActivationHooks(model, groups, retain_grad=False)
-        n = 0
-        try:
-            for x, y in batches:
-                hooks.clear()
-                model(x)
-                for g in groups:
-                    acc[g.name] += sum(_per_sample_channel_mean(a.abs()) for a in hooks.outputs[g.name]).double().sum(dim=0)
-                n += len(y)
-        finally:
-            hooks.remove()
-        return n
+    def update(self, model, groups, x, y, outputs, acc):
+        model(x)
+        for g in groups:
+            acc[g.name] += sum(_per_sample_channel_mean(a.abs()) for a in outputs[g.name]).double().sum(dim=0)
 
 
 def _per_sample_channel_sum(t: torch.Tensor) -> torch.Tensor:

@@ -160,3 +160,17 @@ def test_ray_simulation_matches_inprocess(tiny_run, tiny_cfg, tmp_path):
 def _ray_pids() -> set[str]:
     out = subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True).stdout.split()
     return set(out)
+
+
+def test_progressive_federated_pruning_and_sensitivity_allocation():
+    prog = load_config(None, TINY + ["federated.finetune_rounds=4", "federated.repeat_every=2", "federated.aggregation='rank_vote'"])
+    res = FederatedPruning(prog, InProcessTransport(3)).run()
+    assert [r["phase"] for r in res["rounds"]].count("importance") == 2
+    assert [c["sparsity_scale"] for c in res["consensus_history"]] == [0.5, 1.0]
+    for name, p in res["profiles"].items():
+        assert abs(p["channel_sparsity"] - prog.profiles[name].sparsity) < 0.02
+    sens = load_config(None, TINY + ["pruning.allocation='sensitivity'", "pruning.sensitivity_ratios=[0.5]"])
+    res = FederatedPruning(sens, InProcessTransport(3)).run()
+    assert res["consensus"]["allocation"] == "sensitivity" and res["consensus"]["nested"]
+    kept = {p: sum(v["kept_channels"].values()) for p, v in res["profiles"].items()}
+    assert kept["microcontroller"] < kept["mobile_cpu"] < kept["edge_gpu"]
