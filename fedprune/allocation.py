@@ -13,18 +13,39 @@ channels to remove) into per-group kept-channel counts:
 All honour ``min_channels`` per group and ``round_to``. For a fixed score
 vector every method is monotone in the target sparsity, so masks for several
 targets built from the same scores are nested (see :func:`nested_masks`).
+
+Budget-constrained allocation (:func:`budget_allocate`,
+:func:`nested_budget_masks`) instead removes channels greedily, cheapest
+importance per unit of cost saved first, until hardware cost functions
+(MACs, bytes, ms; see :mod:`fedprune.cost`) meet their budgets;
+:func:`constant_cost_allocate` is the baseline where every channel costs the
+same.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import math
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from fedprune.groups import ChannelGroups
 from fedprune.masks import StructuredMask, round_keep_count
 
-__all__ = ["ALLOCATIONS", "allocate", "nested_masks", "sensitivity_weights", "check_sparsity"]
+__all__ = [
+    "ALLOCATIONS",
+    "allocate",
+    "nested_masks",
+    "sensitivity_weights",
+    "check_sparsity",
+    "InfeasibleBudgetError",
+    "budget_allocate",
+    "nested_budget_masks",
+    "constant_cost_allocate",
+    "BUDGET_ALLOCATIONS",
+    "budget_masks",
+    "check_feasible",
+]
 
 ALLOCATIONS = ("uniform", "global", "sensitivity")
 
@@ -148,3 +169,394 @@ def nested_masks(
     for pos, i in enumerate(order):
         out[i] = masks_sorted[pos]
     return out
+
+
+# ------------------------------------------------------ budget allocation
+#: ``kept counts -> cost`` (e.g. MACs, bytes, ms); must not grow when channels are removed
+#: for the greedy search to be meaningful (it stays correct, only less effective, otherwise).
+CostFn = Callable[[Mapping[str, int]], float]
+Constraint = tuple[CostFn, float]
+
+class InfeasibleBudgetError(ValueError):
+    """Even the smallest allowed network exceeds a budget."""
+
+
+def _fmt(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:.6g}"
+
+
+def _cost_name(fn: CostFn) -> str:
+    return getattr(fn, "__name__", None) or repr(fn)
+
+
+def _as_constraints(entry: Constraint | Sequence[Constraint]) -> list[Constraint]:
+    """One profile's constraints: a ``(cost_fn, budget)`` pair or a sequence of them."""
+    if isinstance(entry, tuple) and len(entry) == 2 and callable(entry[0]):
+        entry = [entry]
+    constraints = []
+    for item in entry:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and callable(item[0])):
+            raise TypeError(f"a budget constraint must be a (cost_fn, budget) pair, got {item!r}")
+        constraints.append((item[0], float(item[1])))
+    if not constraints:
+        raise ValueError("a profile needs at least one (cost_fn, budget) constraint")
+    return constraints
+
+
+class _RemovalOrder:
+    """Per group: channels in removal order (lowest normalised score first) and the allowed kept counts."""
+
+    def __init__(
+        self,
+        groups: ChannelGroups,
+        scores: Mapping[str, np.ndarray],
+        min_channels: int,
+        round_to: int | None,
+        step_fraction: float,
+        max_group_sparsity: float | None = None,
+    ):
+        self.names = groups.names
+        self.sizes = groups.sizes
+        self.round_to = round_to if round_to and round_to > 1 else 1
+        self.floor: dict[str, int] = {}
+        self.step: dict[str, int] = {}
+        self._cum: dict[str, np.ndarray] = {}  # cumulative normalised score in removal order
+        for g in groups:
+            s = np.asarray(scores[g.name], dtype=np.float64)
+            if s.shape != (g.size,):
+                raise ValueError(f"scores for group {g.name!r} have shape {s.shape}, expected ({g.size},)")
+            ref = s.mean()
+            norm = s / ref if ref > 0 else np.ones_like(s)
+            keep_order = np.lexsort((np.arange(g.size), -s))  # as StructuredMask.from_scores
+            self._cum[g.name] = np.concatenate([[0.0], np.cumsum(norm[keep_order[::-1]])])
+            least = _min_keep(g.size, min_channels)
+            if max_group_sparsity is not None:
+                least = max(least, int(math.ceil(g.size * (1.0 - max_group_sparsity) - 1e-9)))
+            self.floor[g.name] = round_keep_count(least, g.size, round_to)
+            self.step[g.name] = max(1, int(step_fraction * g.size))
+
+    def next_count(self, name: str, count: int) -> int | None:
+        """Kept count after the next removal step of ``name``, or None at the group's minimum."""
+        floor = self.floor[name]
+        if count <= floor:
+            return None
+        new = count - self.step[name]
+        new = (new // self.round_to) * self.round_to
+        return max(new, floor)
+
+    def importance(self, name: str, count: int, new: int) -> float:
+        """Summed normalised score of the channels removed going from ``count`` to ``new`` kept."""
+        cum, size = self._cum[name], self.sizes[name]
+        return float(cum[size - new] - cum[size - count])
+
+
+class _Objective:
+    """What one greedy step reduces, fixed at the current kept counts.
+
+    The unmet constraints' costs, each divided by its budget when several are
+    unmet (one alone is used raw, so the removal sequence does not depend on
+    the budget). A max-type cost function -- one with a ``parts(kept)``
+    method whose maximum is the cost, e.g. peak activation = max over layers
+    -- contributes the sum of the parts that attain the current maximum, so
+    removing a channel from one of several tied layers still counts.
+    """
+
+    def __init__(self, constraints: Sequence[Constraint], kept: Mapping[str, int]):
+        self.constraints = constraints
+        self.costs: list[float] = []
+        self.top: dict[int, np.ndarray] = {}
+        for i, (fn, _) in enumerate(constraints):
+            parts = getattr(fn, "parts", None)
+            if parts is None:
+                self.costs.append(float(fn(kept)))
+                continue
+            values = np.asarray(parts(kept), dtype=np.float64)
+            peak = float(values.max())
+            self.costs.append(peak)
+            self.top[i] = np.flatnonzero(values >= peak)
+        self.unmet = tuple(i for i, (c, (_, b)) in enumerate(zip(self.costs, constraints)) if c > b)
+        self.current = self._combine({i: self._term(i, None) for i in self.unmet})
+
+    def _term(self, i: int, kept: Mapping[str, int] | None) -> float:
+        fn = self.constraints[i][0]
+        if i in self.top:
+            if kept is None:
+                return self.costs[i] * self.top[i].size
+            return float(np.asarray(fn.parts(kept), dtype=np.float64)[self.top[i]].sum())
+        return self.costs[i] if kept is None else float(fn(kept))
+
+    def _combine(self, terms: Mapping[int, float]) -> float:
+        if len(terms) == 1:
+            return next(iter(terms.values()))
+        return sum(v / self.constraints[i][1] for i, v in terms.items())
+
+    def saving(self, kept: Mapping[str, int]) -> float:
+        """How much the objective drops from the current counts to ``kept``."""
+        return self.current - self._combine({i: self._term(i, kept) for i in self.unmet})
+
+
+class _GreedyRemoval:
+    """One greedy channel-removal sequence, cheapest importance per unit of cost saved first.
+
+    Each step removes the candidate step (one per group, see
+    :class:`_RemovalOrder`) with the lowest importance / saving of the
+    :class:`_Objective`. Savings are re-evaluated lazily: the best candidate
+    by its last-known ratio is recomputed and accepted once it is still the
+    best; all candidates are refreshed every ``len(groups)`` steps, when the
+    set of unmet constraints changes, and before giving up on a step that
+    saves nothing.
+    """
+
+    def __init__(self, order: _RemovalOrder):
+        self.order = order
+        self.counts = dict(order.sizes)
+        self._unmet: tuple[int, ...] = ()
+        self._ratio: dict[str, float] = {}
+        self._fresh: set[str] = set()
+        self._since_refresh = 0
+
+    def _ratio_of(self, objective: _Objective, name: str) -> float:
+        count = self.counts[name]
+        new = self.order.next_count(name, count)
+        if new is None:
+            return math.inf
+        saving = objective.saving({**self.counts, name: new})
+        if saving <= 0:
+            return math.inf
+        return self.order.importance(name, count, new) / saving
+
+    def _refresh(self, objective: _Objective) -> None:
+        self._ratio = {n: self._ratio_of(objective, n) for n in self.order.names}
+        self._fresh = set(self.order.names)
+        self._since_refresh = 0
+
+    def _pick(self, objective: _Objective) -> str | None:
+        removable = [n for n in self.order.names if self.order.next_count(n, self.counts[n]) is not None]
+        if not removable:
+            return None
+        while True:
+            best = min(removable, key=lambda n: self._ratio[n])
+            if best in self._fresh:
+                break
+            self._ratio[best] = self._ratio_of(objective, best)
+            self._fresh.add(best)
+        if math.isinf(self._ratio[best]):
+            if len(self._fresh) < len(self.order.names):
+                self._refresh(objective)
+                return self._pick(objective)
+            # No single step saves cost: fall back to the least important step.
+            best = min(removable, key=lambda n: self.order.importance(n, self.counts[n], self.order.next_count(n, self.counts[n])))
+        return best
+
+    def run(self, profiles: Sequence[Sequence[Constraint]]) -> list[dict[str, int]]:
+        """Kept counts when each profile's constraints (loosest first) are first all met."""
+        results: list[dict[str, int]] = []
+        for constraints in profiles:
+            while True:
+                objective = _Objective(constraints, self.counts)
+                if not objective.unmet:
+                    results.append(dict(self.counts))
+                    break
+                if objective.unmet != self._unmet or self._since_refresh >= len(self.order.names):
+                    self._unmet = objective.unmet
+                    self._refresh(objective)
+                name = self._pick(objective)
+                if name is None:  # pragma: no cover - excluded by the feasibility check
+                    raise InfeasibleBudgetError("no channel left to remove but the budget is not met")
+                self.counts[name] = self.order.next_count(name, self.counts[name])
+                self._fresh.discard(name)
+                self._since_refresh += 1
+            self._unmet = ()  # the next profile's objective differs: refresh
+        return results
+
+
+def _check_feasible(order: _RemovalOrder, profiles: Sequence[Sequence[Constraint]]) -> None:
+    _check_feasible_counts(dict(order.floor), profiles)
+
+
+def _greedy_counts(
+    groups: ChannelGroups,
+    scores: Mapping[str, np.ndarray],
+    profiles: Sequence[Sequence[Constraint]],
+    min_channels: int,
+    round_to: int | None,
+    step_fraction: float,
+    max_group_sparsity: float | None = None,
+) -> list[dict[str, int]]:
+    if not 0.0 <= step_fraction < 1.0:
+        raise ValueError(f"step_fraction must be in [0, 1), got {step_fraction!r}")
+    if max_group_sparsity is not None:
+        check_sparsity(max_group_sparsity, "max_group_sparsity")
+    order = _RemovalOrder(groups, scores, min_channels, round_to, step_fraction, max_group_sparsity)
+    _check_feasible(order, profiles)
+    return _GreedyRemoval(order).run(profiles)
+
+
+def budget_allocate(
+    groups: ChannelGroups,
+    scores: Mapping[str, np.ndarray],
+    cost_fn: CostFn,
+    budget: float,
+    min_channels: int = 1,
+    round_to: int | None = None,
+    step_fraction: float = 0.01,
+    max_group_sparsity: float | None = None,
+) -> dict[str, int]:
+    """Kept channels per group so that ``cost_fn(kept) <= budget`` (same units as ``cost_fn``).
+
+    Greedy, starting dense: repeatedly remove the step with the lowest
+    (normalised importance removed / cost saved), where scores are divided by
+    their group mean and each group loses its lowest-scoring channels first;
+    stop as soon as the budget is met. A step removes
+    ``max(1, step_fraction x group size)`` channels (down to a multiple of
+    ``round_to`` when given) and never goes below ``min_channels`` (rounded
+    up to ``round_to``), nor below ``(1 - max_group_sparsity) x size``
+    when that cap is given (importance per cost tends to empty groups that
+    many layers share, e.g. residual bottlenecks). Raises
+    :class:`InfeasibleBudgetError` when even that smallest network exceeds
+    the budget.
+
+    A cost function with a ``parts(kept)`` method is treated as max-type
+    (cost = max of the parts, e.g.
+    :meth:`fedprune.cost.AnalyticCostModel.peak_activation_cost_fn`): a
+    step's saving is then measured on the parts at the current maximum.
+    With one cost function the removal sequence does not depend on
+    ``budget``, so a looser budget never keeps fewer channels in any group.
+    """
+    return _greedy_counts(groups, scores, [[(cost_fn, float(budget))]], min_channels, round_to, step_fraction, max_group_sparsity)[0]
+
+
+def nested_budget_masks(
+    groups: ChannelGroups,
+    scores: Mapping[str, np.ndarray],
+    cost_fns_and_budgets: Sequence[Constraint | Sequence[Constraint]],
+    min_channels: int = 1,
+    round_to: int | None = None,
+    step_fraction: float = 0.01,
+    max_group_sparsity: float | None = None,
+) -> list[StructuredMask]:
+    """One mask per profile from ONE greedy removal sequence, so masks are nested.
+
+    ``cost_fns_and_budgets`` lists profiles from the loosest to the tightest;
+    each is a ``(cost_fn, budget)`` pair or a list of them (all must hold,
+    e.g. flash and SRAM for a microcontroller). Removal continues from one
+    profile's counts to the next, so every mask is a subset of the previous
+    one; a profile whose constraints already hold gets the previous mask.
+    While several constraints are unmet, a step's saving is the sum of
+    their savings, each divided by its budget. See :func:`budget_allocate`
+    for the greedy step and the other arguments. Raises
+    :class:`InfeasibleBudgetError` when a constraint cannot be met.
+    """
+    profiles = [_as_constraints(entry) for entry in cost_fns_and_budgets]
+    counts = _greedy_counts(groups, scores, profiles, min_channels, round_to, step_fraction, max_group_sparsity)
+    return [StructuredMask.from_scores(scores, c) for c in counts]
+
+
+def total_channels(kept: Mapping[str, int]) -> float:
+    """Kept channels summed over groups: the constant-cost model's cost (one unit per channel)."""
+    return float(sum(kept.values()))
+
+
+def constant_cost_allocate(
+    groups: ChannelGroups,
+    scores: Mapping[str, np.ndarray],
+    budget_channels: int,
+    min_channels: int = 1,
+    round_to: int | None = None,
+) -> dict[str, int]:
+    """The notebook's "hardware-aware" baseline: every channel costs the same.
+
+    The budget is a total kept-channel count; the globally top-scoring
+    channels (scores normalised per group by the group mean) are kept, with
+    ``min_channels`` per group and counts that are multiples of ``round_to``
+    (or the full group), never exceeding ``budget_channels``.
+    """
+    return _greedy_counts(groups, scores, [[(total_channels, float(budget_channels))]], min_channels, round_to, 0.0)[0]
+
+
+#: Ways to meet per-profile hardware budgets (``pruning.allocation`` values):
+#: ``budget`` -- greedy importance-per-cost removal (:func:`nested_budget_masks`);
+#: ``budget_uniform`` -- the smallest uniform layer-wise sparsity that meets the budgets;
+#: ``constant_cost`` -- the notebook's baseline: every channel costs the same, so a
+#: budget at fraction f of the dense cost keeps the globally best f of all channels.
+BUDGET_ALLOCATIONS = ("budget", "budget_uniform", "constant_cost")
+
+
+def _meets(constraints: Sequence[Constraint], kept: Mapping[str, int]) -> bool:
+    return all(float(fn(kept)) <= budget for fn, budget in constraints)
+
+
+def _uniform_sparsity_for(
+    groups: ChannelGroups, constraints: Sequence[Constraint], min_channels: int, round_to: int | None, lo: float
+) -> float:
+    """Smallest uniform sparsity >= ``lo`` (to 1e-3) whose rounded kept counts meet ``constraints``."""
+    def counts(s: float) -> dict[str, int]:
+        return {n: round_keep_count(c, groups[n].size, round_to) for n, c in _uniform(groups, s, min_channels).items()}
+
+    if _meets(constraints, counts(lo)):
+        return lo
+    hi = 0.999
+    if not _meets(constraints, counts(hi)):
+        _check_feasible_counts(counts(hi), [list(constraints)])
+    while hi - lo > 1e-3:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if _meets(constraints, counts(mid)) else (mid, hi)
+    return hi
+
+
+def _check_feasible_counts(smallest: Mapping[str, int], profiles: Sequence[Sequence[Constraint]]) -> None:
+    problems = []
+    for p, constraints in enumerate(profiles):
+        for fn, budget in constraints:
+            cost = float(fn(smallest))
+            if cost > budget:
+                where = f" (profile {p})" if len(profiles) > 1 else ""
+                problems.append(f"{_cost_name(fn)}{where}: smallest achievable cost {_fmt(cost)} > budget {_fmt(budget)}")
+    if problems:
+        raise InfeasibleBudgetError("infeasible budget, even with every group at its minimum kept count: " + "; ".join(problems))
+
+
+def budget_masks(
+    method: str,
+    groups: ChannelGroups,
+    scores: Mapping[str, np.ndarray],
+    constraints: Sequence[Sequence[Constraint]],
+    min_channels: int = 1,
+    round_to: int | None = None,
+    max_group_sparsity: float | None = None,
+) -> list[StructuredMask]:
+    """Nested masks, one per profile (loosest first), that meet each profile's ``(cost_fn, limit)`` list.
+
+    ``method`` is one of :data:`BUDGET_ALLOCATIONS`. ``budget`` and
+    ``budget_uniform`` meet every budget by construction (as predicted by the
+    cost functions); ``constant_cost`` does not look at the real cost beyond
+    the dense value and may miss or overshoot -- it is the baseline.
+    """
+    if method not in BUDGET_ALLOCATIONS:
+        raise ValueError(f"unknown budget allocation {method!r}; allowed: {list(BUDGET_ALLOCATIONS)}")
+    profiles = [_as_constraints(c) for c in constraints]
+    if method == "budget":
+        return nested_budget_masks(groups, scores, profiles, min_channels, round_to, max_group_sparsity=max_group_sparsity)
+    if method == "budget_uniform":
+        sparsities, lo = [], 0.0
+        for c in profiles:
+            lo = _uniform_sparsity_for(groups, c, min_channels, round_to, lo)
+            sparsities.append(lo)
+        return nested_masks(groups, scores, sparsities, "uniform", None, min_channels, round_to)
+    dense = groups.sizes
+    total = groups.total_channels
+    fractions = [min(1.0, min(budget / float(fn(dense)) for fn, budget in c)) for c in profiles]
+    channels = [int(math.floor(total * f)) for f in np.minimum.accumulate(fractions)]
+    floor = sum(round_keep_count(_min_keep(g.size, min_channels), g.size, round_to) for g in groups)
+    channel_profiles = [[(total_channels, float(max(n, floor)))] for n in channels]
+    counts = _greedy_counts(groups, scores, channel_profiles, min_channels, round_to, 0.0)
+    return [StructuredMask.from_scores(scores, c) for c in counts]
+
+
+def check_feasible(
+    groups: ChannelGroups, constraints: Sequence[Sequence[Constraint]], min_channels: int = 1, round_to: int | None = None
+) -> None:
+    """Raise :class:`InfeasibleBudgetError` (naming the smallest achievable cost) when some
+    profile's constraints fail even with every group at its minimum kept count."""
+    smallest = {g.name: round_keep_count(_min_keep(g.size, min_channels), g.size, round_to) for g in groups}
+    _check_feasible_counts(smallest, [_as_constraints(c) for c in constraints])

@@ -18,13 +18,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from fedprune.config import ExperimentConfig, config_to_dict
+from fedprune.allocation import check_feasible
+from fedprune.config import BUDGET_ALLOCATIONS, ConfigError, ExperimentConfig, config_to_dict
 from fedprune.data import ImageArrays, make_loader
 from fedprune.masks import StructuredMask, extract_submodel
 from fedprune.metrics import model_costs, param_sparsity
 from fedprune.reporting import write_json
 from fedprune.schedules import PruneSpec, lottery_ticket, one_shot, progressive
-from fedprune.task import build_model, load_data, make_train_fn, model_groups, train_config
+from fedprune.task import budget_round_to, build_model, hardware_model, load_data, make_train_fn, model_groups, profile_constraints, train_config
 from fedprune.training import evaluate, set_seed, train
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,19 @@ def prune_experiment(cfg: ExperimentConfig, dense: DenseRun, data=None) -> dict:
     train_loader, score_loader, test_loader = _loaders(cfg, train_arrays, test_arrays)
     groups = model_groups(cfg)
     p = cfg.pruning
-    spec = PruneSpec(p.criterion, p.sparsity, p.allocation, p.num_batches, p.min_channels, p.round_to or None, tuple(p.sensitivity_ratios))
+    hardware, budget = None, None
+    if p.allocation in BUDGET_ALLOCATIONS:
+        if not p.budget_profile:
+            raise ConfigError(
+                f"config key 'pruning.allocation' = {p.allocation!r} in a centralized run needs pruning.budget_profile "
+                f"(one of {sorted(n for n, pr in cfg.profiles.items() if pr.budgets)})"
+            )
+        hardware = hardware_model(cfg, dense.model)
+        budget = lambda scale: profile_constraints(cfg, hardware, [p.budget_profile], scale)[0]  # noqa: E731
+    round_to = budget_round_to(cfg) if budget is not None else p.round_to or None
+    if budget is not None:
+        check_feasible(groups, [budget(1.0)], p.min_channels, round_to)  # fail before any fine-tuning
+    spec = PruneSpec(p.criterion, p.sparsity, p.allocation, p.num_batches, p.min_channels, round_to, tuple(p.sensitivity_ratios), budget)
     model = copy.deepcopy(dense.model)
     train_fn = make_train_fn(train_loader, train_config(cfg), progress=f"{p.schedule}:{p.criterion}")
     evaluate_fn = lambda m: evaluate(m, test_loader)  # noqa: E731
@@ -141,6 +154,11 @@ def prune_experiment(cfg: ExperimentConfig, dense: DenseRun, data=None) -> dict:
             for s in stages
         ],
     }
+    if hardware is not None:
+        prof = cfg.profiles[p.budget_profile]
+        host_ms = {1: pruned_cost["latency_ms"]["b1"], 64: pruned_cost["latency_ms"]["b64"]} if latency else None
+        result["budget_profile"] = p.budget_profile
+        result["budgets"] = hardware.report(prof.budgets, mask, pruned, prof.compute_speed, host_ms)
     if latency:
         result["latency_ms"] = {"dense": dense_cost["latency_ms"], "masked": masked_cost["latency_ms"], "pruned": pruned_cost["latency_ms"]}
         result["speedup"] = {

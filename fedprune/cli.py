@@ -52,8 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("simulate", help="federated consensus pruning on Flower's Simulation Engine (Ray)")
     _common(p, "configs/quick.toml")
-    p.add_argument("--out", help="output directory (required unless --resume)")
-    p.add_argument("--resume", help="continue a killed run from its output directory")
+    p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--engine", choices=["ray", "inprocess"], default="ray", help="ray: Flower Simulation Engine; inprocess: same apps without Flower/Ray (debugging, baselines)")
     return parser
 
@@ -82,12 +81,7 @@ def _cmd_prune(args) -> int:
 def _cmd_simulate(args) -> int:
     from fedprune.federated import simulate
 
-    if args.resume:
-        res = simulate(None, resume=args.resume, engine=args.engine)
-    else:
-        if not args.out:
-            raise ConfigError("simulate needs --out DIR (or --resume DIR)")
-        res = simulate(_load(args), out_dir=args.out, engine=args.engine)
+    res = simulate(_load(args), out_dir=args.out, engine=args.engine)
     print(res["summary"])
     return 0
 
@@ -95,11 +89,12 @@ def _cmd_simulate(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from fedprune.allocation import InfeasibleBudgetError
     from fedprune.data import DataNotFoundError
 
     try:
         return {"train": _cmd_train, "prune": _cmd_prune, "simulate": _cmd_simulate}[args.command](args)
-    except (ConfigError, DataNotFoundError) as exc:
+    except (ConfigError, DataNotFoundError, InfeasibleBudgetError) as exc:
         print(f"fedprune: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -54,7 +54,19 @@ def _spec(default=dataclasses.MISSING, *, choices=None, lo=None, hi=None, lo_ope
 DATASETS = ("cifar10", "synthetic")
 MODELS = ("seed_cnn", "resnet20", "mobilenetv2")
 CRITERIA = ("l1", "l2", "variance", "bn_gamma", "gradient", "taylor", "fisher", "activation")
-ALLOCATIONS = ("uniform", "global", "sensitivity")
+ALLOCATIONS = ("uniform", "global", "sensitivity", "budget", "budget_uniform", "constant_cost")
+#: Allocations that size each profile's sub-network from its ``budgets`` (see fedprune.allocation).
+BUDGET_ALLOCATIONS = ("budget", "budget_uniform", "constant_cost")
+#: Allowed profile budget keys -> (what is limited, unit). Latencies are device estimates:
+#: host ms / the profile's compute_speed (see fedprune.cost.device_factor).
+BUDGET_KEYS: dict[str, str] = {
+    "flash_bytes_int8": "parameter storage at int8, bytes",
+    "peak_sram_bytes_int8": "peak activation memory at int8 (batch 1), bytes",
+    "macs": "multiply-accumulates of a batch-1 forward pass",
+    "params": "number of parameters",
+    "latency_ms_b1": "CPU latency at batch 1, ms",
+    "latency_ms_b64": "CPU latency at batch 64, ms",
+}
 SCHEDULES = ("one_shot", "progressive", "lottery")
 PARTITIONS = ("iid", "dirichlet", "pathological")
 AGGREGATIONS = ("mean", "median", "trimmed_mean", "rank_vote")
@@ -102,9 +114,11 @@ class PruningConfig:
     finetune_epochs: int = _spec(5, lo=0)
     num_batches: int = _spec(8, lo=1, doc="batches for data-driven criteria")
     min_channels: int = _spec(1, lo=1)
-    round_to: int = _spec(0, lo=0, doc="round kept channels up to a multiple; 0 = off")
+    round_to: int = _spec(0, lo=0, doc="round kept channels up to a multiple; 0 = off (budget allocations: 8)")
     sensitivity_ratios: list = _spec([0.2, 0.5, 0.8])
     rewind_epoch: int = _spec(0, lo=0, doc="lottery ticket: rewind to weights after this many epochs")
+    budget_profile: str = _spec("", doc="centralized runs with a budget allocation: the profile whose budgets to meet")
+    latency_margin: float = _spec(0.1, lo=0.0, hi=0.5, hi_open=True, doc="budget allocations aim latency budgets at limit x (1 - margin)")
 
 
 @dataclass
@@ -143,7 +157,7 @@ class ProfileConfig:
     compute_speed: float = _spec(1.0, lo=0.0, lo_open=True, doc="relative to the host (1 = host speed)")
     bandwidth_mbps: float = _spec(10.0, lo=0.0, lo_open=True, doc="uplink/downlink in megabit/s")
     failure_prob: float = _spec(0.0, lo=0.0, hi=1.0, hi_open=True)
-    budgets: dict = _spec({}, doc="hardware budgets (filled by the hardware-aware allocation)")
+    budgets: dict = _spec({}, doc="hardware budgets {key: limit}, keys in BUDGET_KEYS; used by the budget allocations and reported per run")
 
 
 @dataclass
@@ -220,7 +234,17 @@ def load_profiles(path: str | Path | None = None) -> dict[str, ProfileConfig]:
     """Read and validate a profiles file (``[NAME]`` tables of :class:`ProfileConfig` fields)."""
     path = Path(path) if path else DEFAULT_PROFILES_FILE
     raw = _read_toml(path)
-    return {name: _build(ProfileConfig, table, f"profiles.{name}.") for name, table in raw.items()}
+    return {name: _build_profile(name, table) for name, table in raw.items()}
+
+
+def _build_profile(name: str, table: Mapping) -> "ProfileConfig":
+    prof = _build(ProfileConfig, table, f"profiles.{name}.")
+    for key, limit in prof.budgets.items():
+        if key not in BUDGET_KEYS:
+            raise ConfigError(f"unknown budget key 'profiles.{name}.budgets.{key}'; allowed: {sorted(BUDGET_KEYS)}")
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit) or limit <= 0:
+            raise ConfigError(f"config key 'profiles.{name}.budgets.{key}' = {limit!r} must be a positive number ({BUDGET_KEYS[key]})")
+    return prof
 
 
 def _read_toml(path: Path) -> dict:
@@ -274,7 +298,7 @@ def config_from_dict(raw: Mapping, base_dir: Path | None = None, resolved: bool 
     profile_overrides = raw.pop("profiles", {})
     cfg = _build(ExperimentConfig, raw, "")
     if resolved:
-        cfg.profiles = {name: _build(ProfileConfig, table, f"profiles.{name}.") for name, table in profile_overrides.items()}
+        cfg.profiles = {name: _build_profile(name, table) for name, table in profile_overrides.items()}
         _check_cross_field(cfg)
         return cfg
     pfile = cfg.federated.profiles_file
@@ -288,8 +312,11 @@ def config_from_dict(raw: Mapping, base_dir: Path | None = None, resolved: bool 
             raise ConfigError(f"unknown profile 'profiles.{name}'; allowed: {sorted(profiles)}")
         if not isinstance(table, Mapping):
             raise ConfigError(f"config key 'profiles.{name}' must be a table, got {table!r}")
-        merged = _deep_update(dataclasses.asdict(profiles[name]), table)
-        profiles[name] = _build(ProfileConfig, merged, f"profiles.{name}.")
+        merged = dataclasses.asdict(profiles[name])
+        if "budgets" in table:  # a budgets table replaces the file's budgets instead of merging into them
+            merged.pop("budgets")
+        merged = _deep_update(merged, table)
+        profiles[name] = _build_profile(name, merged)
     cfg.profiles = profiles
     _check_cross_field(cfg)
     return cfg
@@ -323,6 +350,18 @@ def _check_cross_field(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"config key 'pruning.sensitivity_ratios' holds {r!r}; each ratio must be in (0, 1)")
     if cfg.pruning.allocation == "sensitivity" and not cfg.federated.sensitivity:
         cfg.federated.sensitivity = True  # the allocation cannot work without it
+    if cfg.pruning.allocation in BUDGET_ALLOCATIONS:
+        missing = [n for n in used if not cfg.profiles[n].budgets]
+        if missing:
+            raise ConfigError(
+                f"config key 'pruning.allocation' = {cfg.pruning.allocation!r} needs budgets for every profile in use; "
+                f"profiles without budgets: {missing} (set profiles.NAME.budgets, keys {sorted(BUDGET_KEYS)})"
+            )
+    bp = cfg.pruning.budget_profile
+    if bp and bp not in cfg.profiles:
+        raise ConfigError(f"config key 'pruning.budget_profile' = {bp!r} is not a profile; allowed: {sorted(cfg.profiles)}")
+    if bp and cfg.pruning.allocation in BUDGET_ALLOCATIONS and not cfg.profiles[bp].budgets:
+        raise ConfigError(f"config key 'pruning.budget_profile' = {bp!r} names a profile without budgets")
     if cfg.data.data_dir and not Path(cfg.data.data_dir).is_dir():
         raise ConfigError(f"config key 'data.data_dir' = {cfg.data.data_dir!r} is not an existing directory")
 

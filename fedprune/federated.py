@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from fedprune.aggregation import aggregate_importance, mask_agreement, merge_substates
-from fedprune.allocation import nested_masks
-from fedprune.config import ExperimentConfig, config_to_dict
+from fedprune.allocation import check_feasible, nested_masks
+from fedprune.config import BUDGET_ALLOCATIONS, ExperimentConfig, config_to_dict
 from fedprune.data import make_loader
 from fedprune.masks import StructuredMask, extract_submodel, extraction_index_map, slice_state
 from fedprune.metrics import model_costs
@@ -44,7 +44,7 @@ from fedprune.records import (
     state_to_record,
 )
 from fedprune.reporting import write_csv, write_json
-from fedprune.task import build_model, load_data, model_groups
+from fedprune.task import budget_round_to, build_model, hardware_model, load_data, model_groups, profile_budget_masks, profile_constraints
 from fedprune.training import evaluate, set_seed
 
 log = logging.getLogger("fedprune.server")
@@ -189,6 +189,20 @@ class FederatedPruning:
         # widths see different activation statistics, so they must not be averaged together.
         self.bn_stat_keys = {n for n in self.state if n.endswith(("running_mean", "running_var"))}
         self.bn_stats: dict[bytes, dict[str, torch.Tensor]] = {}
+        self._hardware = None
+
+    @property
+    def hardware(self):
+        """Cost models for profile budgets (:class:`fedprune.cost.HardwareModel`), built on first use."""
+        if self._hardware is None:
+            self._hardware = hardware_model(self.cfg, copy.deepcopy(self.model))
+        return self._hardware
+
+    def check_budgets(self) -> None:
+        """Fail before training when a budget allocation cannot meet some profile's budget."""
+        pr = self.cfg.pruning
+        if pr.allocation in BUDGET_ALLOCATIONS and self.mask_source != "none":
+            check_feasible(self.groups, profile_constraints(self.cfg, self.hardware, self.profiles), pr.min_channels, budget_round_to(self.cfg))
 
     # ------------------------------------------------------------ helpers
     def index_map(self, mask: StructuredMask) -> dict:
@@ -398,8 +412,11 @@ class FederatedPruning:
         if self.mask_source == "random":
             rng = np.random.default_rng([self.cfg.seed, 31337])
             ranking = {g.name: rng.random(g.size) for g in self.groups}
-        sparsities = [self.cfg.profiles[p].sparsity * sparsity_scale for p in self.profiles]
-        masks = nested_masks(self.groups, ranking, sparsities, pr.allocation, sens_agg, pr.min_channels, pr.round_to or None)
+        if pr.allocation in BUDGET_ALLOCATIONS:
+            masks = profile_budget_masks(self.cfg, self.hardware, ranking, self.profiles, sparsity_scale)
+        else:
+            sparsities = [self.cfg.profiles[p].sparsity * sparsity_scale for p in self.profiles]
+            masks = nested_masks(self.groups, ranking, sparsities, pr.allocation, sens_agg, pr.min_channels, pr.round_to or None)
         self.profile_masks = dict(zip(self.profiles, masks))
         self.node_masks = {n: self.profile_masks[info.profile] for n, info in self.nodes.items()}
         if self.mask_source == "local":  # each client keeps its own top-k: no consensus
@@ -417,7 +434,7 @@ class FederatedPruning:
             "sparsity_scale": sparsity_scale,
             "agreement": agreement,
             "agreement_mean": float(np.mean(list(agreement.values()))),
-            "nested": all(self.profile_masks[a].is_subset_of(self.profile_masks[b]) or not (self.cfg.profiles[a].sparsity >= self.cfg.profiles[b].sparsity)
+            "nested": all(self.profile_masks[a].is_subset_of(self.profile_masks[b]) or self.profile_masks[b].is_subset_of(self.profile_masks[a])
                           for a in self.profiles for b in self.profiles),
             "kept_channels": {p: m.kept_counts for p, m in self.profile_masks.items()},
         })
@@ -459,6 +476,7 @@ class FederatedPruning:
     def run(self) -> dict:
         fed = self.cfg.federated
         start = time.perf_counter()
+        self.check_budgets()
         self.register()
         r1, r2 = fed.warmup_rounds, fed.finetune_rounds
         total = r1 + r2
@@ -502,9 +520,10 @@ class FederatedPruning:
             if not clients:
                 continue
             masks = {self._mask_for(n).key(): self._mask_for(n) for n in clients}
-            accs, costs = [], []
+            accs, costs, models = [], [], []
             for mask in masks.values():
                 model = self.extracted(mask)
+                models.append(model)
                 accs.append(float(evaluate(model, self.test_loader)["accuracy"]))
                 costs.append(model_costs(model, ev.latency, ev.latency_threads, ev.latency_repeats))
             mask0 = next(iter(masks.values()))
@@ -522,11 +541,16 @@ class FederatedPruning:
             }
             if ev.latency:
                 entry["latency_ms"] = {b: float(np.mean([c["latency_ms"][b] for c in costs])) for b in ("b1", "b64")}
+            prof = self.cfg.profiles[p]
+            if prof.budgets:
+                host_ms = {1: entry["latency_ms"]["b1"], 64: entry["latency_ms"]["b64"]} if ev.latency else None
+                predict_latency = ev.latency or self.cfg.pruning.allocation in BUDGET_ALLOCATIONS
+                entry["budgets"] = self.hardware.report(prof.budgets, mask0, models[0], prof.compute_speed, host_ms, predict_latency)
+                oks = [b["ok"] for b in entry["budgets"].values()]
+                entry["budgets_ok"] = None if None in oks else all(oks)
             profiles[p] = entry
         dense = {"accuracy": dense_acc, "params": dense_costs["params"], "flops": dense_costs["flops"], "macs": dense_costs["macs"],
                  "note": "global dense model at the end of the dense rounds (before pruning)"}
-        if self.mask_source == "none":
-            dense["local_val_accuracy"] = local_acc.get(next(iter(local_acc), ""), None) if local_acc else None
         if ev.latency:
             dense["latency_ms"] = model_costs(self.model, True, ev.latency_threads, ev.latency_repeats)["latency_ms"]
         totals = {
@@ -534,7 +558,12 @@ class FederatedPruning:
             "bytes_down": sum(r["bytes_down"] for r in self.rounds),
             "wall_s": wall_s,
         }
-        summary = "; ".join([f"dense {dense_acc:.3f}"] + [f"{p} {e['accuracy']:.3f} @ {100 * e['channel_sparsity']:.0f}% ch, {dense['flops'] / e['flops']:.2f}x fewer FLOPs" for p, e in profiles.items()])
+        def budget_note(e: dict) -> str:
+            ok = e.get("budgets_ok")
+            return "" if ok is None else (", budgets met" if ok else ", budgets MISSED: " + ", ".join(k for k, b in e["budgets"].items() if not b["ok"]))
+
+        summary = "; ".join([f"dense {dense_acc:.3f}"] + [f"{p} {e['accuracy']:.3f} @ {100 * e['channel_sparsity']:.0f}% ch, "
+                                                          f"{dense['flops'] / e['flops']:.2f}x fewer FLOPs{budget_note(e)}" for p, e in profiles.items()])
         return {
             "config": config_to_dict(self.cfg),
             "mask_source": self.mask_source,
@@ -556,6 +585,9 @@ class FederatedPruning:
         torch.save(self.state, out / "global_model.pt")
         np.savez(out / "masks.npz", **{f"{p}/{g}": v for p, m in self.profile_masks.items() for g, v in m.to_arrays().items()})
         write_csv(out / "rounds.csv", [_flat_round(r) for r in results["rounds"]])
+        budget_rows = [{"profile": p, "budget": k, **b} for p, e in results["profiles"].items() for k, b in e.get("budgets", {}).items()]
+        if budget_rows:
+            write_csv(out / "budgets.csv", budget_rows, ["profile", "budget", "limit", "predicted", "measured", "ok", "unit"])
         plot_run(results, out)
         write_json(out / "results.json", results)  # last: its presence marks a finished run
         log.info("[done] wrote %s", out / "results.json")

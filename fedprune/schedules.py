@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 import torch.nn as nn
 
-from fedprune.allocation import allocate, check_sparsity
+from fedprune.allocation import BUDGET_ALLOCATIONS, allocate, budget_masks, check_sparsity
 from fedprune.groups import ChannelGroups
 from fedprune.importance import ImportanceScores, compute_importance
 from fedprune.masks import SoftMaskHook, StructuredMask, apply_soft_mask, round_keep_count
@@ -42,6 +42,11 @@ class PruneSpec:
     min_channels: int = 1
     round_to: int | None = None
     sensitivity_ratios: tuple[float, ...] = DEFAULT_RATIOS
+    #: For the budget allocations (``budget``, ``budget_uniform``, ``constant_cost``):
+    #: ``scale -> [(cost_fn, limit), ...]``, the constraints of a stage that goes
+    #: ``scale`` (in (0, 1]) of the way from dense to the budget; ``sparsity`` then only
+    #: sets the stage fractions (stage sparsity / ``sparsity``).
+    budget: Callable[[float], list] | None = None
 
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity)
@@ -83,7 +88,13 @@ def select_mask(
         if sensitivity_loader is None:
             raise ValueError("sensitivity-adaptive allocation needs a sensitivity loader")
         sens = measure_sensitivity(model, groups, scores.scores, sensitivity_loader, spec.sensitivity_ratios, within)
-    counts = allocate(groups, sparsity, spec.allocation, scores.scores, sens.score() if sens else None, spec.min_channels)
+    if spec.allocation in BUDGET_ALLOCATIONS:
+        if spec.budget is None:
+            raise ValueError(f"allocation {spec.allocation!r} needs budget constraints (PruneSpec.budget)")
+        scale = sparsity / spec.sparsity if spec.sparsity > 0 else 1.0
+        counts = budget_masks(spec.allocation, groups, scores.scores, [spec.budget(scale)], spec.min_channels, spec.round_to)[0].kept_counts
+    else:
+        counts = allocate(groups, sparsity, spec.allocation, scores.scores, sens.score() if sens else None, spec.min_channels)
     if within is not None:
         counts = {k: min(c, int(within.keep[k].sum())) for k, c in counts.items()}
     counts = {k: round_keep_count(c, groups[k].size, spec.round_to) for k, c in counts.items()}

@@ -9,9 +9,8 @@ On the same shards, seeds and round budget (R1 dense warm-up + R2 fine-tune roun
 * local-only masks (each client its own top-k, no consensus) and random masks;
 * centralized pruning with the same budget (R1 dense epochs, prune, R2 epochs).
 
-Accuracy runs use the in-process engine, which gives exactly the numbers of
-Flower's Ray Simulation Engine (``tests/test_federated.py`` checks this); the
-framework's cost is measured with Ray itself: wall time of configs/quick.toml
+All federated runs use Flower's Simulation Engine with the Ray backend (two
+clients at a time on 2 cores). The framework's cost is measured as wall time of configs/quick.toml
 under Flower + Ray vs the plain in-process loop, and peak RSS of the whole
 process tree (driver, Ray, workers) with 10, 50 and 100 registered clients.
 Writes benchmarks/federated.md, .json and plots.
@@ -34,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from fedprune.centralized import DenseRun, prune_experiment, train_dense  # noqa: E402
 from fedprune.config import load_config  # noqa: E402
-from fedprune.federated import FederatedPruning, InProcessTransport, simulate  # noqa: E402
+from fedprune.federated import simulate  # noqa: E402
 from fedprune.plots import save  # noqa: E402
 from fedprune.reporting import fmt_mean_std, mean_std, write_json, write_text  # noqa: E402
 from fedprune.task import load_data  # noqa: E402
@@ -106,13 +105,13 @@ def federated_runs(cfg, seeds, out: Path) -> dict:
         c.seed = seed
         dense = c.federated.warmup_rounds + c.federated.finetune_rounds
         log.info("seed %d: dense FedAvg, %d rounds", seed, dense)
-        rows.setdefault("dense FedAvg", []).append(FederatedPruning(c, InProcessTransport(c.federated.num_clients), out / f"dense_s{seed}", "none").run())
+        rows.setdefault("dense FedAvg", []).append(simulate(c, out / f"dense_s{seed}", engine="ray", mask_source="none"))
         for label, source, criterion in FEDERATED:
             c2 = copy.deepcopy(c)
             c2.pruning = dataclasses.replace(c2.pruning, criterion=criterion)
             log.info("seed %d: %s", seed, label)
             tag = label.replace(" ", "_").replace("-", "_")
-            rows.setdefault(label, []).append(FederatedPruning(c2, InProcessTransport(c2.federated.num_clients), out / f"{tag}_s{seed}", source).run())
+            rows.setdefault(label, []).append(simulate(c2, out / f"{tag}_s{seed}", engine="ray", mask_source=source))
     return rows
 
 

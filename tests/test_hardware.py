@@ -1,0 +1,191 @@
+"""Profile budgets end to end: config validation, budget allocations, reports, federated and centralized runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedprune.allocation import InfeasibleBudgetError, budget_masks, check_feasible, total_channels
+from fedprune.cli import main as cli_main
+from fedprune.config import ConfigError, load_config
+from fedprune.cost import AnalyticCostModel, HardwareModel, device_factor
+from fedprune.federated import simulate
+from fedprune.groups import discover_groups
+from fedprune.masks import extract_submodel
+from fedprune.models import get_model
+
+from test_federated import TINY
+
+DENSE_MACS = 58_919_424  # seed_cnn, batch 1
+DENSE_PARAMS = 2_080_010
+
+#: Analytic budgets only (no latency table needed): edge_gpu 60% of dense MACs,
+#: mobile_cpu 30%, microcontroller 1 MB flash at int8, 320 KB SRAM and 8% MACs.
+BUDGETS = [
+    f"profiles.edge_gpu.budgets={{macs={int(0.6 * DENSE_MACS)}}}",
+    f"profiles.mobile_cpu.budgets={{macs={int(0.3 * DENSE_MACS)}}}",
+    f"profiles.microcontroller.budgets={{flash_bytes_int8=1000000, peak_sram_bytes_int8=327680, macs={int(0.08 * DENSE_MACS)}}}",
+]
+
+
+@pytest.fixture(scope="module")
+def seed_hw():
+    model = get_model("seed_cnn").eval()
+    groups = discover_groups(model)
+    hw = HardwareModel("seed_cnn", None, model, groups, threads=1)
+    rng = np.random.default_rng(3)
+    scores = {g.name: rng.gamma(2.0, size=g.size) for g in groups}
+    return model, groups, hw, scores
+
+
+# ------------------------------------------------------------------ config
+@pytest.mark.parametrize("override, fragments", [
+    ("profiles.mobile_cpu.budgets={latency_ms=3}", ["profiles.mobile_cpu.budgets.latency_ms", "latency_ms_b1"]),
+    ("profiles.microcontroller.budgets={macs=-5}", ["profiles.microcontroller.budgets.macs", "-5", "positive"]),
+    ("profiles.microcontroller.budgets={macs='many'}", ["'many'", "positive"]),
+    ("pruning.budget_profile='tpu'", ["pruning.budget_profile", "'tpu'", "microcontroller"]),
+    ("pruning.latency_margin=0.7", ["pruning.latency_margin", "0.7"]),
+    ("pruning.allocation='knapsack'", ["pruning.allocation", "'knapsack'", "budget_uniform"]),
+])
+def test_bad_budget_configs(override, fragments) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    for f in fragments:
+        assert f in str(err.value)
+
+
+def test_budget_allocation_needs_budgets_for_every_profile_in_use() -> None:
+    with pytest.raises(ConfigError, match=r"needs budgets for every profile in use; profiles without budgets: \['edge_gpu'\]"):
+        load_config(None, ["pruning.allocation='budget'", "profiles.edge_gpu.budgets={}"])
+    # a profile with no clients needs none
+    load_config(None, ["pruning.allocation='budget'", "profiles.edge_gpu.budgets={}",
+                       "federated.proportions={edge_gpu=0.0, mobile_cpu=0.5, microcontroller=0.5}"])
+
+
+def test_default_profiles_carry_budgets_and_overrides_replace_them() -> None:
+    cfg = load_config(None)
+    assert cfg.profiles["microcontroller"].budgets == {"flash_bytes_int8": 1_000_000, "peak_sram_bytes_int8": 327_680, "macs": 6_000_000}
+    assert set(cfg.profiles["mobile_cpu"].budgets) == {"latency_ms_b1"}
+    assert set(cfg.profiles["edge_gpu"].budgets) == {"latency_ms_b64"}
+    cfg = load_config(None, ["profiles.mobile_cpu.budgets={macs=1000}"])
+    assert cfg.profiles["mobile_cpu"].budgets == {"macs": 1000}
+
+
+# -------------------------------------------------------------- allocation
+def test_device_factor() -> None:
+    assert device_factor("latency_ms_b1", 0.5) == 2.0
+    assert device_factor("latency_ms_b64", 4.0) == 0.25
+    assert device_factor("macs", 0.05) == 1.0
+
+
+@pytest.mark.parametrize("method", ["budget", "budget_uniform", "constant_cost"])
+def test_budget_masks_are_nested(seed_hw, method) -> None:
+    _, groups, hw, scores = seed_hw
+    constraints = [hw.constraints({"macs": f * DENSE_MACS}) for f in (0.6, 0.3, 0.08)]
+    masks = budget_masks(method, groups, scores, constraints)
+    assert masks[2].is_subset_of(masks[1]) and masks[1].is_subset_of(masks[0])
+    macs = [hw.analytic.macs(m) for m in masks]
+    if method != "constant_cost":  # the baseline ignores the real cost, the others meet it
+        assert all(m <= f * DENSE_MACS for m, f in zip(macs, (0.6, 0.3, 0.08)))
+
+
+def test_budget_uniform_is_the_smallest_uniform_sparsity(seed_hw) -> None:
+    _, groups, hw, scores = seed_hw
+    (mask,) = budget_masks("budget_uniform", groups, scores, [hw.constraints({"macs": 0.25 * DENSE_MACS})])
+    kept = mask.kept_counts
+    assert hw.analytic.macs(kept) <= 0.25 * DENSE_MACS
+    fractions = [kept[g.name] / g.size for g in groups]
+    assert max(fractions) - min(fractions) < 0.02  # uniform
+    one_more = {g.name: min(g.size, kept[g.name] + max(1, g.size // 100)) for g in groups}
+    assert hw.analytic.macs(one_more) > 0.25 * DENSE_MACS * 0.97  # not much slack left
+
+
+def test_constant_cost_keeps_the_channel_fraction_of_the_budget(seed_hw) -> None:
+    _, groups, hw, scores = seed_hw
+    (mask,) = budget_masks("constant_cost", groups, scores, [hw.constraints({"macs": 0.5 * DENSE_MACS})])
+    assert total_channels(mask.kept_counts) == int(0.5 * groups.total_channels)
+    assert hw.analytic.macs(mask) < 0.5 * DENSE_MACS  # cost is super-linear in channels: it over-prunes
+
+
+def test_infeasible_budget_names_the_smallest_cost(seed_hw) -> None:
+    _, groups, hw, _ = seed_hw
+    with pytest.raises(InfeasibleBudgetError, match=r"macs: smallest achievable cost \d+ > budget 10"):
+        check_feasible(groups, [hw.constraints({"macs": 10})])
+
+
+def test_latency_constraints_apply_device_factor_and_margin(seed_hw) -> None:
+    _, groups, hw, _ = seed_hw
+
+    class FakeLUT:
+        def predict_ms(self, kept):
+            return total_channels(kept) / 100.0  # host ms
+
+    hw._luts[1] = FakeLUT()
+    ((fn, limit),) = hw.constraints({"latency_ms_b1": 4.0}, compute_speed=0.5)
+    assert limit == pytest.approx(4.0 * (1 - hw.latency_margin))
+    assert fn(groups.sizes) == pytest.approx(2 * groups.total_channels / 100.0)
+    ((_, stage_limit),) = hw.constraints({"latency_ms_b1": 4.0}, compute_speed=0.5, scale=0.5)
+    assert limit < stage_limit < fn(groups.sizes)
+    del hw._luts[1]
+
+
+def test_report_measures_the_extracted_model(seed_hw) -> None:
+    model, groups, hw, scores = seed_hw
+    budgets = {"macs": 0.3 * DENSE_MACS, "flash_bytes_int8": 400_000, "peak_sram_bytes_int8": 327_680, "params": 10}
+    (mask,) = budget_masks("budget", groups, scores, [hw.constraints({k: v for k, v in budgets.items() if k != "params"})])
+    sub = extract_submodel(model, mask, groups)
+    rep = hw.report(budgets, mask, sub)
+    for key in ("macs", "flash_bytes_int8", "peak_sram_bytes_int8"):
+        assert rep[key]["measured"] == rep[key]["predicted"]
+        assert rep[key]["ok"] is True
+    assert rep["params"]["ok"] is False and rep["params"]["measured"] == rep["flash_bytes_int8"]["measured"]
+    lat = hw.report({"latency_ms_b1": 5.0}, mask, sub, compute_speed=0.5, host_latency_ms={1: 2.0}, predict_latency=False)
+    assert lat["latency_ms_b1"] == {**lat["latency_ms_b1"], "measured": 4.0, "ok": True, "predicted": None}
+
+
+# ---------------------------------------------------------------- runs
+def test_federated_budget_run_meets_every_budget(tmp_path) -> None:
+    cfg = load_config(None, TINY + BUDGETS + ["pruning.allocation='budget'"])
+    res = simulate(cfg, tmp_path, engine="inprocess")
+    assert res["consensus"]["nested"] is True
+    assert res["consensus"]["allocation"] == "budget"
+    for name, entry in res["profiles"].items():
+        assert entry["budgets_ok"] is True, (name, entry["budgets"])
+        for b in entry["budgets"].values():
+            assert b["measured"] <= b["limit"]
+    mcu = res["profiles"]["microcontroller"]["budgets"]
+    assert set(mcu) == {"flash_bytes_int8", "peak_sram_bytes_int8", "macs"}
+    lines = (tmp_path / "budgets.csv").read_text().splitlines()
+    assert lines[0] == "profile,budget,limit,predicted,measured,ok,unit" and len(lines) == 1 + 5
+
+
+def test_uniform_run_still_reports_budgets(tmp_path) -> None:
+    cfg = load_config(None, TINY + BUDGETS + ["profiles.edge_gpu.sparsity=0.0"])
+    res = simulate(cfg, tmp_path, engine="inprocess")
+    assert res["profiles"]["edge_gpu"]["budgets"]["macs"]["ok"] is False  # dense edge_gpu misses 60% MACs
+    assert res["profiles"]["edge_gpu"]["budgets_ok"] is False
+
+
+def test_infeasible_budget_fails_before_training(tmp_path, capsys) -> None:
+    args = ["simulate", "--engine", "inprocess", "--out", str(tmp_path / "run"), "--set",
+            *TINY, *BUDGETS, "pruning.allocation='budget'", "profiles.microcontroller.budgets={macs=1000}"]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "smallest achievable cost" in err[0] and "budget 1000" in err[0]
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_centralized_budget_prune(tmp_path) -> None:
+    from fedprune.centralized import prune_experiment, train_dense
+
+    cfg = load_config(None, ["data.dataset='synthetic'", "data.synthetic_train=200", "data.synthetic_test=64", "train.epochs=1",
+                             "pruning.finetune_epochs=1", "pruning.num_batches=1", "eval.latency=false", "train.threads=1",
+                             "pruning.allocation='budget'", "pruning.budget_profile='microcontroller'", "pruning.schedule='progressive'",
+                             "pruning.stages=2", BUDGETS[2]])
+    res = prune_experiment(cfg, train_dense(cfg))["pruned"]
+    assert res["budget_profile"] == "microcontroller"
+    assert all(b["ok"] for b in res["budgets"].values())
+    assert res["stages"][0]["channel_sparsity"] < res["stages"][1]["channel_sparsity"]
+    with pytest.raises(ConfigError, match="needs pruning.budget_profile"):
+        cfg.pruning.budget_profile = ""
+        prune_experiment(cfg, train_dense(cfg))
