@@ -1,0 +1,310 @@
+"""Dynamic per-input channel pruning at inference, in the style of Feature Boosting and Suppression.
+
+A :class:`GatedCNN` wraps a plain conv stack (``seed_cnn`` or a sub-network
+extracted from it) and puts a :class:`ChannelGate` on every conv layer: a
+saliency predictor (global average pool of the layer's input -> linear layer)
+that scores the layer's output channels for each input. Only the top-k
+channels of each layer are kept, with ``k = ceil(budget x channels)``.
+
+Two ways to run it, with the same outputs:
+
+* :meth:`GatedCNN.forward` -- masked computation for any batch size; it is
+  differentiable (straight-through: the forward pass multiplies by the hard
+  0/1 top-k mask, gradients flow through ``sigmoid(saliency)``), so gates
+  can be trained, alone or jointly with the network. With ``budget = 1``
+  no channel is dropped and the output is exactly the static network's.
+* :meth:`GatedCNN.forward_sliced` -- batch-1 inference that really skips
+  work: every conv is computed only for its kept output channels, from only
+  the previous layer's kept channels (weights indexed per input, BatchNorm
+  folded into the convs), and the classifier reads only the kept features.
+
+:meth:`GatedCNN.executed_macs` counts the multiply-accumulates an input
+actually executes, gate predictors included.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fedprune.training import TrainConfig, make_optimizer
+
+__all__ = ["ChannelGate", "GatedCNN", "GatedStats", "keep_count", "train_gates", "evaluate_gated", "gated_latency_ms"]
+
+
+class ChannelGate(nn.Module):
+    """Per-input saliency of a conv layer's output channels: ``Linear(GAP(input))``.
+
+    The bias starts at the normalised L2 norm of each output channel's
+    (BN-scaled) weights, so before training the gate prefers the statically
+    important channels; the weights start small.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, prior: torch.Tensor | None = None):
+        super().__init__()
+        self.fc = nn.Linear(in_channels, out_channels)
+        nn.init.normal_(self.fc.weight, std=0.01)
+        with torch.no_grad():
+            self.fc.bias.copy_(prior if prior is not None else torch.ones(out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Saliency ``(B, out_channels)`` from the layer input ``(B, in_channels, H, W)``."""
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def keep_count(budget: float, channels: int) -> int:
+    """Channels kept of ``channels`` at a compute ``budget`` in (0, 1]: ``ceil(budget x channels)``, at least 1."""
+    if not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget must be in (0, 1], got {budget!r}")
+    return max(1, min(channels, math.ceil(budget * channels - 1e-9)))
+
+
+def _topk_mask(saliency: torch.Tensor, k: int) -> torch.Tensor:
+    """0/1 mask of the ``k`` largest saliencies per row (ties broken by lower index)."""
+    idx = torch.topk(saliency, k, dim=1, sorted=False).indices
+    return torch.zeros_like(saliency).scatter_(1, idx, 1.0)
+
+
+@dataclass
+class GatedStats:
+    """What one sliced forward pass kept: channels per gated layer and MACs executed."""
+
+    kept: list[int]
+    macs: int
+
+
+class GatedCNN(nn.Module):
+    """A conv stack (``features`` of Conv-BN-ReLU[-MaxPool] blocks, ``pool``, ``classifier``) with channel gates.
+
+    ``model`` must look like :class:`fedprune.models.SeedCNN` (any widths,
+    e.g. an extracted sub-network); its modules are shared, not copied.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if not all(isinstance(getattr(model, a, None), nn.Module) for a in ("features", "pool", "classifier")):
+            raise NotImplementedError(f"GatedCNN needs Conv2d-BatchNorm2d-ReLU[-MaxPool2d] blocks in 'features' (seed_cnn), got {type(model).__name__}")
+        layers = list(model.features)
+        self.blocks: list[tuple[nn.Conv2d, nn.BatchNorm2d, nn.Module | None]] = []
+        i = 0
+        while i < len(layers):
+            conv, bn, act = layers[i : i + 3]
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and isinstance(act, nn.ReLU)) or conv.groups != 1:
+                raise NotImplementedError(
+                    f"GatedCNN needs Conv2d-BatchNorm2d-ReLU[-MaxPool2d] blocks (seed_cnn); found {type(conv).__name__} at features.{i}"
+                )
+            i += 3
+            pool = None
+            if i < len(layers) and isinstance(layers[i], nn.MaxPool2d):
+                pool, i = layers[i], i + 1
+            self.blocks.append((conv, bn, pool))
+        fcs = [m for m in model.classifier if isinstance(m, nn.Linear)]
+        if not isinstance(model.pool, nn.AdaptiveAvgPool2d) or len(fcs) != 2:
+            raise NotImplementedError("GatedCNN needs an AdaptiveAvgPool2d and a two-layer Linear classifier (seed_cnn)")
+        self.features, self.pool, self.classifier = model.features, model.pool, model.classifier
+        self.gates = nn.ModuleList(ChannelGate(c.in_channels, c.out_channels, self._prior(c, b)) for c, b, _ in self.blocks)
+        side = model.pool.output_size
+        self.pooled = side * side if isinstance(side, int) else side[0] * side[1]
+        self._folded: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @staticmethod
+    def _prior(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
+        with torch.no_grad():
+            w = conv.weight.flatten(1).norm(dim=1) * bn.weight.abs() / torch.sqrt(bn.running_var + bn.eps)
+            return w / w.mean().clamp_min(1e-12)
+
+    # --------------------------------------------------------- masked path
+    def forward(self, x: torch.Tensor, budget: float = 1.0) -> torch.Tensor:
+        """Logits with per-input top-k channels per layer (masked, any batch size, trainable)."""
+        for (conv, bn, pool), gate in zip(self.blocks, self.gates):
+            y = bn(conv(x))
+            k = keep_count(budget, conv.out_channels)
+            if k < conv.out_channels:
+                s = gate(x)
+                soft = torch.sigmoid(s)
+                y = y * (_topk_mask(s.detach(), k) + soft - soft.detach())[:, :, None, None]
+            x = F.relu(y)
+            if pool is not None:
+                x = pool(x)
+        return self.classifier(self.pool(x))
+
+    # --------------------------------------------------------- sliced path
+    def _fold(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        folded = []
+        for conv, bn, _ in self.blocks:
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            folded.append(((conv.weight * scale[:, None, None, None]).detach(), ((bias - bn.running_mean) * scale + bn.bias).detach()))
+        return folded
+
+    def refresh(self) -> None:
+        """Re-fold BatchNorm into the conv weights after the weights changed (the sliced path caches them)."""
+        self._folded = None
+
+    @torch.no_grad()
+    def forward_sliced(self, x: torch.Tensor, budget: float = 1.0) -> tuple[torch.Tensor, GatedStats]:
+        """Batch-1 inference computing only each layer's kept channels; returns logits and what was kept."""
+        if x.shape[0] != 1:
+            raise ValueError(f"forward_sliced runs one input at a time, got a batch of {x.shape[0]}")
+        if self._folded is None:
+            self._folded = self._fold()
+        idx: torch.Tensor | None = None  # kept input channels of the current layer (None = all)
+        kept, macs = [], 0
+        for (conv, _, pool), gate, (w, b) in zip(self.blocks, self.gates, self._folded):
+            c_in = x.shape[1]
+            k = keep_count(budget, conv.out_channels)
+            if k < conv.out_channels:
+                gw = gate.fc.weight if idx is None else gate.fc.weight[:, idx]
+                s = F.linear(x.mean(dim=(2, 3)), gw, gate.fc.bias)[0]
+                out = torch.topk(s, k, sorted=False).indices.sort().values
+                macs += c_in * conv.out_channels
+                w, b = w[out], b[out]
+            else:
+                out = None
+            if idx is not None:
+                w = w[:, idx]
+            x = F.relu(F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation))
+            macs += x.shape[2] * x.shape[3] * x.shape[1] * c_in * w.shape[2] * w.shape[3]
+            if pool is not None:
+                x = pool(x)
+            idx = out
+            kept.append(x.shape[1])
+        x = self.pool(x).flatten(1)
+        fc1, fc2 = [m for m in self.classifier if isinstance(m, nn.Linear)]
+        w1 = fc1.weight
+        if idx is not None:
+            cols = (idx[:, None] * self.pooled + torch.arange(self.pooled)).flatten()
+            w1 = w1[:, cols]
+        h = F.relu(F.linear(x, w1, fc1.bias))
+        macs += w1.shape[0] * w1.shape[1] + fc2.in_features * fc2.out_features
+        return fc2(h), GatedStats(kept, macs)
+
+
+# ------------------------------------------------------------------ training
+def train_gates(
+    gated: GatedCNN,
+    loader,
+    cfg: TrainConfig,
+    budgets: Sequence[float],
+    distill: float = 1.0,
+    temperature: float = 2.0,
+    joint: bool = False,
+) -> dict[str, float | int]:
+    """Train the gates (and with ``joint`` the network too) for ``cfg.epochs`` epochs.
+
+    Each step uses the next budget of ``budgets`` in turn, so one set of
+    gates serves all of them. The loss is cross-entropy plus ``distill`` x
+    the KL divergence to the full-budget network's softened outputs (the
+    static sub-network as teacher). With ``joint=False`` the static network
+    is frozen and stays in eval mode (BatchNorm statistics unchanged).
+    Returns ``{"loss": mean loss of the last epoch, "steps", "examples"}``.
+    """
+    if not budgets:
+        raise ValueError("train_gates needs at least one budget")
+    for b in budgets:
+        keep_count(b, 1)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    frozen = [] if joint else [p for n, p in gated.named_parameters() if not n.startswith("gates.") and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    params = [p for p in gated.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg)
+    was_training = gated.training
+    gated.train(joint)
+    steps = examples = 0
+    loss_sum = 0.0
+    try:
+        for epoch in range(cfg.epochs):
+            loss_sum, seen = 0.0, 0
+            for x, y in loader:
+                budget = budgets[steps % len(budgets)]
+                logits = gated(x, budget)
+                loss = F.cross_entropy(logits, y)
+                if distill:
+                    with torch.no_grad():
+                        teacher = F.softmax(gated(x, 1.0) / temperature, dim=1)
+                    loss = loss + distill * temperature**2 * F.kl_div(F.log_softmax(logits / temperature, dim=1), teacher, reduction="batchmean")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                steps += 1
+                examples += len(y)
+                loss_sum += float(loss.detach()) * len(y)
+                seen += len(y)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        gated.train(was_training)
+        gated.refresh()
+    return {"loss": loss_sum / max(seen, 1) if cfg.epochs else float("nan"), "steps": steps, "examples": examples}
+
+
+# ---------------------------------------------------------------- measuring
+@torch.no_grad()
+def evaluate_gated(gated: GatedCNN, loader, budgets: Sequence[float], mac_inputs: int = 16) -> list[dict[str, float]]:
+    """Per budget: test ``accuracy`` (masked path), mean ``macs`` executed per input and kept ``channels`` per layer.
+
+    MACs come from the sliced batch-1 path on the first ``mac_inputs`` inputs
+    of ``loader`` (gate predictors included).
+    """
+    was_training = gated.training
+    gated.eval()
+    xs = []
+    for x, _ in loader:
+        xs.extend(x[i : i + 1] for i in range(len(x)))
+        if len(xs) >= mac_inputs:
+            break
+    rows = []
+    try:
+        for b in budgets:
+            correct = n = 0
+            for x, y in loader:
+                correct += int((gated(x, b).argmax(dim=1) == y).sum())
+                n += len(y)
+            stats = [gated.forward_sliced(x, b)[1] for x in xs[:mac_inputs]]
+            rows.append({
+                "budget": float(b),
+                "accuracy": correct / max(n, 1),
+                "macs": float(sum(s.macs for s in stats) / len(stats)),
+                "channels": [float(sum(s.kept[i] for s in stats) / len(stats)) for i in range(len(stats[0].kept))],
+            })
+    finally:
+        gated.train(was_training)
+    return rows
+
+
+@torch.no_grad()
+def gated_latency_ms(gated: GatedCNN, budgets: Sequence[float], threads: int | None = 1, warmup: int = 5, repeats: int = 50) -> dict[str, float]:
+    """Median batch-1 latency (ms) of the static network (deployment form) and of the sliced gated path per budget.
+
+    All variants are timed round-robin on the same random inputs, so their
+    ratios are fair. Keys: ``"static"`` and ``"gated@<budget>"``.
+    """
+    from fedprune.metrics import deployment_form, torch_threads
+
+    gated.eval()
+    static = deployment_form(nn.Sequential(gated.features, gated.pool, gated.classifier))
+    runs: dict[str, Callable[[torch.Tensor], Any]] = {"static": static}
+    for b in budgets:
+        runs[f"gated@{b:g}"] = lambda x, b=b: gated.forward_sliced(x, b)
+    xs = [torch.randn(1, 3, 32, 32) for _ in range(8)]
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    with torch_threads(threads):
+        for i in range(warmup):
+            for fn in runs.values():
+                fn(xs[i % len(xs)])
+        for i in range(repeats):
+            x = xs[i % len(xs)]
+            for name, fn in runs.items():
+                t0 = time.perf_counter()
+                fn(x)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
