@@ -73,11 +73,15 @@ def train(msg: Message, context: Context) -> Message:
     conf = msg.content["config"]
     cfg = record_to_config(conf)
     mask = record_to_mask(msg.content["mask"], model_groups(cfg))
-    state, metrics = client_train(
+    gates = record_to_state(msg.content["gates"]) if "gates" in msg.content else None
+    state, metrics, gates = client_train(
         cfg, *_partition(context), mask, record_to_state(msg.content["arrays"]),
-        int(conf["epochs"]), int(conf["batch-size"]), int(conf["round"]),
+        int(conf["epochs"]), int(conf["batch-size"]), int(conf["round"]), gates,
     )
-    return Message(RecordDict({"arrays": state_to_record(state), "metrics": MetricRecord(metrics)}), reply_to=msg)
+    reply = RecordDict({"arrays": state_to_record(state), "metrics": MetricRecord(metrics)})
+    if gates is not None:
+        reply["gates"] = state_to_record(gates)
+    return Message(reply, reply_to=msg)
 
 
 @app.evaluate()

@@ -1,7 +1,7 @@
 """Experiment configuration: TOML files validated on load.
 
 A config file has a top-level ``seed`` and the tables ``[data]``, ``[model]``,
-``[train]``, ``[pruning]``, ``[federated]``, ``[eval]``; device profiles come
+``[train]``, ``[pruning]``, ``[federated]``, ``[eval]``, ``[dynamic]``; device profiles come
 from ``configs/profiles.toml`` (or the file named by ``federated.profiles_file``)
 and may be overridden per field in ``[profiles.NAME]`` tables. Unknown keys,
 wrong types and out-of-range values raise :class:`ConfigError` with one line
@@ -148,6 +148,18 @@ class EvalConfig:
 
 
 @dataclass
+class DynamicConfig:
+    """Dynamic per-input channel gates (fedprune.dynamic), trained by clients during fine-tuning."""
+
+    enabled: bool = _spec(False, doc="train FBS-style gates on each profile's sub-network and report dynamic inference")
+    epochs: int = _spec(1, lo=0, doc="local gate-training epochs per fine-tune round (static sub-network frozen)")
+    lr: float = _spec(1e-3, lo=0.0, lo_open=True)
+    distill: float = _spec(1.0, lo=0.0, doc="weight of distillation from the full-budget sub-network")
+    train_budgets: list = _spec([0.5, 0.75], doc="budgets cycled over the gate-training steps, each in (0, 1]")
+    eval_budgets: list = _spec([1.0, 0.9, 0.8, 0.7, 0.6, 0.5], doc="budgets reported per profile, each in (0, 1]")
+
+
+@dataclass
 class ProfileConfig:
     """One device class. Speed and bandwidth feed the simulated round time."""
 
@@ -169,6 +181,7 @@ class ExperimentConfig:
     pruning: PruningConfig = field(default_factory=PruningConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dynamic: DynamicConfig = field(default_factory=DynamicConfig)
     profiles: dict = field(default_factory=dict)  # name -> ProfileConfig
 
 
@@ -357,6 +370,12 @@ def _check_cross_field(cfg: ExperimentConfig) -> None:
                 f"config key 'pruning.allocation' = {cfg.pruning.allocation!r} needs budgets for every profile in use; "
                 f"profiles without budgets: {missing} (set profiles.NAME.budgets, keys {sorted(BUDGET_KEYS)})"
             )
+    for key in ("train_budgets", "eval_budgets"):
+        values = getattr(cfg.dynamic, key)
+        if not values or any(isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 1 for b in values):
+            raise ConfigError(f"config key 'dynamic.{key}' = {values!r} must be a non-empty list of budgets in (0, 1]")
+    if cfg.dynamic.enabled and cfg.model.name != "seed_cnn":
+        raise ConfigError(f"config key 'dynamic.enabled' = true needs model.name = 'seed_cnn' (conv-stack gates); got {cfg.model.name!r}")
     bp = cfg.pruning.budget_profile
     if bp and bp not in cfg.profiles:
         raise ConfigError(f"config key 'pruning.budget_profile' = {bp!r} is not a profile; allowed: {sorted(cfg.profiles)}")

@@ -44,7 +44,7 @@ from fedprune.records import (
     state_to_record,
 )
 from fedprune.reporting import write_csv, write_json
-from fedprune.task import budget_round_to, build_model, hardware_model, load_data, model_groups, profile_budget_masks, profile_constraints
+from fedprune.task import budget_round_to, build_model, gate_state, gated_model, hardware_model, load_data, model_groups, profile_budget_masks, profile_constraints
 from fedprune.training import evaluate, set_seed
 
 log = logging.getLogger("fedprune.server")
@@ -190,6 +190,8 @@ class FederatedPruning:
         self.bn_stat_keys = {n for n in self.state if n.endswith(("running_mean", "running_var"))}
         self.bn_stats: dict[bytes, dict[str, torch.Tensor]] = {}
         self._hardware = None
+        # Dynamic channel gates per sub-network (mask key), averaged over the clients that train them.
+        self.gates: dict[bytes, dict[str, torch.Tensor]] = {}
 
     @property
     def hardware(self):
@@ -216,6 +218,24 @@ class FederatedPruning:
         sub = slice_state(self.state, self.index_map(mask))
         sub.update({k: v.clone() for k, v in self.bn_stats.get(mask.key(), {}).items()})
         return sub
+
+    def gates_for(self, mask: StructuredMask) -> dict[str, torch.Tensor]:
+        """The sub-network's channel gates, initialised (seeded) on first use."""
+        key = mask.key()
+        if key not in self.gates:
+            with torch.random.fork_rng():
+                torch.manual_seed(self.cfg.seed)
+                self.gates[key] = gate_state(gated_model(self.extracted(mask)))
+        return self.gates[key]
+
+    def _merge_gates(self, updates: list[tuple[dict, float, bytes]]) -> None:
+        """Sample-weighted mean of the returned gates, per sub-network."""
+        by_mask: dict[bytes, list[tuple[dict, float]]] = {}
+        for g, w, key in updates:
+            by_mask.setdefault(key, []).append((g, w))
+        for key, items in by_mask.items():
+            total = sum(w for _, w in items)
+            self.gates[key] = {k: sum(g[k].double() * w for g, w in items).div(total).float() for k in items[0][0]}
 
     def _merge(self, updates: list[tuple[dict, dict, float, bytes]]) -> None:
         """Merge weights across all clients (HeteroFL); BN running stats only within each sub-network."""
@@ -288,31 +308,44 @@ class FederatedPruning:
             imap = self.index_map(mask)
             prof = self.cfg.profiles[self.nodes[n].profile]
             sub = self.substate(mask)
-            sent[n] = (imap, {k: v.shape for k, v in sub.items()}, mask.key())
             content = RecordDict({
                 "arrays": state_to_record(sub),
                 "mask": mask_to_record(mask),
                 "config": self._config(round=round_num, epochs=prof.local_epochs, **{"batch-size": prof.batch_size}),
             })
+            gate_shapes = None
+            if phase == "finetune" and self.cfg.dynamic.enabled:
+                gates = self.gates_for(mask)
+                content["gates"] = state_to_record(gates)
+                gate_shapes = {k: v.shape for k, v in gates.items()}
+            sent[n] = (imap, {k: v.shape for k, v in sub.items()}, mask.key(), gate_shapes)
             requests.append((n, "train", content))
         replies = self.transport.exchange(requests)
         ok, failed = self._check_replies(replies, f"{phase} round {round_num}")
-        updates, losses, sim_s = [], [], []
+        updates, gate_updates, losses, sim_s = [], [], [], []
         for r in ok:
-            imap, shapes, key = sent[r.node_id]
+            imap, shapes, key, gate_shapes = sent[r.node_id]
             state = record_to_state(r.content["arrays"])
             bad = [k for k, s in shapes.items() if k not in state or tuple(state[k].shape) != tuple(s)]
+            gates = None
+            if gate_shapes is not None:
+                gates = record_to_state(r.content["gates"]) if "gates" in r.content else {}
+                bad += [k for k, s in gate_shapes.items() if k not in gates or tuple(gates[k].shape) != tuple(s)]
             if bad:
                 failed.append({"node": r.node_id, "reason": f"reply arrays do not match what was sent: {bad[:3]}"})
                 log.warning("%s round %d: dropped client %s: arrays %s do not match", phase, round_num, self._pid(r.node_id), bad[:3])
                 continue
             m = r.content["metrics"]
             updates.append((state, imap, float(m["num-examples"]), key))
+            if gates is not None:
+                gate_updates.append((gates, float(m["num-examples"]), key))
             losses.append(float(m["train-loss"]))
             sim_s.append(simulated_client_seconds(self.cfg.profiles[self.nodes[r.node_id].profile], float(m["compute-s"]), r.bytes_down, r.bytes_up))
         if updates:
             self._merge(updates)
             self.model_version += 1
+        if gate_updates:
+            self._merge_gates(gate_updates)
         rec = self._round_record(round_num, phase, t0, replies, nodes, failed)
         rec["train_loss"] = float(np.mean(losses)) if losses else None
         rec["simulated_round_s"] = max(sim_s) if sim_s else None
@@ -541,6 +574,8 @@ class FederatedPruning:
             }
             if ev.latency:
                 entry["latency_ms"] = {b: float(np.mean([c["latency_ms"][b] for c in costs])) for b in ("b1", "b64")}
+            if self.cfg.dynamic.enabled and mask0.key() in self.gates:
+                entry["dynamic"] = self.dynamic_report(mask0, models[0])
             prof = self.cfg.profiles[p]
             if prof.budgets:
                 host_ms = {1: entry["latency_ms"]["b1"], 64: entry["latency_ms"]["b64"]} if ev.latency else None
@@ -576,6 +611,25 @@ class FederatedPruning:
             "totals": totals,
             "summary": summary,
         }
+
+    def dynamic_report(self, mask: StructuredMask, model: torch.nn.Module) -> dict:
+        """``profiles.<name>.dynamic``: per budget the test accuracy, MACs executed per input and batch-1 latency."""
+        from fedprune.dynamic import evaluate_gated, gated_latency_ms
+
+        ev, dyn = self.cfg.eval, self.cfg.dynamic
+        gated = gated_model(model, self.gates[mask.key()])
+        rows = evaluate_gated(gated, self.test_loader, dyn.eval_budgets)
+        out = {
+            "budgets": [r["budget"] for r in rows],
+            "accuracy": [r["accuracy"] for r in rows],
+            "macs": [r["macs"] for r in rows],
+            "channels": [r["channels"] for r in rows],
+            "note": "masked path for accuracy; MACs per input from the sliced batch-1 path (gate predictors included)",
+        }
+        if ev.latency:
+            lat = gated_latency_ms(gated, dyn.eval_budgets, ev.latency_threads, repeats=max(20, ev.latency_repeats))
+            out["latency_ms_b1"] = {"static": lat["static"], "gated": [lat[f"gated@{b:g}"] for b in dyn.eval_budgets]}
+        return out
 
     def write(self, results: dict) -> None:
         from fedprune.plots import plot_run

@@ -29,6 +29,8 @@ __all__ = [
     "profile_constraints",
     "profile_budget_masks",
     "budget_round_to",
+    "gated_model",
+    "gate_state",
 ]
 
 
@@ -62,12 +64,12 @@ def load_data(cfg: ExperimentConfig) -> tuple[ImageArrays, ImageArrays]:
     return _load_data_cached(d.dataset, data_dir, cfg.seed, (d.synthetic_train, d.synthetic_test), d.download, d.test_samples)
 
 
-def train_config(cfg: ExperimentConfig, epochs: int | None = None, batch_size: int | None = None) -> TrainConfig:
-    """The optimiser settings of ``[train]`` with optional epoch/batch overrides."""
+def train_config(cfg: ExperimentConfig, epochs: int | None = None, batch_size: int | None = None, lr: float | None = None) -> TrainConfig:
+    """The optimiser settings of ``[train]`` with optional epoch/batch/learning-rate overrides."""
     t = cfg.train
     return TrainConfig(
         epochs=max(1, epochs if epochs is not None else t.epochs),
-        lr=t.lr,
+        lr=lr or t.lr,
         optimizer=t.optimizer,
         momentum=t.momentum,
         weight_decay=t.weight_decay,
@@ -96,6 +98,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from fedprune.data import ClientShard, make_client_shard, make_loader  # noqa: E402
+from fedprune.dynamic import train_gates  # noqa: E402
 from fedprune.importance import compute_importance  # noqa: E402
 from fedprune.masks import StructuredMask, extract_submodel  # noqa: E402
 from fedprune.profiles import assign_profiles  # noqa: E402
@@ -195,8 +198,14 @@ def client_train(
     epochs: int,
     batch_size: int,
     round_num: int,
-) -> tuple[dict, dict]:
-    """Fine-tune the received sub-network on the private shard; returns (state, metrics)."""
+    gates: dict | None = None,
+) -> tuple[dict, dict, dict | None]:
+    """Fine-tune the received sub-network on the private shard; returns (state, metrics, gates).
+
+    With ``gates`` (the sub-network's channel-gate parameters, see
+    :mod:`fedprune.dynamic`) the gates are then trained on the shard for
+    ``dynamic.epochs`` with the fine-tuned sub-network frozen, and returned.
+    """
     train_arrays, _ = load_data(cfg)
     shard = client_shard(cfg, partition_id, num_partitions)
     model = submodel(cfg, mask, sub_state)
@@ -208,7 +217,31 @@ def client_train(
     # Static BN: exact statistics of the final weights on this shard (see recalibrate_bn).
     recalibrate_bn(model, make_loader(train_arrays.subset(shard.train_idx), 256, train=False))
     metrics = {"num-examples": shard.num_train, "train-loss": float(out["loss"]), "compute-s": time.perf_counter() - start}
-    return {k: v.detach() for k, v in model.state_dict().items()}, metrics
+    trained_gates = None
+    if gates is not None:
+        gated = gated_model(model, gates)
+        dyn = cfg.dynamic
+        if dyn.epochs > 0:
+            stats = train_gates(gated, loader, train_config(cfg, epochs=dyn.epochs, batch_size=batch_size, lr=dyn.lr), dyn.train_budgets, dyn.distill)
+            metrics["gate-loss"] = float(stats["loss"])
+            metrics["compute-s"] = time.perf_counter() - start
+        trained_gates = gate_state(gated)
+    return {k: v.detach() for k, v in model.state_dict().items()}, metrics, trained_gates
+
+
+def gated_model(model: nn.Module, gates: dict | None = None):
+    """:class:`fedprune.dynamic.GatedCNN` around ``model`` (eval mode), loaded with ``gates`` when given."""
+    from fedprune.dynamic import GatedCNN
+
+    gated = GatedCNN(model).eval()
+    if gates is not None:
+        gated.load_state_dict(gates, strict=False)
+    return gated
+
+
+def gate_state(gated) -> dict:
+    """The gate parameters of a GatedCNN (names ``gates.*``), detached."""
+    return {k: v.detach().clone() for k, v in gated.state_dict().items() if k.startswith("gates.")}
 
 
 def client_evaluate(cfg: ExperimentConfig, partition_id: int, num_partitions: int, mask: StructuredMask, sub_state: dict) -> dict:

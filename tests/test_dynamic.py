@@ -102,3 +102,29 @@ def test_train_gates_keeps_static_frozen_and_learns(static) -> None:
     rows = evaluate_gated(gated, make_loader(test, 32, train=False), [1.0, 0.5], mac_inputs=4)
     assert [r["budget"] for r in rows] == [1.0, 0.5]
     assert rows[1]["macs"] < rows[0]["macs"] and 0.0 <= rows[1]["accuracy"] <= 1.0
+
+
+def test_federated_gates_round_trip(tmp_path) -> None:
+    """Clients train gates in the fine-tune rounds; the server averages them and reports dynamic inference."""
+    from fedprune.config import load_config
+    from fedprune.federated import FederatedPruning, InProcessTransport
+
+    from test_federated import TINY
+
+    cfg = load_config(None, TINY + ["dynamic.enabled=true", "dynamic.eval_budgets=[1.0, 0.6]", "federated.finetune_rounds=2"])
+    run = FederatedPruning(cfg, InProcessTransport(cfg.federated.num_clients), tmp_path)
+    res = run.run()
+    assert len(run.gates) == 3  # one gate set per profile sub-network
+    for name, entry in res["profiles"].items():
+        dyn = entry["dynamic"]
+        assert dyn["budgets"] == [1.0, 0.6]
+        assert dyn["macs"][1] < dyn["macs"][0]
+        assert dyn["accuracy"][0] == pytest.approx(entry["accuracy"])  # budget 1 = the static sub-network
+    # the gates the server holds differ from their initialisation: clients trained them
+    mask = run.profile_masks["mobile_cpu"]
+    trained = run.gates[mask.key()]
+    del run.gates[mask.key()]
+    fresh = run.gates_for(mask)
+    assert any(not torch.equal(trained[k], fresh[k]) for k in trained)
+    fin = [r for r in res["rounds"] if r["phase"] == "finetune"]
+    assert all(r["failures"] == 0 for r in fin)

@@ -81,7 +81,7 @@ def test_client_that_does_not_train_returns_its_weights_unchanged(tiny_cfg):
     scores = {g.name: np.random.default_rng(1).random(g.size) for g in groups}
     mask = StructuredMask.from_scores(scores, {g.name: g.size // 2 for g in groups})
     sub = slice_state(model.state_dict(), extraction_index_map(model, mask, groups))
-    state, metrics = client_train(tiny_cfg, 0, 3, mask, sub, epochs=0, batch_size=32, round_num=1)
+    state, metrics, _ = client_train(tiny_cfg, 0, 3, mask, sub, epochs=0, batch_size=32, round_num=1)
     assert metrics["num-examples"] == client_register(tiny_cfg, 0, 3)["num-train"]
     for k, v in sub.items():
         if not k.endswith(("running_mean", "running_var")):  # BN statistics are recomputed (static BN)
