@@ -21,7 +21,7 @@ import torch.nn as nn
 from fedprune.allocation import check_feasible
 from fedprune.config import BUDGET_ALLOCATIONS, ConfigError, ExperimentConfig, config_to_dict
 from fedprune.data import ImageArrays, make_loader
-from fedprune.masks import StructuredMask, extract_submodel
+from fedprune.masks import extract_submodel
 from fedprune.metrics import model_costs, param_sparsity
 from fedprune.reporting import write_json
 from fedprune.schedules import PruneSpec, lottery_ticket, one_shot, progressive

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["plot_run", "plot_accuracy_per_round", "plot_accuracy_vs_flops", "plot_kept_channels", "save"]
+__all__ = ["plot_run", "plot_accuracy_per_round", "plot_accuracy_vs_flops", "plot_kept_channels", "save", "finish"]
 
 
 def save(fig, path: Path) -> Path:
@@ -17,6 +17,17 @@ def save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def finish(fig, ax, path: Path, xlabel: str | None, ylabel: str, title: str, grid_axis: str = "both", legend_size: int = 8, **legend_kw) -> Path:
+    """Label, grid and legend ``ax``, then save ``fig`` as a PNG at ``path``."""
+    if xlabel is not None:
+        ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(axis=grid_axis, alpha=0.3)
+    ax.legend(fontsize=legend_size, **legend_kw)
+    return save(fig, path)
 
 
 def plot_accuracy_per_round(results: dict, path: Path) -> Path:

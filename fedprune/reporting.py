@@ -13,7 +13,11 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["to_jsonable", "write_json", "write_csv", "write_text", "atomic_write_bytes", "mean_std", "fmt_mean_std"]
+__all__ = ["to_jsonable", "write_json", "write_csv", "write_text", "atomic_write_bytes", "mean_std", "fmt_mean_std", "benchmark_parser"]
+
+#: The shared CIFAR-10 subset beside the repository (benchmarks default to it).
+SHARED_SUBSET = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-subset"
+BENCHMARKS_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -89,3 +93,17 @@ def fmt_mean_std(values: Iterable[float], scale: float = 100.0, digits: int = 1)
     if math.isnan(m):
         return "n/a"
     return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
+
+
+def benchmark_parser(doc: str | None, seeds: Sequence[int] = (0, 1, 2), epochs: int = 8, finetune_epochs: int = 4):
+    """``argparse`` parser with the options every centralized benchmark script shares:
+    ``--data-dir``, ``--seeds``, ``--epochs`` (dense), ``--finetune-epochs`` and ``--out``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=str(SHARED_SUBSET), help="folder holding cifar-10-batches-py")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(seeds))
+    parser.add_argument("--epochs", type=int, default=epochs, help="dense training epochs")
+    parser.add_argument("--finetune-epochs", type=int, default=finetune_epochs)
+    parser.add_argument("--out", default=str(BENCHMARKS_DIR), help="where the .md/.json/.png tables go")
+    return parser

@@ -17,9 +17,7 @@ benchmarks/dynamic.md, .json and a PNG.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import dataclasses
 import logging
 import platform
 import sys
@@ -38,8 +36,8 @@ from fedprune.data import make_loader  # noqa: E402
 from fedprune.dynamic import GatedCNN, evaluate_gated, gated_latency_ms, train_gates  # noqa: E402
 from fedprune.masks import SoftMaskHook  # noqa: E402
 from fedprune.metrics import count_macs  # noqa: E402
-from fedprune.plots import save  # noqa: E402
-from fedprune.reporting import fmt_mean_std, mean_std, write_json, write_text  # noqa: E402
+from fedprune.plots import finish  # noqa: E402
+from fedprune.reporting import benchmark_parser, fmt_mean_std, mean_std, write_json, write_text  # noqa: E402
 from fedprune.task import load_data, make_train_fn, model_groups, train_config  # noqa: E402
 from fedprune.training import evaluate, set_seed  # noqa: E402
 
@@ -132,20 +130,11 @@ def plot(per_seed: list[dict], lat: dict, args, path: Path) -> None:
         ax.annotate(f"{b:g}", (x, 100 * m), textcoords="offset points", xytext=(4, 4), fontsize=7)
     m, s = mean_std(r["static_same_budget_accuracy"] for r in per_seed)
     ax.errorbar([static_macs / 1e6], [100 * m], yerr=[100 * s], marker="s", color="black", capsize=3, ls="none", label="static sub-network")
-    ax.set_xlabel("MACs executed per input (M)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Dynamic gating on the mobile_cpu sub-network")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    save(fig, path)
+    finish(fig, ax, path, "MACs executed per input (M)", "test accuracy (%)", "Dynamic gating on the mobile_cpu sub-network")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared/data/cifar10-subset"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--finetune-epochs", type=int, default=4)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--gate-epochs", type=int, default=3)
     parser.add_argument("--gate-lr", type=float, default=1e-3)
     parser.add_argument("--distill", type=float, default=1.0)
@@ -154,7 +143,6 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for latency")
     parser.add_argument("--train-threads", type=int, default=2)
     parser.add_argument("--latency-repeats", type=int, default=100)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     profiles = load_config(None).profiles

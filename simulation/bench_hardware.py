@@ -19,7 +19,6 @@ Writes benchmarks/hardware.md, .json and a PNG.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import logging
@@ -44,8 +43,8 @@ from fedprune.groups import discover_groups  # noqa: E402
 from fedprune.masks import StructuredMask, extract_submodel  # noqa: E402
 from fedprune.metrics import latency_side_by_side  # noqa: E402
 from fedprune.models import get_model  # noqa: E402
-from fedprune.plots import save  # noqa: E402
-from fedprune.reporting import fmt_mean_std, mean_std, write_json, write_text  # noqa: E402
+from fedprune.plots import finish  # noqa: E402
+from fedprune.reporting import benchmark_parser, fmt_mean_std, mean_std, write_json, write_text  # noqa: E402
 from fedprune.task import load_data, make_train_fn, profile_budget_masks, train_config  # noqa: E402
 from fedprune.training import evaluate, set_seed  # noqa: E402
 
@@ -220,19 +219,11 @@ def plot(per_seed: list[dict], path: Path) -> None:
     m, _ = mean_std(r["dense same budget"]["accuracy"] for r in per_seed)
     ax.axhline(100 * m, color="black", ls="--", label="dense, same epochs")
     ax.set_xticks(np.arange(len(profiles)), profiles)
-    ax.set_ylabel("test accuracy after fine-tuning (%)")
-    ax.set_title("Equal hardware budgets: allocation methods")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
-    save(fig, path)
+    finish(fig, ax, path, None, "test accuracy after fine-tuning (%)", "Equal hardware budgets: allocation methods", "y", 7, loc="lower left")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared/data/cifar10-subset"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--finetune-epochs", type=int, default=4)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--criterion", default="taylor")
     parser.add_argument("--profiles", nargs="+", default=["edge_gpu", "mobile_cpu", "microcontroller"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads for latency tables and measurements (eval.latency_threads)")
@@ -240,7 +231,6 @@ def main(argv=None) -> int:
     parser.add_argument("--latency-repeats", type=int, default=30)
     parser.add_argument("--skip", nargs="*", default=[], choices=["lut", "budgets"])
     parser.add_argument("--runs-dir", default=str(ROOT / "runs/bench_hardware"))
-    parser.add_argument("--out", default=str(ROOT / "benchmarks"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     cfg = load_config(ROOT / "configs/centralized.toml", {

@@ -14,7 +14,6 @@ writes benchmarks/centralized.md, .json and a sparsity-vs-accuracy PNG.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -37,8 +36,8 @@ from fedprune.groups import discover_groups  # noqa: E402
 from fedprune.masks import StructuredMask, apply_soft_mask, extract_submodel  # noqa: E402
 from fedprune.models import get_model  # noqa: E402
 from fedprune.metrics import count_macs, count_params, latency_side_by_side  # noqa: E402
-from fedprune.plots import save  # noqa: E402
-from fedprune.reporting import fmt_mean_std, mean_std, write_json, write_text  # noqa: E402
+from fedprune.plots import finish  # noqa: E402
+from fedprune.reporting import benchmark_parser, fmt_mean_std, mean_std, write_json, write_text  # noqa: E402
 from fedprune.task import load_data, make_train_fn, train_config  # noqa: E402
 from fedprune.training import evaluate, set_seed  # noqa: E402
 
@@ -192,26 +191,16 @@ def plot(per_seed: list[dict], path: Path) -> None:
             continue
         m, s = mean_std(r[label]["accuracy"] for r in per_seed)
         ax.errorbar([100 * per_seed[0][label]["channel_sparsity"]], [100 * m], yerr=[100 * s], marker="s", capsize=3, ls="none", label=label)
-    ax.set_xlabel("channel sparsity (%)")
-    ax.set_ylabel("test accuracy after fine-tuning (%)")
-    ax.set_title("seed_cnn on the CIFAR-10 subset")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    save(fig, path)
+    finish(fig, ax, path, "channel sparsity (%)", "test accuracy after fine-tuning (%)", "seed_cnn on the CIFAR-10 subset")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared/data/cifar10-subset"))
+    parser = benchmark_parser(__doc__, finetune_epochs=5)
     parser.add_argument("--dataset", default="cifar10", choices=["cifar10", "synthetic"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--finetune-epochs", type=int, default=5)
     parser.add_argument("--latency-threads", type=int, default=2, help="torch threads while timing (this machine has 2 cores)")
     parser.add_argument("--latency-repeats", type=int, default=20)
     parser.add_argument("--latency-only", action="store_true", help="re-measure latency for the rows in OUT/centralized.json (no training)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for training")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     cfg = load_config(ROOT / "configs/centralized.toml", {

@@ -8,7 +8,7 @@ import pytest
 from fedprune.allocation import InfeasibleBudgetError, budget_masks, check_feasible, total_channels
 from fedprune.cli import main as cli_main
 from fedprune.config import ConfigError, load_config
-from fedprune.cost import AnalyticCostModel, HardwareModel, device_factor
+from fedprune.cost import HardwareModel, device_factor
 from fedprune.federated import simulate
 from fedprune.groups import discover_groups
 from fedprune.masks import extract_submodel
