@@ -157,6 +157,7 @@ class DynamicConfig:
     distill: float = _spec(1.0, lo=0.0, doc="weight of distillation from the full-budget sub-network")
     train_budgets: list = _spec([0.5, 0.75], doc="budgets cycled over the gate-training steps, each in (0, 1]")
     eval_budgets: list = _spec([1.0, 0.9, 0.8, 0.7, 0.6, 0.5], doc="budgets reported per profile, each in (0, 1]")
+    gated_layers: list = _spec([], doc="indices of the gated conv blocks; [] = all but the last")
 
 
 @dataclass
@@ -374,6 +375,8 @@ def _check_cross_field(cfg: ExperimentConfig) -> None:
         values = getattr(cfg.dynamic, key)
         if not values or any(isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 1 for b in values):
             raise ConfigError(f"config key 'dynamic.{key}' = {values!r} must be a non-empty list of budgets in (0, 1]")
+    if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in cfg.dynamic.gated_layers):
+        raise ConfigError(f"config key 'dynamic.gated_layers' = {cfg.dynamic.gated_layers!r} must list conv block indices >= 0")
     if cfg.dynamic.enabled and cfg.model.name != "seed_cnn":
         raise ConfigError(f"config key 'dynamic.enabled' = true needs model.name = 'seed_cnn' (conv-stack gates); got {cfg.model.name!r}")
     bp = cfg.pruning.budget_profile

@@ -1,7 +1,8 @@
 """Dynamic per-input channel pruning at inference, in the style of Feature Boosting and Suppression.
 
 A :class:`GatedCNN` wraps a plain conv stack (``seed_cnn`` or a sub-network
-extracted from it) and puts a :class:`ChannelGate` on every conv layer: a
+extracted from it) and puts a :class:`ChannelGate` on its conv layers (by
+default all but the last): a
 saliency predictor (global average pool of the layer's input -> linear layer)
 that scores the layer's output channels for each input. Only the top-k
 channels of each layer are kept, with ``k = ceil(budget x channels)``.
@@ -87,7 +88,7 @@ class GatedCNN(nn.Module):
     e.g. an extracted sub-network); its modules are shared, not copied.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, gated_layers: Sequence[int] | None = None):
         super().__init__()
         if not all(isinstance(getattr(model, a, None), nn.Module) for a in ("features", "pool", "classifier")):
             raise NotImplementedError(f"GatedCNN needs Conv2d-BatchNorm2d-ReLU[-MaxPool2d] blocks in 'features' (seed_cnn), got {type(model).__name__}")
@@ -110,9 +111,19 @@ class GatedCNN(nn.Module):
             raise NotImplementedError("GatedCNN needs an AdaptiveAvgPool2d and a two-layer Linear classifier (seed_cnn)")
         self.features, self.pool, self.classifier = model.features, model.pool, model.classifier
         self.gates = nn.ModuleList(ChannelGate(c.in_channels, c.out_channels, self._prior(c, b)) for c, b, _ in self.blocks)
+        #: Indices of the conv blocks whose channels are gated; the others always compute every channel.
+        #: By default every block but the last: at its small spatial size (4x4 in seed_cnn) indexing its
+        #: weights and the classifier's per input costs more time than the skipped MACs save.
+        self.gated_layers = tuple(range(len(self.blocks) - 1) if gated_layers is None else sorted(set(gated_layers)))
+        bad = [i for i in self.gated_layers if not 0 <= i < len(self.blocks)]
+        if bad:
+            raise ValueError(f"gated_layers {bad} out of range: the model has conv blocks 0..{len(self.blocks) - 1}")
         side = model.pool.output_size
         self.pooled = side * side if isinstance(side, int) else side[0] * side[1]
         self._folded: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def _keep(self, layer: int, budget: float, channels: int) -> int:
+        return keep_count(budget, channels) if layer in self.gated_layers else channels
 
     @staticmethod
     def _prior(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
@@ -123,9 +134,9 @@ class GatedCNN(nn.Module):
     # --------------------------------------------------------- masked path
     def forward(self, x: torch.Tensor, budget: float = 1.0) -> torch.Tensor:
         """Logits with per-input top-k channels per layer (masked, any batch size, trainable)."""
-        for (conv, bn, pool), gate in zip(self.blocks, self.gates):
+        for i, ((conv, bn, pool), gate) in enumerate(zip(self.blocks, self.gates)):
             y = bn(conv(x))
-            k = keep_count(budget, conv.out_channels)
+            k = self._keep(i, budget, conv.out_channels)
             if k < conv.out_channels:
                 s = gate(x)
                 soft = torch.sigmoid(s)
@@ -158,9 +169,9 @@ class GatedCNN(nn.Module):
         idx: torch.Tensor | None = None  # kept input channels of the current layer (None = all)
         x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's fast path at batch 1, as deployment_form
         kept, macs = [], 0
-        for (conv, _, pool), gate, (w, b) in zip(self.blocks, self.gates, self._folded):
+        for i, ((conv, _, pool), gate, (w, b)) in enumerate(zip(self.blocks, self.gates, self._folded)):
             c_in = x.shape[1]
-            k = keep_count(budget, conv.out_channels)
+            k = self._keep(i, budget, conv.out_channels)
             if k < conv.out_channels:
                 gw = gate.fc.weight if idx is None else gate.fc.weight.index_select(1, idx)
                 s = F.linear(x.mean(dim=(2, 3)), gw, gate.fc.bias)[0]

@@ -225,7 +225,7 @@ class FederatedPruning:
         if key not in self.gates:
             with torch.random.fork_rng():
                 torch.manual_seed(self.cfg.seed)
-                self.gates[key] = gate_state(gated_model(self.extracted(mask)))
+                self.gates[key] = gate_state(gated_model(self.cfg, self.extracted(mask)))
         return self.gates[key]
 
     def _merge_gates(self, updates: list[tuple[dict, float, bytes]]) -> None:
@@ -617,7 +617,7 @@ class FederatedPruning:
         from fedprune.dynamic import evaluate_gated, gated_latency_ms
 
         ev, dyn = self.cfg.eval, self.cfg.dynamic
-        gated = gated_model(model, self.gates[mask.key()])
+        gated = gated_model(self.cfg, model, self.gates[mask.key()])
         rows = evaluate_gated(gated, self.test_loader, dyn.eval_budgets)
         out = {
             "budgets": [r["budget"] for r in rows],

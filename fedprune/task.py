@@ -219,7 +219,7 @@ def client_train(
     metrics = {"num-examples": shard.num_train, "train-loss": float(out["loss"]), "compute-s": time.perf_counter() - start}
     trained_gates = None
     if gates is not None:
-        gated = gated_model(model, gates)
+        gated = gated_model(cfg, model, gates)
         dyn = cfg.dynamic
         if dyn.epochs > 0:
             stats = train_gates(gated, loader, train_config(cfg, epochs=dyn.epochs, batch_size=batch_size, lr=dyn.lr), dyn.train_budgets, dyn.distill)
@@ -229,11 +229,11 @@ def client_train(
     return {k: v.detach() for k, v in model.state_dict().items()}, metrics, trained_gates
 
 
-def gated_model(model: nn.Module, gates: dict | None = None):
-    """:class:`fedprune.dynamic.GatedCNN` around ``model`` (eval mode), loaded with ``gates`` when given."""
+def gated_model(cfg: ExperimentConfig, model: nn.Module, gates: dict | None = None):
+    """:class:`fedprune.dynamic.GatedCNN` around ``model`` (eval mode, ``dynamic.gated_layers``), loaded with ``gates`` when given."""
     from fedprune.dynamic import GatedCNN
 
-    gated = GatedCNN(model).eval()
+    gated = GatedCNN(model, cfg.dynamic.gated_layers or None).eval()
     if gates is not None:
         gated.load_state_dict(gates, strict=False)
     return gated

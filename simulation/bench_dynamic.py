@@ -59,7 +59,7 @@ def run_seed(cfg, seed: int, data, args) -> dict:
     make_train_fn(train_loader, train_config(c))(longer, args.gate_epochs, SoftMaskHook(res["mask"], model_groups(c)))
     static_same_budget = evaluate(longer, test_loader)["accuracy"]
     set_seed(seed + 6)
-    gated = GatedCNN(static).eval()
+    gated = GatedCNN(static, args.gated_layers).eval()
     stats = train_gates(gated, train_loader, train_config(c, epochs=args.gate_epochs, lr=args.gate_lr), args.train_budgets, args.distill)
     rows = evaluate_gated(gated, test_loader, args.budgets, mac_inputs=64)
     log.info("seed %d: static %.3f (F+G epochs %.3f); gated %s (%.0f s)", seed, res["pruned"]["accuracy"], static_same_budget,
@@ -140,6 +140,7 @@ def main(argv=None) -> int:
     parser.add_argument("--distill", type=float, default=1.0)
     parser.add_argument("--train-budgets", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8])
     parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
+    parser.add_argument("--gated-layers", type=int, nargs="*", default=None, help="conv blocks to gate (default: all but the last)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for latency")
     parser.add_argument("--train-threads", type=int, default=2)
     parser.add_argument("--latency-repeats", type=int, default=100)

@@ -63,7 +63,15 @@ def test_sliced_equals_masked(static, budget) -> None:
             masked = gated(x, budget)
         sliced, stats = gated.forward_sliced(x, budget)
         assert torch.allclose(masked, sliced, atol=1e-4), (budget, (masked - sliced).abs().max())
-        assert stats.kept == [keep_count(budget, c.out_channels) for c, _, _ in gated.blocks]
+        assert stats.kept == [keep_count(budget, c.out_channels) if i < 3 else c.out_channels for i, (c, _, _) in enumerate(gated.blocks)]
+    every = GatedCNN(static, gated_layers=range(4)).eval()
+    every.gates.load_state_dict(gated.gates.state_dict())
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        masked = every(x, budget)
+    sliced, stats = every.forward_sliced(x, budget)
+    assert torch.allclose(masked, sliced, atol=1e-4)
+    assert stats.kept == [keep_count(budget, c.out_channels) for c, _, _ in every.blocks]
 
 
 def test_executed_macs_fall_with_budget(static) -> None:
@@ -78,7 +86,10 @@ def test_gates_get_gradients(static) -> None:
     gated = GatedCNN(static).train()
     loss = gated(torch.randn(8, 3, 32, 32), 0.5).logsumexp(dim=1).mean()
     loss.backward()
-    assert all(g.fc.weight.grad is not None and g.fc.weight.grad.abs().sum() > 0 for g in gated.gates)
+    assert all(gated.gates[i].fc.weight.grad.abs().sum() > 0 for i in gated.gated_layers)
+    assert gated.gated_layers == (0, 1, 2) and gated.gates[3].fc.weight.grad is None  # the last block is not gated
+    with pytest.raises(ValueError, match="gated_layers \\[7\\] out of range"):
+        GatedCNN(static, gated_layers=[7])
 
 
 def test_rejects_other_architectures() -> None:
@@ -128,3 +139,18 @@ def test_federated_gates_round_trip(tmp_path) -> None:
     assert any(not torch.equal(trained[k], fresh[k]) for k in trained)
     fin = [r for r in res["rounds"] if r["phase"] == "finetune"]
     assert all(r["failures"] == 0 for r in fin)
+
+
+def test_gate_parameters_survive_the_record_round_trip(static) -> None:
+    from fedprune.records import record_to_state, state_to_record
+    from fedprune.task import gate_state
+
+    gated = GatedCNN(static)
+    gates = gate_state(gated)
+    assert set(gates) == {f"gates.{i}.fc.{p}" for i in range(4) for p in ("weight", "bias")}
+    back = record_to_state(state_to_record(gates))
+    assert all(torch.equal(back[k], v) for k, v in gates.items())
+    other = GatedCNN(static)
+    other.load_state_dict(back, strict=False)
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(other.forward_sliced(x, 0.5)[0], gated.forward_sliced(x, 0.5)[0])
