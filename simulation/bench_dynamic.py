@@ -60,7 +60,7 @@ def run_seed(cfg, seed: int, data, args) -> dict:
     static_same_budget = evaluate(longer, test_loader)["accuracy"]
     set_seed(seed + 6)
     gated = GatedCNN(static, args.gated_layers).eval()
-    stats = train_gates(gated, train_loader, train_config(c, epochs=args.gate_epochs, lr=args.gate_lr), args.train_budgets, args.distill)
+    stats = train_gates(gated, train_loader, train_config(c, epochs=args.gate_epochs, lr=args.gate_lr), args.train_budgets, args.distill, joint=args.joint)
     rows = evaluate_gated(gated, test_loader, args.budgets, mac_inputs=64)
     log.info("seed %d: static %.3f (F+G epochs %.3f); gated %s (%.0f s)", seed, res["pruned"]["accuracy"], static_same_budget,
              ", ".join(f"{r['budget']:g}: {r['accuracy']:.3f} @ {r['macs'] / 1e6:.2f}M" for r in rows), time.perf_counter() - t0)
@@ -87,7 +87,7 @@ def render(per_seed: list[dict], lat: dict, args, cfg, n_test: int) -> str:
         f"seed_cnn on the CIFAR-10 subset ({n_test} test images; one point = {1000 / n_test:.1f} images per 1,000). "
         f"Static sub-network: {cfg.train.epochs} dense epochs, one-shot Taylor pruning to the mobile_cpu sparsity "
         f"({100 * first['channel_sparsity']:.0f}% channels), {cfg.pruning.finetune_epochs} fine-tuning epochs. Gates: "
-        f"{args.gate_epochs} epochs on top of the frozen sub-network (budgets {args.train_budgets} cycled, distillation "
+        f"{args.gate_epochs} epochs on top of the {'jointly fine-tuned' if args.joint else 'frozen'} sub-network (budgets {args.train_budgets} cycled, distillation "
         f"weight {args.distill}). Reference: the static sub-network fine-tuned {args.gate_epochs} epochs more "
         f"(same total budget). Accuracy mean ± std over seeds {', '.join(str(s) for s in args.seeds)}. MACs: executed per "
         f"input by the sliced batch-1 path, gate predictors included. Latency: median batch-1 ms, {args.threads} thread(s), "
@@ -138,6 +138,7 @@ def main(argv=None) -> int:
     parser.add_argument("--gate-epochs", type=int, default=3)
     parser.add_argument("--gate-lr", type=float, default=1e-3)
     parser.add_argument("--distill", type=float, default=1.0)
+    parser.add_argument("--joint", action="store_true", help="train the sub-network jointly with the gates (default: frozen)")
     parser.add_argument("--train-budgets", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8])
     parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
     parser.add_argument("--gated-layers", type=int, nargs="*", default=None, help="conv blocks to gate (default: all but the last)")
