@@ -12,7 +12,7 @@ export MPLCONFIGDIR ?= $(CURDIR)/.cache/matplotlib
 SHARED_CIFAR := $(wildcard $(CURDIR)/../shared/data/cifar10-subset)
 export FEDPRUNE_DATA_DIR ?= $(SHARED_CIFAR)
 
-.PHONY: demo test install bench-centralized bench-federated clean
+.PHONY: demo test install bench-centralized bench-federated bench-scale sweep-noniid sweep-profile-mix clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,16 @@ bench-centralized: $(STAMP)
 
 bench-federated: $(STAMP)
 	$(PY) simulation/bench_federated.py --data-dir $${FEDPRUNE_DATA_DIR:-../shared/data/cifar10-subset}
+
+bench-scale: $(STAMP)
+	$(PY) simulation/bench_scale.py --data-dir $${FEDPRUNE_DATA_DIR:-../shared/data/cifar10-subset}
+
+# Sweeps (configs/sweeps/*.toml): cells go to runs/sweeps/NAME (a re-run skips finished cells), tables to benchmarks/sweep_NAME.md
+sweep-noniid: $(STAMP)
+	$(PY) simulation/sweep.py --grid configs/sweeps/noniid.toml --out runs/sweeps/noniid --benchmarks noniid --data-dir $${FEDPRUNE_DATA_DIR:-../shared/data/cifar10-subset}
+
+sweep-profile-mix: $(STAMP)
+	$(PY) simulation/sweep.py --grid configs/sweeps/profile_mix.toml --out runs/sweeps/profile_mix --benchmarks profile_mix --data-dir $${FEDPRUNE_DATA_DIR:-../shared/data/cifar10-subset}
 
 clean:
 	rm -rf runs .pytest_cache .cache

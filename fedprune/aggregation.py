@@ -11,6 +11,11 @@ shard sizes compare), then combined per channel by
 * ``rank_vote``     sample-weighted mean of each client's normalised channel
                     ranks (Borda count; ignores score scale entirely)
 
+Optional client screening (:func:`screen_clients`, ``federated.screen_clients``)
+drops, before any of these, the clients whose channel ranking disagrees with
+the element-wise median ranking of all clients (poisoned importance, see
+:mod:`fedprune.adversarial`).
+
 Weights: :func:`merge_substates` averages every dense entry over the clients
 whose sub-model holds it (weighted by training examples); entries held by
 nobody keep their value. Dense FedAvg is the special case where every client
@@ -26,7 +31,7 @@ import torch
 
 from fedprune.masks import StructuredMask
 
-__all__ = ["AGGREGATORS", "normalize_scores", "aggregate_importance", "mask_agreement", "merge_substates"]
+__all__ = ["AGGREGATORS", "normalize_scores", "aggregate_importance", "screen_clients", "mask_agreement", "merge_substates"]
 
 AGGREGATORS = ("mean", "median", "trimmed_mean", "rank_vote")
 
@@ -86,6 +91,50 @@ def aggregate_importance(
             ranks = np.stack([_ranks(v) for v in stack])
             out[name] = (w[:, None] * ranks).sum(axis=0) / w.sum()
     return out
+
+
+#: :func:`screen_clients` drops a client whose agreement is below this fraction of the median agreement.
+SCREEN_RATIO = 0.5
+
+
+def screen_clients(client_scores: Sequence[Mapping[str, np.ndarray]], ratio: float = SCREEN_RATIO) -> tuple[list[int], list[float]]:
+    """Which clients to aggregate: ``(kept indices, agreement per client)``.
+
+    A client's *agreement* is the Pearson correlation between its channel ranks
+    and the element-wise median of all clients' ranks (a Spearman correlation
+    with a robust reference ranking), averaged over groups weighted by group
+    size; groups of one channel, or where either rank vector is constant, are
+    left out. A client is dropped when its agreement is below ``ratio`` times
+    the median agreement: inverted or scaled-inverted importance correlates
+    negatively, random importance about zero, honest clients (even on non-IID
+    shards) clearly positively. The reference and the threshold use medians,
+    so they hold while fewer than half of the clients are adversarial. With
+    fewer than 3 clients, or a median agreement <= 0 (no consensus to screen
+    against), every client is kept.
+    """
+    n = len(client_scores)
+    if n < 3:
+        return list(range(n)), [1.0] * n
+    names = list(client_scores[0])
+    ranks = {g: np.stack([_ranks(np.asarray(s[g], dtype=np.float64)) for s in client_scores]) for g in names}
+    num, den = np.zeros(n), 0.0
+    for g in names:
+        r = ranks[g]
+        if r.shape[1] < 2:
+            continue
+        ref = np.median(r, axis=0)
+        ref = ref - ref.mean()
+        dev = r - r.mean(axis=1, keepdims=True)
+        norms = np.linalg.norm(dev, axis=1) * np.linalg.norm(ref)
+        if not norms.all():
+            continue
+        num += r.shape[1] * (dev @ ref) / norms
+        den += r.shape[1]
+    agreement = num / den if den else np.ones(n)
+    med = float(np.median(agreement))
+    if med <= 0:
+        return list(range(n)), agreement.tolist()
+    return [i for i in range(n) if agreement[i] >= ratio * med], agreement.tolist()
 
 
 def mask_agreement(client_scores: Sequence[Mapping[str, np.ndarray]], consensus: StructuredMask) -> list[float]:

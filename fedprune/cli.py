@@ -18,8 +18,8 @@ __all__ = ["main"]
 EXIT_USAGE = 2
 
 
-def _common(parser: argparse.ArgumentParser, default_config: str | None) -> None:
-    parser.add_argument("--config", default=default_config, help="TOML config file (see configs/)")
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="TOML config file (see configs/; simulate defaults to configs/quick.toml)")
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys, e.g. pruning.sparsity=0.7")
     parser.add_argument("--data-dir", help="directory containing cifar-10-batches-py (same as data.data_dir)")
     parser.add_argument("--dataset", choices=["cifar10", "synthetic"], help="same as data.dataset")
@@ -27,7 +27,7 @@ def _common(parser: argparse.ArgumentParser, default_config: str | None) -> None
     parser.add_argument("-v", "--verbose", action="store_true")
 
 
-def _load(args) -> "ExperimentConfig":  # noqa: F821
+def _load(args, default_config: str | None = None) -> "ExperimentConfig":  # noqa: F821
     overrides = list(args.overrides)
     if args.data_dir:
         overrides.append(f'data.data_dir="{args.data_dir}"')
@@ -35,7 +35,7 @@ def _load(args) -> "ExperimentConfig":  # noqa: F821
         overrides.append(f'data.dataset="{args.dataset}"')
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
-    return load_config(args.config, overrides)
+    return load_config(args.config or default_config, overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,16 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train the dense model centrally and print test accuracy")
-    _common(p, None)
+    _common(p)
     p.add_argument("--epochs", type=int, help="same as train.epochs")
 
     p = sub.add_parser("prune", help="one centralized pruning experiment -> OUT/results.json")
-    _common(p, None)
+    _common(p)
     p.add_argument("--out", required=True, help="output directory")
 
     p = sub.add_parser("simulate", help="federated consensus pruning on Flower's Simulation Engine (Ray)")
-    _common(p, "configs/quick.toml")
-    p.add_argument("--out", required=True, help="output directory")
+    _common(p)
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out", help="output directory (the server checkpoints there after every round)")
+    out.add_argument("--resume", metavar="DIR", help="continue the killed run in DIR from its last complete round (config from its checkpoint)")
     p.add_argument("--engine", choices=["ray", "inprocess"], default="ray", help="ray: Flower Simulation Engine; inprocess: same apps without Flower/Ray (debugging, baselines)")
     return parser
 
@@ -79,9 +81,17 @@ def _cmd_prune(args) -> int:
 
 
 def _cmd_simulate(args) -> int:
-    from fedprune.federated import simulate
+    from fedprune.federated import resume_config, simulate
 
-    res = simulate(_load(args), out_dir=args.out, engine=args.engine)
+    if args.resume:
+        given = [flag for flag, v in (("--config", args.config), ("--set", args.overrides), ("--data-dir", args.data_dir),
+                                      ("--dataset", args.dataset), ("--seed", args.seed)) if v not in (None, [])]
+        if given:
+            raise ConfigError(f"--resume takes the config from the run's checkpoint; drop {', '.join(given)}")
+        cfg, mask_source = resume_config(args.resume)
+        res = simulate(cfg, out_dir=args.resume, engine=args.engine, mask_source=mask_source, resume=True)
+    else:
+        res = simulate(_load(args, default_config="configs/quick.toml"), out_dir=args.out, engine=args.engine)
     print(res["summary"])
     return 0
 
@@ -90,11 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from fedprune.allocation import InfeasibleBudgetError
+    from fedprune.checkpoint import CheckpointError
     from fedprune.data import DataNotFoundError
 
     try:
         return {"train": _cmd_train, "prune": _cmd_prune, "simulate": _cmd_simulate}[args.command](args)
-    except (ConfigError, DataNotFoundError, InfeasibleBudgetError) as exc:
+    except (ConfigError, DataNotFoundError, InfeasibleBudgetError, CheckpointError) as exc:
         print(f"fedprune: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -9,15 +9,21 @@ Message types (the server sends the resolved experiment config in every
 * ``train``            -> fine-tune the received sub-network, return it
 * ``evaluate``         -> accuracy of the received sub-network on local val
 
+``train`` and ``query.importance`` may fail on purpose, deterministically from the
+seed, with the client profile's ``failure_prob`` (see :mod:`fedprune.reliability`).
+
 A client learns its partition from ``context.node_config["partition-id"]``
 and ``["num-partitions"]`` (set by the Simulation Engine, or by
-``flower-supernode --node-config`` in a deployment).
+``flower-supernode --node-config`` in a deployment). A real device may also
+declare its profile there (``profile="microcontroller"``); it replaces the
+seeded assignment and must name a profile of the config.
 """
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from fedprune.records import (
     record_to_config,
@@ -26,6 +32,7 @@ from fedprune.records import (
     state_to_record,
     vectors_to_record,
 )
+from fedprune.reliability import SimulatedClientFailure, client_failure, simulate_hang
 from fedprune.task import client_evaluate, client_importance, client_register, client_train, model_groups
 
 app = ClientApp()
@@ -38,10 +45,37 @@ def _partition(context: Context) -> tuple[int, int]:
     return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
 
 
+def _declared_profile(context: Context) -> str | None:
+    """The device profile the node declares (``--node-config "... profile='mobile_cpu'"``), if any."""
+    profile = context.node_config.get("profile")
+    return None if profile in (None, "") else str(profile)
+
+
+def _simulated_failure(msg: Message, context: Context, cfg, phase: str) -> Message | None:
+    """This client's simulated failure on this message (profile failure_prob, see fedprune.reliability).
+
+    ``crash`` raises, so Flower answers with an error reply; ``drop`` answers with the error
+    Flower's SuperLink gives for a node that stopped responding; ``hang`` stalls just past
+    ``federated.reply_timeout_s``, so the server stops waiting first. ``None``: no failure.
+    """
+    conf = msg.content["config"]
+    pid, num = _partition(context)
+    mode = client_failure(cfg, pid, num, phase, int(conf["round"]), int(conf.get("attempt", 0)), _declared_profile(context))
+    if mode is None:
+        return None
+    what = f"simulated {mode} of partition {pid} in {phase} round {conf['round']}"
+    if mode == "crash":
+        raise SimulatedClientFailure(what)
+    if mode == "hang":
+        simulate_hang(cfg.federated.reply_timeout_s)
+        return Message(Error(ErrorCode.CLIENT_APP_CRASHED, f"{what} (replied after the timeout)"), reply_to=msg)
+    return Message(Error(ErrorCode.NODE_UNAVAILABLE, what), reply_to=msg)
+
+
 @app.query("register")
 def register(msg: Message, context: Context) -> Message:
     cfg = record_to_config(msg.content["config"])
-    info = client_register(cfg, *_partition(context))
+    info = client_register(cfg, *_partition(context), _declared_profile(context))
     hist = info.pop("label-histogram")
     reply = RecordDict({"info": ConfigRecord({**info, "label-histogram": hist})})
     return Message(reply, reply_to=msg)
@@ -51,6 +85,8 @@ def register(msg: Message, context: Context) -> Message:
 def importance(msg: Message, context: Context) -> Message:
     conf = msg.content["config"]
     cfg = record_to_config(conf)
+    if (failure := _simulated_failure(msg, context, cfg, "importance")) is not None:
+        return failure
     if "arrays" in msg.content:
         state = record_to_state(msg.content["arrays"])
     else:  # use the global model cached by the last evaluate message, if it is the right version
@@ -58,6 +94,9 @@ def importance(msg: Message, context: Context) -> Message:
         if meta is None or meta["version"] != conf["model-version"]:
             return Message(RecordDict({"metrics": MetricRecord({"needs-model": 1})}), reply_to=msg)
         state = record_to_state(context.state[CACHED_MODEL])
+        # Used once: dropping it keeps the node's Context small between rounds (every importance
+        # round, and each retry of one, is preceded by an evaluation that caches the model again).
+        del context.state[CACHED_MODEL], context.state[CACHED_META]
     out = client_importance(
         cfg, *_partition(context), state, str(conf["criterion"]), int(conf["num-batches"]),
         bool(conf["sensitivity"]), tuple(float(r) for r in conf["ratios"]), int(conf["round"]),
@@ -72,13 +111,18 @@ def importance(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     conf = msg.content["config"]
     cfg = record_to_config(conf)
+    if (failure := _simulated_failure(msg, context, cfg, "train")) is not None:
+        return failure
     mask = record_to_mask(msg.content["mask"], model_groups(cfg))
     gates = record_to_state(msg.content["gates"]) if "gates" in msg.content else None
+    received = record_to_state(msg.content["arrays"])
     state, metrics, gates = client_train(
-        cfg, *_partition(context), mask, record_to_state(msg.content["arrays"]),
+        cfg, *_partition(context), mask, received,
         int(conf["epochs"]), int(conf["batch-size"]), int(conf["round"]), gates,
     )
-    reply = RecordDict({"arrays": state_to_record(state), "metrics": MetricRecord(metrics)})
+    # Send back exactly the arrays received (the server checks names, shapes and dtypes);
+    # integer buffers such as num_batches_tracked never travel.
+    reply = RecordDict({"arrays": state_to_record({k: state[k] for k in received}), "metrics": MetricRecord(metrics)})
     if gates is not None:
         reply["gates"] = state_to_record(gates)
     return Message(reply, reply_to=msg)

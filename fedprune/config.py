@@ -70,6 +70,11 @@ BUDGET_KEYS: dict[str, str] = {
 SCHEDULES = ("one_shot", "progressive", "lottery")
 PARTITIONS = ("iid", "dirichlet", "pathological")
 AGGREGATIONS = ("mean", "median", "trimmed_mean", "rank_vote")
+#: How an adversarial client poisons its importance (see fedprune.adversarial).
+ADVERSARIAL_MODES = ("inverted", "random", "scaled")
+#: How a failing client fails (see fedprune.reliability).
+FAILURE_MODES = ("crash", "hang", "drop")
+TOO_FEW_REPLIES_POLICIES = ("retry", "skip")
 
 
 @dataclass
@@ -130,14 +135,34 @@ class FederatedConfig:
     repeat_every: int = _spec(0, lo=0, doc="progressive federated pruning: redo importance+consensus every k fine-tune rounds; 0 = once")
     aggregation: str = _spec("mean", choices=AGGREGATIONS)
     trim_fraction: float = _spec(0.2, lo=0.0, hi=0.5, hi_open=True)
+    screen_clients: bool = _spec(False, doc="drop clients whose channel ranking disagrees with the median ranking before "
+                                 "aggregating importance (fedprune.aggregation.screen_clients)")
+    adversarial_fraction: float = _spec(0.0, lo=0.0, hi=1.0, hi_open=True, doc="simulated poisoned importance: round(fraction x "
+                                        "num_clients) partitions, chosen from the seed, send poisoned scores (fedprune.adversarial)")
+    adversarial_mode: str = _spec("inverted", choices=ADVERSARIAL_MODES, doc="'inverted' (ranking reversed), 'random' (uniform noise "
+                                  "in the honest range), 'scaled' (inverted, own bottom half x adversarial_scale)")
+    adversarial_scale: float = _spec(100.0, lo=0.0, lo_open=True, doc="boost factor of the 'scaled' mode")
     sensitivity: bool = _spec(False, doc="clients also measure layer sensitivity (needed for allocation='sensitivity')")
     profiles_file: str = _spec("", doc="'' = configs/profiles.toml")
     proportions: dict = _spec({"edge_gpu": 0.3, "mobile_cpu": 0.4, "microcontroller": 0.3})
     num_cpus_per_client: float = _spec(1.0, lo=0.0, lo_open=True)
     num_gpus_per_client: float = _spec(0.0, lo=0.0)
-    ray_num_cpus: int = _spec(2, lo=1)
-    min_replies_fraction: float = _spec(0.5, lo=0.0, hi=1.0)
+    ray_num_cpus: int = _spec(2, lo=1, doc="CPUs of the local Ray instance (ignored when connecting to a cluster)")
+    ray_address: str = _spec("", doc="Ray cluster to run the simulation on: 'host:port' (GCS address of `ray start --head`), "
+                             "'auto' (the latest `ray start` on this machine); '' = $RAY_ADDRESS if set, "
+                             "else start a local Ray instance with ray_num_cpus CPUs")
+    min_replies_fraction: float = _spec(0.5, lo=0.0, hi=1.0, doc="a train or importance round needs valid replies from at least "
+                                        "max(1, ceil(fraction x sampled clients)) clients; fewer -> on_too_few_replies")
+    on_too_few_replies: str = _spec("retry", choices=TOO_FEW_REPLIES_POLICIES, doc="'retry': re-send the round to a fresh sample "
+                                    "(at most max_retries times, then skip); 'skip': keep the global model (and masks) unchanged")
+    max_retries: int = _spec(2, lo=0, doc="re-sends (count) of a round that got too few valid replies")
+    reply_timeout_s: float = _spec(0.0, lo=0.0, doc="seconds the server waits for the replies of one message exchange "
+                                   "(Grid.send_and_receive timeout; in-process engine: per client; registration always waits); 0 = wait for every reply")
+    failure_modes: list = _spec(["crash", "drop"], doc="how a client fails with its profile's failure_prob: 'crash' (the ClientApp "
+                                "raises), 'drop' (node-unavailable error reply), 'hang' (no reply before reply_timeout_s; needs it > 0)")
     eval_every: int = _spec(1, lo=0, doc="evaluate the global model every k rounds; 0 = only at the end")
+    final_eval_clients: int = _spec(100, lo=0, doc="the final local-validation accuracy (profiles.NAME.local_val_accuracy) "
+                                    "comes from a seeded sample of at most this many clients (plus one per profile it misses); 0 = all")
 
 
 @dataclass
@@ -169,7 +194,8 @@ class ProfileConfig:
     batch_size: int = _spec(32, lo=1)
     compute_speed: float = _spec(1.0, lo=0.0, lo_open=True, doc="relative to the host (1 = host speed)")
     bandwidth_mbps: float = _spec(10.0, lo=0.0, lo_open=True, doc="uplink/downlink in megabit/s")
-    failure_prob: float = _spec(0.0, lo=0.0, hi=1.0, hi_open=True)
+    failure_prob: float = _spec(0.0, lo=0.0, hi=1.0, hi_open=True, doc="probability that a client fails on a round's message "
+                                "(train, importance), drawn from the seed; how: federated.failure_modes")
     budgets: dict = _spec({}, doc="hardware budgets {key: limit}, keys in BUDGET_KEYS; used by the budget allocations and reported per run")
 
 
@@ -384,6 +410,13 @@ def _check_cross_field(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"config key 'pruning.budget_profile' = {bp!r} is not a profile; allowed: {sorted(cfg.profiles)}")
     if bp and cfg.pruning.allocation in BUDGET_ALLOCATIONS and not cfg.profiles[bp].budgets:
         raise ConfigError(f"config key 'pruning.budget_profile' = {bp!r} names a profile without budgets")
+    modes = cfg.federated.failure_modes
+    if not modes or any(m not in FAILURE_MODES for m in modes) or len(set(modes)) != len(modes):
+        raise ConfigError(f"config key 'federated.failure_modes' = {modes!r} must be a non-empty list of distinct modes from {list(FAILURE_MODES)}")
+    failing = [n for n in used if cfg.profiles[n].failure_prob > 0]
+    if "hang" in modes and failing and cfg.federated.reply_timeout_s <= 0:
+        raise ConfigError(f"config key 'federated.failure_modes' includes 'hang' but federated.reply_timeout_s = 0 (no timeout); "
+                          f"set a reply timeout in seconds for the failing profiles {failing}")
     if cfg.data.data_dir and not Path(cfg.data.data_dir).is_dir():
         raise ConfigError(f"config key 'data.data_dir' = {cfg.data.data_dir!r} is not an existing directory")
 

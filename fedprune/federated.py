@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +29,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from fedprune.aggregation import aggregate_importance, mask_agreement, merge_substates
+from fedprune.adversarial import adversarial_partitions
+from fedprune.aggregation import aggregate_importance, mask_agreement, merge_substates, screen_clients
 from fedprune.allocation import check_feasible, nested_masks
+from fedprune.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from fedprune.config import BUDGET_ALLOCATIONS, ExperimentConfig, config_to_dict
 from fedprune.data import make_loader
 from fedprune.masks import StructuredMask, extract_submodel, extraction_index_map, slice_state
@@ -38,14 +41,13 @@ from fedprune.profiles import profile_order, simulated_client_seconds
 from fedprune.records import (
     config_to_record,
     mask_to_record,
-    record_to_state,
-    record_to_vectors,
     recorddict_nbytes,
     state_to_record,
 )
 from fedprune.reporting import write_csv, write_json
 from fedprune.task import budget_round_to, build_model, gate_state, gated_model, hardware_model, load_data, model_groups, profile_budget_masks, profile_constraints
 from fedprune.training import evaluate, set_seed
+from fedprune.validation import InvalidReply, parse_evaluate_reply, parse_importance_reply, parse_register_reply, parse_train_reply, state_spec
 
 log = logging.getLogger("fedprune.server")
 
@@ -74,8 +76,41 @@ class Transport(Protocol):
         ...
 
 
+#: Flower's error codes (``flwr.common.constant.ErrorCode``) in words, for logs and round records.
+FLOWER_ERRORS = {0: "unknown error", 1: "ClientApp could not be loaded", 2: "ClientApp raised an exception",
+                 3: "message unavailable", 4: "reply unavailable", 5: "node unavailable",
+                 6: "mod failed a precondition", 7: "invalid FAB", 8: "ClientApp crashed"}
+
+
+def _error_summary(reason: str | None) -> str:
+    """A one-line error reason: a traceback (Ray's, with colour codes) is cut to its exception message."""
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", reason or "").splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    text = lines[-1] if len(lines) > 1 else lines[0]
+    if len(lines) > 1 and "Message: " in text:  # Flower's ClientAppException: "... occurred. Message: <message>'>"
+        text = text.split("Message: ", 1)[1].rstrip("'>")
+    return text[:300]
+
+
+def reply_from_message(node: int, rep, bytes_down: int, timeout: float | None = None) -> Reply:
+    """A :class:`Reply` from Flower's reply ``Message``: ``None`` (no reply before the timeout) and
+    error replies (``Message.has_error()``) become failures with a readable reason."""
+    if rep is None:
+        return Reply(node, None, f"no reply within the {timeout:g} s timeout" if timeout else "no reply", bytes_down, 0)
+    if rep.has_error():
+        code = int(rep.error.code)
+        reason = _error_summary(rep.error.reason)
+        return Reply(node, None, f"error reply, {FLOWER_ERRORS.get(code, f'code {code}')}: {reason}", bytes_down, 0)
+    return Reply(node, rep.content, None, bytes_down, recorddict_nbytes(rep.content))
+
+
 class GridTransport:
-    """Flower ``Grid``: messages go through the SuperLink (simulation or deployment)."""
+    """Flower ``Grid``: messages go through the SuperLink (simulation or deployment).
+
+    ``timeout`` (seconds, None = wait for every reply) is passed to
+    ``Grid.send_and_receive``; a node without a reply by then counts as failed.
+    """
 
     def __init__(self, grid, timeout: float | None = None):
         self.grid, self.timeout = grid, timeout
@@ -88,18 +123,14 @@ class GridTransport:
 
         messages = [Message(content, dst_node_id=node, message_type=mtype) for node, mtype, content in requests]
         sizes = [recorddict_nbytes(content) for _, _, content in requests]
-        replies = {}
+        by_msg, by_node = {}, {}
         for rep in self.grid.send_and_receive(messages, timeout=self.timeout):
-            replies[int(rep.metadata.src_node_id)] = rep
+            by_msg[str(rep.metadata.reply_to_message_id)] = rep  # also matches errors the SuperLink sends for a node
+            by_node[int(rep.metadata.src_node_id)] = rep
         out = []
-        for (node, _, _), down in zip(requests, sizes):
-            rep = replies.get(node)
-            if rep is None:
-                out.append(Reply(node, None, "no reply (timeout or dropped)", down, 0))
-            elif rep.has_error():
-                out.append(Reply(node, None, f"client error {rep.error.code}: {rep.error.reason}", down, 0))
-            else:
-                out.append(Reply(node, rep.content, None, down, recorddict_nbytes(rep.content)))
+        for msg, (node, _, _), down in zip(messages, requests, sizes):  # push_messages set each message_id
+            rep = by_msg.get(str(msg.metadata.message_id)) or by_node.get(node)
+            out.append(reply_from_message(node, rep, down, self.timeout))
         return out
 
 
@@ -107,15 +138,19 @@ class InProcessTransport:
     """Runs the ClientApp handlers in this process, one client at a time, with real Flower messages.
 
     Node ``i`` has ``partition-id = i``; each node keeps its own ``Context``
-    (and therefore its ``context.state``) for the whole run.
+    (and therefore its ``context.state``) for the whole run. As in Flower's
+    Simulation Engine, a handler that raises gives an error reply. With
+    ``timeout`` (seconds, per client, since clients would run in parallel) a
+    reply that took longer is discarded as missing.
     """
 
-    def __init__(self, num_nodes: int, client_app=None):
+    def __init__(self, num_nodes: int, client_app=None, timeout: float | None = None):
         from flwr.app import Context, RecordDict
 
         if client_app is None:
             from fedprune.client_app import app as client_app
         self.app = client_app
+        self.timeout = timeout
         self.contexts = {
             i: Context(run_id=0, node_id=i, node_config={"partition-id": i, "num-partitions": num_nodes}, state=RecordDict(), run_config={})
             for i in range(num_nodes)
@@ -125,19 +160,23 @@ class InProcessTransport:
         return list(self.contexts)
 
     def exchange(self, requests):
-        from flwr.app import Message, Metadata
+        from flwr.app import Error, Message, Metadata
+        from flwr.common.constant import ErrorCode
 
         out = []
         for k, (node, mtype, content) in enumerate(requests):
             md = Metadata(run_id=0, message_id=f"m{k}", src_node_id=0, dst_node_id=node, reply_to_message_id="",
                           group_id="", created_at=time.time(), ttl=3600.0, message_type=mtype)
+            msg = Message(content=content, metadata=md)
             down = recorddict_nbytes(content)
+            t0 = time.perf_counter()
             try:
-                rep = self.app(Message(content=content, metadata=md), self.contexts[node])
-            except Exception as exc:  # a crashing client is a failed reply, as in Flower
-                out.append(Reply(node, None, f"client raised {type(exc).__name__}: {exc}", down, 0))
-                continue
-            out.append(Reply(node, rep.content, None, down, recorddict_nbytes(rep.content)))
+                rep = self.app(msg, self.contexts[node])
+            except Exception as exc:  # a crashing client is an error reply, as in Flower
+                rep = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+            if self.timeout and time.perf_counter() - t0 > self.timeout:
+                rep = None
+            out.append(reply_from_message(node, rep, down, self.timeout))
         return out
 
 
@@ -169,6 +208,8 @@ class FederatedPruning:
             raise ValueError(f"unknown mask source {mask_source!r}; allowed: {list(MASK_SOURCES)}")
         self.cfg = resolve_data_dir(cfg)
         self.transport = transport
+        if self.cfg.federated.reply_timeout_s > 0 and getattr(transport, "timeout", False) is None:
+            transport.timeout = self.cfg.federated.reply_timeout_s  # a transport without its own timeout uses the config's
         self.out_dir = Path(out_dir) if out_dir else None
         self.mask_source = mask_source
         self.groups = model_groups(self.cfg)
@@ -192,6 +233,7 @@ class FederatedPruning:
         self._hardware = None
         # Dynamic channel gates per sub-network (mask key), averaged over the clients that train them.
         self.gates: dict[bytes, dict[str, torch.Tensor]] = {}
+        self.dense_acc: float | None = None  # test accuracy of the dense global model after the dense rounds
 
     @property
     def hardware(self):
@@ -207,11 +249,19 @@ class FederatedPruning:
             check_feasible(self.groups, profile_constraints(self.cfg, self.hardware, self.profiles), pr.min_channels, budget_round_to(self.cfg))
 
     # ------------------------------------------------------------ helpers
+    #: Index maps kept at once (least recently used dropped first): the server's memory must not grow
+    #: with the number of clients, even when each client has its own mask (mask source "local").
+    INDEX_MAP_CACHE = 16
+
     def index_map(self, mask: StructuredMask) -> dict:
         key = mask.key()
-        if key not in self._index_maps:
-            self._index_maps[key] = extraction_index_map(self.model, mask, self.groups)
-        return self._index_maps[key]
+        imap = self._index_maps.pop(key, None)
+        if imap is None:
+            imap = extraction_index_map(self.model, mask, self.groups)
+        self._index_maps[key] = imap  # most recently used last
+        while len(self._index_maps) > self.INDEX_MAP_CACHE:
+            self._index_maps.pop(next(iter(self._index_maps)))
+        return imap
 
     def substate(self, mask: StructuredMask) -> dict[str, torch.Tensor]:
         """The sub-network's state: sliced global weights plus its own BN running statistics."""
@@ -255,28 +305,83 @@ class FederatedPruning:
     def _config(self, **extra):
         return config_to_record(self.cfg, **extra)
 
-    def sample(self, round_num: int) -> list[int]:
-        """Nodes taking part in a round (all, or a seeded sample of ``clients_per_round``)."""
+    def sample(self, round_num: int, attempt: int = 0) -> list[int]:
+        """Nodes taking part in a round (all, or a seeded sample of ``clients_per_round``; a retry draws a fresh sample)."""
         ids = sorted(self.nodes, key=lambda n: self.nodes[n].partition_id)
         k = self.cfg.federated.clients_per_round
         if not k or k >= len(ids):
             return ids
-        rng = np.random.default_rng([self.cfg.seed, round_num, 104729])
+        rng = np.random.default_rng([self.cfg.seed, round_num, 104729] + ([attempt] if attempt else []))
         picked = np.sort(rng.choice(len(ids), size=k, replace=False))  # positions: node ids are 64-bit
         return [ids[i] for i in picked]
+
+    def final_eval_nodes(self) -> list[int]:
+        """Clients of the final local-validation evaluation: all, or (``federated.final_eval_clients``
+        > 0) a seeded sample of that many, plus one client of any profile the sample missed, so the
+        final evaluation does not grow with the number of registered clients."""
+        k = self.cfg.federated.final_eval_clients
+        if not k or k >= len(self.nodes):
+            return sorted(self.nodes)
+        ids = sorted(self.nodes, key=lambda n: self.nodes[n].partition_id)
+        order = [ids[i] for i in np.random.default_rng([self.cfg.seed, 15485863]).permutation(len(ids))]
+        picked, seen = order[:k], {self.nodes[n].profile for n in order[:k]}
+        for n in order[k:]:
+            if self.nodes[n].profile not in seen:
+                picked.append(n)
+                seen.add(self.nodes[n].profile)
+        return sorted(picked)
 
     def _mask_for(self, node: int) -> StructuredMask:
         return self.node_masks.get(node) or StructuredMask.dense(self.groups)
 
-    def _check_replies(self, replies: list[Reply], what: str) -> tuple[list[Reply], list[dict]]:
+    def _check_replies(self, replies: list[Reply], what: str, attempt: int = 0) -> tuple[list[Reply], list[dict]]:
+        """Split replies into those with content and failures (error replies, timeouts), logged."""
         ok, failed = [], []
         for r in replies:
             if r.content is None:
-                failed.append({"node": r.node_id, "reason": r.error})
-                log.warning("%s: client %s failed: %s", what, self._pid(r.node_id), r.error)
+                self._fail(failed, r.node_id, what, r.error, attempt, dropped=False)
             else:
                 ok.append(r)
         return ok, failed
+
+    def _fail(self, failed: list[dict], node: int, what: str, reason: str, attempt: int = 0, dropped: bool = True) -> None:
+        """Record and log a failed client: ``dropped`` replies arrived but did not pass validation."""
+        info = self.nodes.get(node)
+        failed.append({"partition": info.partition_id if info else None, "profile": info.profile if info else None,
+                       "reason": reason, "attempt": attempt})
+        log.warning("%s: %s client %s: %s", what, "dropped the reply of" if dropped else "no usable reply from", self._pid(node), reason)
+
+    def min_replies(self, sampled: int) -> int:
+        """Valid replies a round needs: max(1, ceil(federated.min_replies_fraction x sampled clients))."""
+        return max(1, math.ceil(self.cfg.federated.min_replies_fraction * sampled - 1e-9))
+
+    def _with_policy(self, attempt_fn, what: str, force_retry=None) -> list[dict]:
+        """Run ``attempt_fn(attempt)`` (a round record with ``enough``) until a round has enough valid
+        replies, re-sending it up to ``federated.max_retries`` times when ``on_too_few_replies`` is
+        "retry" (or ``force_retry(record)`` says so); returns the records of all attempts."""
+        fed = self.cfg.federated
+        recs = []
+        while True:
+            rec = attempt_fn(len(recs))
+            recs.append(rec)
+            retry = fed.on_too_few_replies == "retry" or (force_retry is not None and force_retry(rec))
+            if rec["enough"] or not retry or len(recs) > fed.max_retries:
+                return recs
+            log.warning("%s: %d valid replies from %d clients, fewer than the minimum %d; retrying with a fresh sample (retry %d of %d)",
+                        what, rec["valid_replies"], rec["clients"], rec["min_replies"], len(recs), fed.max_retries)
+
+    @staticmethod
+    def _combine_attempts(recs: list[dict], t0: float) -> dict:
+        """One round record for all attempts: the last attempt's values, bytes/clients/failures summed."""
+        rec = dict(recs[-1])
+        for key in ("bytes_up", "bytes_down", "clients", "failures", "evaluation_bytes_down", "evaluation_bytes_up"):
+            if key in rec:
+                rec[key] = sum(r[key] for r in recs)
+        rec["failed_clients"] = [f for r in recs for f in r["failed_clients"]]
+        rec["attempts"] = len(recs)
+        rec["wall_s"] = time.perf_counter() - t0
+        rec.pop("enough", None)
+        return rec
 
     def _pid(self, node: int) -> str:
         info = self.nodes.get(node)
@@ -287,10 +392,23 @@ class FederatedPruning:
         from flwr.app import RecordDict
 
         ids = self.transport.node_ids()
-        replies = self.transport.exchange([(n, "query.register", RecordDict({"config": self._config()})) for n in ids])
+        # Registration waits for every client, without the reply timeout: it includes the clients'
+        # start-up (Ray workers, data loading); simulated failures hit only train and importance messages.
+        timeout = getattr(self.transport, "timeout", None)
+        if timeout:
+            self.transport.timeout = None
+        try:
+            replies = self.transport.exchange([(n, "query.register", RecordDict({"config": self._config()})) for n in ids])
+        finally:
+            if timeout:
+                self.transport.timeout = timeout
         ok, failed = self._check_replies(replies, "register")
         for r in ok:
-            info = r.content["info"]
+            try:
+                info = parse_register_reply(r.content, self.profiles)
+            except InvalidReply as exc:
+                self._fail(failed, r.node_id, "register", str(exc))
+                continue
             self.nodes[r.node_id] = NodeInfo(r.node_id, int(info["partition-id"]), str(info["profile"]), int(info["num-train"]), int(info["num-val"]), list(info["label-histogram"]))
         if not self.nodes:
             raise RuntimeError("no client registered; cannot run")
@@ -298,10 +416,27 @@ class FederatedPruning:
         log.info("[register] %d clients: %s", len(self.nodes), ", ".join(f"{p}={c}" for p, c in counts.items()))
 
     def train_round(self, round_num: int, phase: str) -> dict:
+        """One training round: clients fine-tune their sub-networks, the server merges the valid replies.
+
+        Failed clients and dropped (invalid) replies are left out and listed in the record's
+        ``failed_clients``. With fewer valid replies than :meth:`min_replies` nothing is merged
+        and the round is re-sent or skipped per ``federated.on_too_few_replies``; the record
+        then has ``attempts`` > 1 or ``skipped`` true (the global model is unchanged).
+        """
+        t0 = time.perf_counter()
+        what = f"{phase} round {round_num}"
+        rec = self._combine_attempts(self._with_policy(lambda attempt: self._train_attempt(round_num, phase, attempt), what), t0)
+        if rec["skipped"]:
+            log.warning("%s: skipped after %d attempt(s): %d valid replies, fewer than the minimum %d; the global model is unchanged",
+                        what, rec["attempts"], rec["valid_replies"], rec["min_replies"])
+        return rec
+
+    def _train_attempt(self, round_num: int, phase: str, attempt: int) -> dict:
         from flwr.app import RecordDict
 
         t0 = time.perf_counter()
-        nodes = self.sample(round_num)
+        what = f"{phase} round {round_num}"
+        nodes = self.sample(round_num, attempt)
         requests, sent = [], {}
         for n in nodes:
             mask = self._mask_for(n)
@@ -311,47 +446,42 @@ class FederatedPruning:
             content = RecordDict({
                 "arrays": state_to_record(sub),
                 "mask": mask_to_record(mask),
-                "config": self._config(round=round_num, epochs=prof.local_epochs, **{"batch-size": prof.batch_size}),
+                "config": self._config(round=round_num, epochs=prof.local_epochs, **{"batch-size": prof.batch_size}, **_attempt_key(attempt)),
             })
-            gate_shapes = None
+            gate_spec = None
             if phase == "finetune" and self.cfg.dynamic.enabled:
                 gates = self.gates_for(mask)
                 content["gates"] = state_to_record(gates)
-                gate_shapes = {k: v.shape for k, v in gates.items()}
-            sent[n] = (imap, {k: v.shape for k, v in sub.items()}, mask.key(), gate_shapes)
+                gate_spec = state_spec(gates)
+            sent[n] = (imap, state_spec(sub), mask.key(), gate_spec, prof.local_epochs)
             requests.append((n, "train", content))
         replies = self.transport.exchange(requests)
-        ok, failed = self._check_replies(replies, f"{phase} round {round_num}")
+        ok, failed = self._check_replies(replies, what, attempt)
         updates, gate_updates, losses, sim_s = [], [], [], []
         for r in ok:
-            imap, shapes, key, gate_shapes = sent[r.node_id]
-            state = record_to_state(r.content["arrays"])
-            bad = [k for k, s in shapes.items() if k not in state or tuple(state[k].shape) != tuple(s)]
-            gates = None
-            if gate_shapes is not None:
-                gates = record_to_state(r.content["gates"]) if "gates" in r.content else {}
-                bad += [k for k, s in gate_shapes.items() if k not in gates or tuple(gates[k].shape) != tuple(s)]
-            if bad:
-                failed.append({"node": r.node_id, "reason": f"reply arrays do not match what was sent: {bad[:3]}"})
-                log.warning("%s round %d: dropped client %s: arrays %s do not match", phase, round_num, self._pid(r.node_id), bad[:3])
+            imap, spec, key, gate_spec, epochs = sent[r.node_id]
+            try:
+                tr = parse_train_reply(r.content, spec, gate_spec, self.nodes[r.node_id].num_train, epochs)
+            except InvalidReply as exc:
+                self._fail(failed, r.node_id, what, str(exc), attempt)
                 continue
-            m = r.content["metrics"]
-            updates.append((state, imap, float(m["num-examples"]), key))
-            if gates is not None:
-                gate_updates.append((gates, float(m["num-examples"]), key))
-            losses.append(float(m["train-loss"]))
-            sim_s.append(simulated_client_seconds(self.cfg.profiles[self.nodes[r.node_id].profile], float(m["compute-s"]), r.bytes_down, r.bytes_up))
-        if updates:
+            updates.append((tr.state, imap, float(tr.num_examples), key))
+            if tr.gates is not None:
+                gate_updates.append((tr.gates, float(tr.num_examples), key))
+            losses.append(tr.loss)
+            sim_s.append(simulated_client_seconds(self.cfg.profiles[self.nodes[r.node_id].profile], tr.compute_s, r.bytes_down, r.bytes_up))
+        rec = self._round_record(round_num, phase, t0, replies, nodes, failed, len(updates))
+        if rec["enough"]:  # too few replies never touch the global model
             self._merge(updates)
             self.model_version += 1
-        if gate_updates:
-            self._merge_gates(gate_updates)
-        rec = self._round_record(round_num, phase, t0, replies, nodes, failed)
+            if gate_updates:
+                self._merge_gates(gate_updates)
         rec["train_loss"] = float(np.mean(losses)) if losses else None
         rec["simulated_round_s"] = max(sim_s) if sim_s else None
         return rec
 
-    def _round_record(self, round_num, phase, t0, replies, nodes, failed) -> dict:
+    def _round_record(self, round_num, phase, t0, replies, nodes, failed, valid: int) -> dict:
+        need = self.min_replies(len(nodes))
         return {
             "round": round_num,
             "phase": phase,
@@ -360,37 +490,89 @@ class FederatedPruning:
             "bytes_down": sum(r.bytes_down for r in replies),
             "clients": len(nodes),
             "failures": len(failed),
+            "failed_clients": failed,
+            "valid_replies": valid,
+            "min_replies": need,
+            "enough": valid >= need,
+            "skipped": valid < need,
+            "attempts": 1,
         }
 
     def federated_evaluate(self, nodes: list[int], dense: bool = False) -> tuple[dict, list[Reply]]:
         """Each node evaluates its own sub-model (or, with ``dense``, the dense global model) on
         local validation data; returns per-profile accuracy. The dense model is cached by the
-        clients for the importance round that follows."""
+        clients for the importance round that follows. Messages go out in batches of at most
+        ``clients_per_round``, so no more models are in flight than in a training round."""
         from flwr.app import RecordDict
 
-        requests = []
-        for n in nodes:
-            mask = StructuredMask.dense(self.groups) if dense else self._mask_for(n)
-            sub = self.substate(mask)
-            conf = self._config(**{"cache-model": dense, "model-version": self.model_version})
-            requests.append((n, "evaluate", RecordDict({"arrays": state_to_record(sub), "mask": mask_to_record(mask), "config": conf})))
-        replies = self.transport.exchange(requests)
-        ok, _ = self._check_replies(replies, "evaluate")
+        replies = []
+        step = max(1, self.cfg.federated.clients_per_round or len(nodes))
+        for i in range(0, len(nodes), step):
+            requests = []
+            for n in nodes[i: i + step]:
+                mask = StructuredMask.dense(self.groups) if dense else self._mask_for(n)
+                sub = self.substate(mask)
+                conf = self._config(**{"cache-model": dense, "model-version": self.model_version})
+                requests.append((n, "evaluate", RecordDict({"arrays": state_to_record(sub), "mask": mask_to_record(mask), "config": conf})))
+            replies += self.transport.exchange(requests)
+        ok, failed = self._check_replies(replies, "evaluate")
         per_profile: dict[str, list[tuple[float, int]]] = {}
         for r in ok:
-            m = r.content["metrics"]
-            if int(m["num-examples"]) > 0:
-                per_profile.setdefault(self.nodes[r.node_id].profile, []).append((float(m["accuracy"]), int(m["num-examples"])))
+            try:
+                n_ex, accuracy = parse_evaluate_reply(r.content, self.nodes[r.node_id].num_val)
+            except InvalidReply as exc:
+                self._fail(failed, r.node_id, "evaluate", str(exc))
+                continue
+            if n_ex > 0:
+                per_profile.setdefault(self.nodes[r.node_id].profile, []).append((accuracy, n_ex))
         acc = {p: sum(a * n for a, n in v) / sum(n for _, n in v) for p, v in per_profile.items()}
         return acc, replies
 
     def importance_round(self, round_num: int, sparsity_scale: float = 1.0) -> dict:
-        """Clients score channels on private data; the server builds consensus masks per profile."""
+        """Clients score channels on private data; the server builds consensus masks per profile.
+
+        The consensus is global, so a profile whose clients all failed still gets its nested mask
+        (from the other profiles' replies; the consensus log lists it under
+        ``profiles_without_replies``). With too few valid replies the round is re-sent per
+        ``federated.on_too_few_replies``; if it still has too few, the previous masks are kept
+        (``skipped``), or, when there are none yet, the consensus is built from the valid replies
+        there are. With no valid reply at all it is re-sent (up to ``max_retries`` times, whatever
+        the policy) before it fails.
+        """
+        t0 = time.perf_counter()
+        what = f"importance round {round_num}"
+        collected = []
+
+        def attempt(k: int) -> dict:
+            rec, data = self._importance_attempt(round_num, k)
+            collected.append(data)
+            return rec
+
+        recs = self._with_policy(attempt, what, force_retry=lambda r: r["valid_replies"] == 0 and not self.profile_masks)
+        rec = self._combine_attempts(recs, t0)
+        scores, weights, sens, owners = collected[-1]
+        rec["skipped"] = False
+        if not recs[-1]["enough"]:
+            if self.profile_masks:
+                log.warning("%s: skipped after %d attempt(s): %d valid replies, fewer than the minimum %d; keeping the previous masks",
+                            what, rec["attempts"], rec["valid_replies"], rec["min_replies"])
+                rec["skipped"] = True
+                return rec
+            if not scores:
+                raise RuntimeError(f"{what}: no valid client reply after {rec['attempts']} attempt(s) ({rec['failures']} failures, "
+                                   f"see the log); cannot build a consensus mask")
+            log.warning("%s: only %d valid replies (minimum %d) after %d attempt(s) and no previous masks; building the consensus from them",
+                        what, rec["valid_replies"], rec["min_replies"], rec["attempts"])
+        self.build_masks(scores, weights, sens, owners, sparsity_scale)
+        return rec
+
+    def _importance_attempt(self, round_num: int, attempt: int) -> tuple[dict, tuple[list, list, list, list]]:
         from flwr.app import RecordDict
 
         t0 = time.perf_counter()
         fed, pr = self.cfg.federated, self.cfg.pruning
-        nodes = self.sample(round_num)
+        what = f"importance round {round_num}"
+        nodes = self.sample(round_num, attempt)
         # The dense global model reaches the clients with the evaluation just before; they cache it.
         _, eval_replies = self.federated_evaluate(nodes, dense=True)
         eval_bytes = (sum(r.bytes_down for r in eval_replies), sum(r.bytes_up for r in eval_replies))
@@ -398,7 +580,7 @@ class FederatedPruning:
         def request(n, with_model):
             conf = self._config(round=round_num, criterion=pr.criterion, sensitivity=fed.sensitivity,
                                 ratios=[float(r) for r in pr.sensitivity_ratios],
-                                **{"num-batches": pr.num_batches, "model-version": self.model_version})
+                                **{"num-batches": pr.num_batches, "model-version": self.model_version}, **_attempt_key(attempt))
             content = {"config": conf}
             if with_model:
                 content["arrays"] = state_to_record(self.state)
@@ -411,32 +593,30 @@ class FederatedPruning:
             again = {r.node_id: r for r in self.transport.exchange([request(n, True) for n in resend])}
             replies = [Reply(r.node_id, again[r.node_id].content, again[r.node_id].error, r.bytes_down + again[r.node_id].bytes_down,
                              r.bytes_up + again[r.node_id].bytes_up) if r.node_id in again else r for r in replies]
-        ok, failed = self._check_replies(replies, "importance")
+        ok, failed = self._check_replies(replies, what, attempt)
         scores, weights, sens, owners = [], [], [], []
         for r in ok:
-            vec = record_to_vectors(r.content["importance"])
-            bad = [g.name for g in self.groups if g.name not in vec or vec[g.name].shape != (g.size,) or not np.isfinite(vec[g.name]).all() or (vec[g.name] < 0).any()]
-            n_ex = int(r.content["metrics"]["num-examples"])
-            if bad or n_ex <= 0:
-                failed.append({"node": r.node_id, "reason": f"bad importance payload for groups {bad[:3]} or num-examples={n_ex}"})
-                log.warning("importance: dropped client %s: bad payload (%s, num-examples=%d)", self._pid(r.node_id), bad[:3], n_ex)
+            try:
+                imp = parse_importance_reply(r.content, self.groups, self.nodes[r.node_id].num_train, fed.sensitivity)
+            except InvalidReply as exc:
+                self._fail(failed, r.node_id, what, str(exc), attempt)
                 continue
-            scores.append({k: vec[k].astype(np.float64) for k in self.groups.names})
-            weights.append(n_ex)
+            scores.append(imp.scores)
+            weights.append(imp.num_examples)
             owners.append(r.node_id)
-            if "sensitivity" in r.content:
-                s = record_to_vectors(r.content["sensitivity"])
-                sens.append({k: float(s[k][0]) for k in self.groups.names})
-        if not scores:
-            raise RuntimeError("importance round: no valid client reply; cannot build a consensus mask")
-        self.build_masks(scores, weights, sens, owners, sparsity_scale)
-        rec = self._round_record(round_num, "importance", t0, replies, nodes, failed)
+            if imp.sensitivity is not None:
+                sens.append(imp.sensitivity)
+        rec = self._round_record(round_num, "importance", t0, replies, nodes, failed, len(scores))
         rec["evaluation_bytes_down"], rec["evaluation_bytes_up"] = eval_bytes
-        return rec
+        return rec, (scores, weights, sens, owners)
 
     def build_masks(self, scores, weights, sens, owners, sparsity_scale: float = 1.0) -> None:
         fed, pr = self.cfg.federated, self.cfg.pruning
-        consensus = aggregate_importance(scores, weights, fed.aggregation, fed.trim_fraction)
+        kept = screen_clients(scores)[0] if fed.screen_clients else list(range(len(scores)))
+        consensus = aggregate_importance([scores[i] for i in kept], [weights[i] for i in kept], fed.aggregation, fed.trim_fraction)
+        # Simulated poisoned importance (fedprune.adversarial): the scoring partitions that were adversarial.
+        adversarial = adversarial_partitions(fed.num_clients, fed.adversarial_fraction, self.cfg.seed)
+        pids = [self.nodes[n].partition_id for n in owners]
         sens_agg = None
         if sens:
             w = np.asarray(weights[: len(sens)], dtype=np.float64)
@@ -457,13 +637,22 @@ class FederatedPruning:
                 prof = self.nodes[n].profile
                 self.node_masks[n] = StructuredMask.from_scores(s, self.profile_masks[prof].kept_counts)
         agreement = {p: float(np.mean(mask_agreement(scores, m))) for p, m in self.profile_masks.items()}
+        replied = {self.nodes[n].profile for n in owners}
+        without = [p for p in self.profiles if p not in replied and any(i.profile == p for i in self.nodes.values())]
+        if without:  # the consensus is global: these profiles' masks come from the other profiles' replies
+            log.warning("[consensus] no valid importance reply from profile(s) %s; their masks come from the consensus of %s",
+                        ", ".join(without), ", ".join(p for p in self.profiles if p in replied))
         self.consensus_log.append({
             "criterion": pr.criterion,
             "aggregation": fed.aggregation,
             "allocation": pr.allocation,
             "mask_source": self.mask_source,
             "clients": len(scores),
+            "profiles_without_replies": without,
             "samples": int(sum(weights)),
+            "adversarial_mode": fed.adversarial_mode if adversarial else None,
+            "adversarial_partitions": sorted(p for p in pids if p in adversarial),
+            "screened_out_partitions": sorted(pids[i] for i in range(len(pids)) if i not in set(kept)),
             "sparsity_scale": sparsity_scale,
             "agreement": agreement,
             "agreement_mean": float(np.mean(list(agreement.values()))),
@@ -506,48 +695,116 @@ class FederatedPruning:
                  acc_s, rec["wall_s"], rec["bytes_down"] / 1e6, rec["bytes_up"] / 1e6)
 
     # ---------------------------------------------------------------- run
-    def run(self) -> dict:
+    def plan(self) -> list[tuple[str, int, float]]:
+        """The run as a list of steps ``(kind, round, sparsity_scale)``; kind is a training phase
+        ("dense", "warmup", "finetune"), "importance" or "dense_eval" (test accuracy of the
+        dense global model, recorded once the dense rounds are over). A checkpoint stores how
+        many steps are complete."""
         fed = self.cfg.federated
+        r1, r2 = fed.warmup_rounds, fed.finetune_rounds
+        if self.mask_source == "none":
+            return [("dense", r, 1.0) for r in range(1, r1 + r2 + 1)] + [("dense_eval", r1 + r2, 1.0)]
+        steps = [("warmup", r, 1.0) for r in range(1, r1 + 1)] + [("dense_eval", r1, 1.0)]
+        stages = max(1, math.ceil(r2 / fed.repeat_every)) if fed.repeat_every else 1
+        for r in range(r1 + 1, r1 + r2 + 1):
+            k = r - r1 - 1  # fine-tune round index from 0
+            if k == 0 or (fed.repeat_every and k % fed.repeat_every == 0):
+                stage = (k // fed.repeat_every + 1) if fed.repeat_every else 1
+                steps.append(("importance", r, stage / stages))
+            steps.append(("finetune", r, 1.0))
+        if r2 == 0:
+            steps.append(("importance", r1 + 1, 1.0))
+        return steps
+
+    def run_step(self, kind: str, round_num: int, scale: float) -> None:
+        total = self.cfg.federated.warmup_rounds + self.cfg.federated.finetune_rounds
+        if kind == "dense_eval":
+            self.dense_acc = self.test_accuracy()
+            return
+        if kind == "importance":
+            rec = self.importance_round(round_num, sparsity_scale=scale)
+        else:
+            rec = self.train_round(round_num, kind)
+            self._evaluate_round(rec)
+        self.rounds.append(rec)
+        self._log_round(rec, total)
+
+    def run(self, resume: bool = False) -> dict:
+        """Run every step of :meth:`plan`, checkpointing after each when there is an output directory.
+
+        With ``resume`` the server state is restored from ``out_dir``'s checkpoint and the run
+        continues after its last complete step; the results equal those of an uninterrupted run.
+        """
         start = time.perf_counter()
         self.check_budgets()
         self.register()
-        r1, r2 = fed.warmup_rounds, fed.finetune_rounds
-        total = r1 + r2
-        dense_rounds = total if self.mask_source == "none" else r1
-        for r in range(1, dense_rounds + 1):
-            rec = self.train_round(r, "warmup" if self.mask_source != "none" else "dense")
-            self._evaluate_round(rec)
-            self.rounds.append(rec)
-            self._log_round(rec, total)
-        dense_acc = self.test_accuracy()
-        dense_costs = model_costs(self.model)
-        if self.mask_source != "none":
-            stages = max(1, math.ceil(r2 / fed.repeat_every)) if fed.repeat_every else 1
-            for r in range(r1 + 1, total + 1):
-                k = r - r1 - 1  # fine-tune round index from 0
-                if k == 0 or (fed.repeat_every and k % fed.repeat_every == 0):
-                    stage = (k // fed.repeat_every + 1) if fed.repeat_every else 1
-                    rec = self.importance_round(r, sparsity_scale=stage / stages)
-                    self.rounds.append(rec)
-                    self._log_round(rec, total)
-                rec = self.train_round(r, "finetune")
-                self._evaluate_round(rec)
-                self.rounds.append(rec)
-                self._log_round(rec, total)
-            if r2 == 0:
-                rec = self.importance_round(r1 + 1)
-                self.rounds.append(rec)
-                self._log_round(rec, total)
-        results = self.final_results(dense_acc, dense_costs, time.perf_counter() - start)
+        steps = self.plan()
+        done, elapsed = 0, 0.0
+        if resume:
+            done, elapsed = self.restore(load_checkpoint(self.out_dir))
+            log.info("[resume] %s: %d of %d steps were complete; continuing", self.out_dir, done, len(steps))
+        elif self.out_dir:  # a fresh run never leaves another run's checkpoint behind
+            (self.out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+        for i in range(done, len(steps)):
+            self.run_step(*steps[i])
+            if self.out_dir:
+                save_checkpoint(self.out_dir, self.checkpoint_payload(i + 1, elapsed + time.perf_counter() - start))
+        results = self.final_results(self.dense_acc, model_costs(self.model), elapsed + time.perf_counter() - start)
         if self.out_dir:
             self.write(results)
         return results
+
+    # ------------------------------------------------------- checkpoints
+    def checkpoint_payload(self, steps_done: int, wall_s: float) -> dict:
+        """Everything :meth:`restore` needs; masks and clients are keyed by partition id
+        because node ids change when the clients are restarted."""
+        by_pid = {i.partition_id: n for n, i in self.nodes.items()}
+        own_masks = {pid: self.node_masks[n].to_arrays() for pid, n in by_pid.items()
+                     if n in self.node_masks and self.node_masks[n] != self.profile_masks.get(self.nodes[n].profile)}
+        return {
+            "config": config_to_dict(self.cfg),
+            "mask_source": self.mask_source,
+            "steps_done": steps_done,
+            "plan": self.plan(),
+            "wall_s": wall_s,
+            "state": self.state,
+            "bn_stats": self.bn_stats,
+            "gates": self.gates,
+            "profile_masks": {p: m.to_arrays() for p, m in self.profile_masks.items()},
+            "partition_masks": own_masks,
+            "partition_profiles": {i.partition_id: i.profile for i in self.nodes.values()},
+            "rounds": self.rounds,
+            "consensus_log": self.consensus_log,
+            "model_version": self.model_version,
+            "dense_acc": self.dense_acc,
+            "rng": rng_states(),
+        }
+
+    def restore(self, ckpt: dict) -> tuple[int, float]:
+        """Load a checkpoint into this server (after :meth:`register`); returns (steps done, wall seconds so far)."""
+        if ckpt["config"] != config_to_dict(self.cfg) or ckpt["mask_source"] != self.mask_source or ckpt["plan"] != self.plan():
+            raise CheckpointError(f"cannot resume: the checkpoint in {str(self.out_dir)!r} was written by a run with a different config or mask source")
+        profiles = {i.partition_id: i.profile for i in self.nodes.values()}
+        if profiles != ckpt["partition_profiles"]:
+            raise CheckpointError(f"cannot resume: the registered clients {sorted(profiles)} differ from the checkpoint's {sorted(ckpt['partition_profiles'])}")
+        self.state, self.bn_stats, self.gates = ckpt["state"], ckpt["bn_stats"], ckpt["gates"]
+        self.profile_masks = {p: StructuredMask.from_arrays(a, self.groups) for p, a in ckpt["profile_masks"].items()}
+        self.node_masks = {}
+        if self.profile_masks:
+            for n, info in self.nodes.items():
+                own = ckpt["partition_masks"].get(info.partition_id)
+                self.node_masks[n] = StructuredMask.from_arrays(own, self.groups) if own is not None else self.profile_masks[info.profile]
+        self.rounds, self.consensus_log = ckpt["rounds"], ckpt["consensus_log"]
+        self.model_version, self.dense_acc = ckpt["model_version"], ckpt["dense_acc"]
+        restore_rng_states(ckpt["rng"])
+        return int(ckpt["steps_done"]), float(ckpt["wall_s"])
 
     def final_results(self, dense_acc: float, dense_costs: dict, wall_s: float) -> dict:
         ev = self.cfg.eval
         log.info("[evaluate] final models: test split, local validation, params, FLOPs, latency")
         profiles = {}
-        local_acc, _ = self.federated_evaluate(sorted(self.nodes))
+        local_nodes = self.final_eval_nodes()
+        local_acc, _ = self.federated_evaluate(local_nodes)
         for p in self.profiles:
             clients = [n for n, i in self.nodes.items() if i.profile == p]
             if not clients:
@@ -568,6 +825,7 @@ class FederatedPruning:
                 "macs": int(np.mean([c["macs"] for c in costs])),
                 "accuracy": float(np.mean(accs)),
                 "local_val_accuracy": local_acc.get(p),
+                "local_val_clients": sum(1 for n in local_nodes if self.nodes[n].profile == p),
                 "clients": len(clients),
                 "distinct_masks": len(masks),
                 "kept_channels": mask0.kept_counts,
@@ -647,15 +905,22 @@ class FederatedPruning:
         log.info("[done] wrote %s", out / "results.json")
 
 
+def _attempt_key(attempt: int) -> dict:
+    """``{"attempt": k}`` for a re-sent round (clients draw failures afresh); nothing for the first attempt."""
+    return {"attempt": attempt} if attempt else {}
+
+
 def _flat_round(rec: dict) -> dict:
     flat = {k: v for k, v in rec.items() if k != "accuracy"}
+    if "failed_clients" in flat:  # one CSV cell: "#3 (mobile_cpu): reason; ..."
+        flat["failed_clients"] = "; ".join(f"#{f['partition']} ({f['profile']}): {f['reason']}" for f in flat["failed_clients"])
     for k, v in (rec.get("accuracy") or {}).items():
         flat[f"accuracy_{k}"] = v
     return flat
 
 
 # -------------------------------------------------------------- entry point
-def make_server_app(cfg: ExperimentConfig, out_dir: str | Path | None, mask_source: str = "consensus"):
+def make_server_app(cfg: ExperimentConfig, out_dir: str | Path | None, mask_source: str = "consensus", resume: bool = False):
     """A ServerApp bound to one resolved config (used by ``fedprune simulate``)."""
     from flwr.serverapp import ServerApp
 
@@ -663,7 +928,7 @@ def make_server_app(cfg: ExperimentConfig, out_dir: str | Path | None, mask_sour
 
     @app.main()
     def main(grid, context) -> None:  # noqa: ARG001
-        FederatedPruning(cfg, GridTransport(grid), out_dir, mask_source).run()
+        FederatedPruning(cfg, GridTransport(grid), out_dir, mask_source).run(resume=resume)
 
     return app
 
@@ -674,20 +939,50 @@ def _quiet_env() -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
-def simulate(cfg: ExperimentConfig, out_dir: str | Path, engine: str = "ray", mask_source: str = "consensus") -> dict:
+def resume_config(out_dir: str | Path) -> tuple[ExperimentConfig, str]:
+    """The config and mask source of the run whose checkpoint lies in ``out_dir``."""
+    from fedprune.config import config_from_dict
+
+    ckpt = load_checkpoint(out_dir)
+    return config_from_dict(ckpt["config"], resolved=True), ckpt["mask_source"]
+
+
+def ray_init_args(fed) -> dict:
+    """``ray.init`` arguments of the Simulation Engine (Flower's ``backend_config["init_args"]``).
+
+    The cluster address is ``federated.ray_address``, else ``$RAY_ADDRESS``, else none: then a
+    new local Ray instance with ``federated.ray_num_cpus`` CPUs starts (``address="local"``, so
+    a cluster that ``ray start`` left on this machine is never joined by accident) and Flower
+    shuts it down at the end. With an address (``host:port`` or ``auto``) the driver joins that
+    cluster; Ray refuses ``num_cpus`` there (the cluster's own resources count), and Flower's
+    ``ray.shutdown()`` at the end only disconnects, so the cluster keeps running.
+    """
+    address = fed.ray_address.strip() or os.environ.get("RAY_ADDRESS", "").strip()
+    args = {"include_dashboard": False, "log_to_driver": True}
+    if not address or address == "local":
+        return {**args, "address": "local", "num_cpus": fed.ray_num_cpus}
+    return {**args, "address": address}
+
+
+def simulate(cfg: ExperimentConfig, out_dir: str | Path, engine: str = "ray", mask_source: str = "consensus", resume: bool = False) -> dict:
     """Run one federated experiment and return its results (also written to ``out_dir``).
 
     ``engine="ray"`` uses Flower's Simulation Engine (Ray backend) with
-    ``federated.num_cpus_per_client`` CPUs per client; ``"inprocess"`` runs
-    the same ClientApp sequentially in this process.
+    ``federated.num_cpus_per_client`` CPUs per client, on a local Ray instance or on the
+    cluster named by ``federated.ray_address`` / ``$RAY_ADDRESS`` (:func:`ray_init_args`); ``"inprocess"`` runs
+    the same ClientApp sequentially in this process. The server checkpoints
+    ``out_dir/checkpoint.pt`` after every round; ``resume=True`` continues from
+    it (``cfg`` must be the checkpoint's config, see :func:`resume_config`).
     """
     _quiet_env()
     cfg = resolve_data_dir(cfg)
     load_data(cfg)  # fail early and clearly if the data is missing
     out = Path(out_dir)
     fed = cfg.federated
+    if resume:
+        load_checkpoint(out)  # fail early with a clear message
     if engine == "inprocess":
-        return FederatedPruning(cfg, InProcessTransport(fed.num_clients), out, mask_source).run()
+        return FederatedPruning(cfg, InProcessTransport(fed.num_clients), out, mask_source).run(resume=resume)
     if engine != "ray":
         raise ValueError(f"unknown engine {engine!r}; allowed: ['ray', 'inprocess']")
     from flwr.simulation import run_simulation
@@ -697,9 +992,11 @@ def simulate(cfg: ExperimentConfig, out_dir: str | Path, engine: str = "ray", ma
     (out / "results.json").unlink(missing_ok=True)
     backend_config = {
         "client_resources": {"num_cpus": fed.num_cpus_per_client, "num_gpus": fed.num_gpus_per_client},
-        "init_args": {"num_cpus": fed.ray_num_cpus, "include_dashboard": False, "log_to_driver": True},
+        "init_args": ray_init_args(fed),
     }
-    run_simulation(make_server_app(cfg, out, mask_source), client_app, num_supernodes=fed.num_clients, backend_name="ray", backend_config=backend_config)
+    if "num_cpus" not in backend_config["init_args"]:
+        log.info("Simulation Engine: connecting to the Ray cluster at %s", backend_config["init_args"]["address"])
+    run_simulation(make_server_app(cfg, out, mask_source, resume), client_app, num_supernodes=fed.num_clients, backend_name="ray", backend_config=backend_config)
     path = out / "results.json"
     if not path.is_file():
         raise RuntimeError(f"the simulation ended without writing {path}; see the log above for the server error")

@@ -97,6 +97,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from fedprune.adversarial import maybe_poison  # noqa: E402
 from fedprune.data import ClientShard, make_client_shard, make_loader  # noqa: E402
 from fedprune.dynamic import train_gates  # noqa: E402
 from fedprune.importance import compute_importance  # noqa: E402
@@ -144,12 +145,20 @@ def submodel(cfg: ExperimentConfig, mask: StructuredMask, state: dict | None = N
     return model
 
 
-def client_register(cfg: ExperimentConfig, partition_id: int, num_partitions: int) -> dict:
-    """What the server needs to know about a client: profile and data sizes (no data)."""
+def client_register(cfg: ExperimentConfig, partition_id: int, num_partitions: int, profile: str | None = None) -> dict:
+    """What the server needs to know about a client: profile and data sizes (no data).
+
+    ``profile`` is the device class the node declares (``profile`` in its SuperNode's node
+    config); it replaces the seeded assignment of :func:`client_profile` and must be one of the
+    config's profiles (``ValueError`` otherwise).
+    """
+    if profile is not None and str(profile) not in cfg.profiles:
+        raise ValueError(f"node config 'profile' = {profile!r} of partition {partition_id} is not a known profile; "
+                         f"allowed: {sorted(cfg.profiles)}")
     shard = client_shard(cfg, partition_id, num_partitions)
     return {
         "partition-id": partition_id,
-        "profile": client_profile(cfg, partition_id, num_partitions),
+        "profile": str(profile) if profile is not None else client_profile(cfg, partition_id, num_partitions),
         "num-train": shard.num_train,
         "num-val": shard.num_val,
         "label-histogram": list(shard.label_histogram),
@@ -172,6 +181,8 @@ def client_importance(
     Returns ``{"scores": {group: vector}, "sensitivity": {group: float} | None,
     "num-examples": training examples on this client (the consensus weight),
     "scored-samples": samples the criterion actually used (0 for weight-only criteria)}``.
+    If the partition is one of the ``federated.adversarial_fraction`` adversarial ones, the
+    scores are poisoned (:func:`fedprune.adversarial.maybe_poison`; sensitivity stays honest).
     """
     train, _ = load_data(cfg)
     shard = client_shard(cfg, partition_id, num_partitions)
@@ -186,7 +197,10 @@ def client_importance(
     if sensitivity:
         val = train.subset(shard.val_idx) if shard.num_val else local
         sens = measure_sensitivity(model, groups, scores.scores, make_loader(val, 256, train=False), ratios).score()
-    return {"scores": scores.scores, "sensitivity": sens, "num-examples": shard.num_train, "scored-samples": scores.num_samples}
+    fed = cfg.federated  # a simulated adversarial partition replaces its scores (fedprune.adversarial)
+    sent, _ = maybe_poison(scores.scores, partition_id, num_partitions, fed.adversarial_fraction, fed.adversarial_mode,
+                           cfg.seed, fed.adversarial_scale, round_num)
+    return {"scores": sent, "sensitivity": sens, "num-examples": shard.num_train, "scored-samples": scores.num_samples}
 
 
 def client_train(

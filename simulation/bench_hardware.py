@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import os
 import platform
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fedprune.centralized import prune_experiment, train_dense  # noqa: E402
-from fedprune.config import load_config  # noqa: E402
+from fedprune.config import config_to_dict, load_config  # noqa: E402
 from fedprune.cost import HardwareModel, LatencyLUT  # noqa: E402
 from fedprune.data import make_loader  # noqa: E402
 from fedprune.groups import discover_groups  # noqa: E402
@@ -44,7 +45,7 @@ from fedprune.masks import StructuredMask, extract_submodel  # noqa: E402
 from fedprune.metrics import latency_side_by_side  # noqa: E402
 from fedprune.models import get_model  # noqa: E402
 from fedprune.plots import finish  # noqa: E402
-from fedprune.reporting import benchmark_parser, fmt_mean_std, mean_std, write_json, write_text  # noqa: E402
+from fedprune.reporting import benchmark_parser, fmt_mean_std, mean_std, to_jsonable, write_json, write_text  # noqa: E402
 from fedprune.task import load_data, make_train_fn, profile_budget_masks, train_config  # noqa: E402
 from fedprune.training import evaluate, set_seed  # noqa: E402
 
@@ -95,12 +96,24 @@ def lut_accuracy(cfg, threads: int, repeats: int, lut_dir: Path) -> dict:
 
 
 # ------------------------------------------------------- budgets and accuracy
-def budget_runs(cfg, seeds, profiles, data) -> dict:
-    """Per seed: dense references and, per profile and allocation, the pruned result."""
+def budget_runs(cfg, seeds, profiles, data, cache_dir: Path | None = None) -> dict:
+    """Per seed: dense references and, per profile and allocation, the pruned result.
+
+    Each finished seed is saved under ``cache_dir`` with the config it ran with;
+    a rerun with the same config reuses it (an interrupted benchmark resumes by seed).
+    """
     per_seed = []
     for i, seed in enumerate(seeds):
         c = copy.deepcopy(cfg)
         c.seed = seed
+        cache = cache_dir / f"seed{seed}.json" if cache_dir else None
+        key = {"config": config_to_dict(c), "profiles": list(profiles)}
+        if cache and cache.is_file():
+            saved = json.loads(cache.read_text())
+            if saved["key"] == json.loads(json.dumps(to_jsonable(key))):
+                log.info("[seed %d %d/%d] reusing %s", seed, i + 1, len(seeds), cache)
+                per_seed.append(saved["rows"])
+                continue
         t0 = time.perf_counter()
         log.info("[seed %d %d/%d] dense training, %d epochs", seed, i + 1, len(seeds), c.train.epochs)
         dense = train_dense(c, data=data)
@@ -122,6 +135,8 @@ def budget_runs(cfg, seeds, profiles, data) -> dict:
                          100 * res["channel_sparsity"], ", ".join(f"{k} {v['measured']:.4g}/{v['limit']:.4g} {'ok' if v['ok'] else 'MISSED'}" for k, v in b.items()),
                          time.perf_counter() - t0)
         per_seed.append(rows)
+        if cache:
+            write_json(cache, {"key": key, "rows": rows})
     return per_seed
 
 
@@ -246,7 +261,7 @@ def main(argv=None) -> int:
     if "budgets" not in args.skip:
         data = load_data(cfg)
         n_test = len(data[1])
-        per_seed = budget_runs(cfg, args.seeds, args.profiles, data)
+        per_seed = budget_runs(cfg, args.seeds, args.profiles, data, Path(args.runs_dir) / "seeds")
         plot(per_seed, out / "hardware_accuracy.png")
     write_json(out / "hardware.json", {"args": vars(args), "lut": lut, "seeds": per_seed, "n_test": n_test})
     write_text(out / "hardware.md", render(lut, per_seed, cfg, args, n_test))

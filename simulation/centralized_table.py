@@ -82,23 +82,32 @@ def run_seed(base_cfg, seed: int, data) -> dict:
 
 
 def measure_latencies(kept_by_row: dict[str, dict[str, int]], threads: int, repeats: int) -> dict:
-    """Batch-1 and batch-64 latency of dense, soft-masked and pruned models, timed round-robin per row.
+    """Batch-1 and batch-64 latency of dense, soft-masked and pruned models, all timed round-robin together.
 
-    Latency depends on the architecture only (kept channels per group), so each
-    row's models are rebuilt from its kept counts; the accuracy runs need not
-    keep their models.
+    Latency depends on the architecture only (kept channels per group), so the
+    models are rebuilt from each row's kept counts, and rows with the same
+    counts share one measurement. The dense model and every distinct masked
+    and pruned architecture run in one interleaved loop, so all ratios see the
+    same machine conditions.
     """
     dense = get_model("seed_cnn").eval()
     groups = discover_groups(dense)
     rng = np.random.default_rng(0)
+    arch: dict[tuple, str] = {}
+    models = {"dense": dense}
+    for label, kept in kept_by_row.items():
+        key = tuple(sorted(kept.items()))
+        if key in arch:
+            continue
+        arch[key] = label
+        mask = StructuredMask.from_scores({g.name: rng.random(g.size) for g in groups}, kept)
+        models[f"{label}/masked"] = apply_soft_mask(copy.deepcopy(dense), mask, groups)
+        models[f"{label}/pruned"] = extract_submodel(dense, mask, groups)
+    timed = {"b1": latency_side_by_side(models, 1, threads, repeats=repeats * 4), "b64": latency_side_by_side(models, 64, threads, repeats=repeats)}
     out = {}
     for label, kept in kept_by_row.items():
-        mask = StructuredMask.from_scores({g.name: rng.random(g.size) for g in groups}, kept)
-        trio = {"dense": dense, "masked": apply_soft_mask(copy.deepcopy(dense), mask, groups), "pruned": extract_submodel(dense, mask, groups)}
-        out[label] = {
-            "b1": latency_side_by_side(trio, 1, threads, repeats=repeats * 4),
-            "b64": latency_side_by_side(trio, 64, threads, repeats=repeats),
-        }
+        ref = arch[tuple(sorted(kept.items()))]
+        out[label] = {b: {"dense": t["dense"], "masked": t[f"{ref}/masked"], "pruned": t[f"{ref}/pruned"]} for b, t in timed.items()}
         log.info("latency %-16s b64 dense %.1f masked %.1f pruned %.1f ms", label, *(out[label]["b64"][k] for k in ("dense", "masked", "pruned")))
     return out
 
@@ -120,7 +129,8 @@ def render(per_seed: list[dict], lat: dict, args, n_test: int) -> str:
         f"Pruned models: one-shot (or 3-stage progressive) channel pruning of the trained dense model, "
         f"then {args.finetune_epochs} fine-tuning epochs with the mask held. Accuracy: mean ± std over {seeds} seeds "
         f"({', '.join(str(s) for s in args.seeds)}), in %. Latency: median ms, {args.latency_threads} threads, dense/masked/pruned timed round-robin, "
-        f"torch {torch.__version__}, {platform.machine()}; measured once (seed {args.seeds[0]}).",
+        f"torch {torch.__version__}, {platform.machine()}; measured once (seed {args.seeds[0]}'s widths), dense and every distinct "
+        f"masked and pruned architecture interleaved in one loop ({args.latency_repeats} batch-64 and {4 * args.latency_repeats} batch-1 runs each).",
         "",
         "| method | total epochs | acc. before FT | acc. after FT | Δ vs dense (same budget) | notebook | channels kept | params | MACs (M) | MACs ↓ | b64 speed-up pruned | b64 speed-up masked | b1 speed-up pruned |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -154,6 +164,8 @@ def render(per_seed: list[dict], lat: dict, args, n_test: int) -> str:
         f"- Physically pruned seed_cnn at 50% channels: batch-64 latency {l50['b64']['dense']:.1f} → "
         f"{l50['b64']['pruned']:.1f} ms ({speedup(l50, 'pruned', 'b64'):.2f}x for {mag50['flops_reduction']:.2f}x fewer MACs), "
         f"i.e. **{ratio:.3f} × the MACs reduction** (target ≥ 0.85; {'met' if ratio >= 0.85 else 'NOT met'}). "
+        f"Medians of {len(lat['_pass_speedups_b64_mag50'])} measurement passes; the passes gave "
+        f"{', '.join(f'{v:.2f}x' for v in lat['_pass_speedups_b64_mag50'])}. "
         f"The soft-masked model (the notebook's method) runs at {speedup(l50, 'masked', 'b64'):.2f}x: zeroed channels are still computed.",
     ]
     for label in ("magnitude 50%", "gradient 50%", "Taylor 50%", "Fisher 50%"):
@@ -199,6 +211,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dataset", default="cifar10", choices=["cifar10", "synthetic"])
     parser.add_argument("--latency-threads", type=int, default=2, help="torch threads while timing (this machine has 2 cores)")
     parser.add_argument("--latency-repeats", type=int, default=20)
+    parser.add_argument("--latency-passes", type=int, default=3, help="independent interleaved measurements; the median ms is reported")
     parser.add_argument("--latency-only", action="store_true", help="re-measure latency for the rows in OUT/centralized.json (no training)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for training")
     args = parser.parse_args(argv)
@@ -222,7 +235,10 @@ def main(argv=None) -> int:
         for i, seed in enumerate(args.seeds):
             log.info("seed %d (%d/%d)", seed, i + 1, len(args.seeds))
             per_seed.append(run_seed(cfg, seed, data))
-    lat = measure_latencies({label: per_seed[0][label]["kept_channels"] for label, *_ in METHODS}, args.latency_threads, args.latency_repeats)
+    kept = {label: per_seed[0][label]["kept_channels"] for label, *_ in METHODS}
+    passes = [measure_latencies(kept, args.latency_threads, args.latency_repeats) for _ in range(args.latency_passes)]
+    lat = {label: {b: {k: float(np.median([p[label][b][k] for p in passes])) for k in passes[0][label][b]} for b in ("b1", "b64")} for label in kept}
+    lat["_pass_speedups_b64_mag50"] = [speedup(p["magnitude 50%"], "pruned", "b64") for p in passes]
     write_json(out / "centralized.json", {"args": vars(args), "seeds": per_seed, "latency_ms": lat, "n_test": n_test})
     plot(per_seed, out / "centralized_sparsity_vs_accuracy.png")
     write_text(out / "centralized.md", render(per_seed, lat, args, n_test))

@@ -13,6 +13,15 @@ from fedprune.data import ImageArrays, make_synthetic
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 torch.set_num_threads(1)
 
+#: Overrides for a tiny federated run on synthetic data (3 clients, one per profile, 1 + 1 rounds, a few seconds).
+TINY = [
+    "data.dataset='synthetic'", "data.synthetic_train=160", "data.synthetic_test=64",
+    "federated.num_clients=3", "federated.warmup_rounds=1", "federated.finetune_rounds=1",
+    "pruning.criterion='taylor'", "pruning.num_batches=1", "train.threads=1", "train.batch_size=32",
+    "eval.latency=false", "profiles.edge_gpu.local_epochs=1",
+    "federated.proportions={edge_gpu=0.34, mobile_cpu=0.33, microcontroller=0.33}",
+]
+
 #: Subset copy of CIFAR-10 (official pickle layout) next to the repository:
 #: ``<repo>/../shared/data/cifar10-subset/cifar-10-batches-py``.
 SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10-subset"

@@ -195,6 +195,18 @@ def test_cli_bad_config_exit_code_2(tmp_path: Path, capsys, command, text, extra
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("text,fragments", [c[1:] for c in BAD_CONFIGS], ids=[c[0] for c in BAD_CONFIGS])
+def test_every_bad_config_exits_2_from_simulate(tmp_path: Path, capsys, text: str, fragments: list[str]) -> None:
+    """The whole table through the CLI: exit code 2, one line naming key and value, no traceback, no output dir."""
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    assert cli.main(["simulate", "--config", str(path), "--out", str(tmp_path / "out"), "--engine", "inprocess"]) == 2
+    line = _single_error_line(capsys.readouterr().err)
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)
+    assert not (tmp_path / "out").exists()
+
+
 def test_console_script_bad_config(tmp_path: Path) -> None:
     script = Path(sys.executable).parent / "fedprune"
     if not script.exists():

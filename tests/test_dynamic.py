@@ -120,7 +120,7 @@ def test_federated_gates_round_trip(tmp_path) -> None:
     from fedprune.config import load_config
     from fedprune.federated import FederatedPruning, InProcessTransport
 
-    from test_federated import TINY
+    from conftest import TINY
 
     cfg = load_config(None, TINY + ["dynamic.enabled=true", "dynamic.eval_budgets=[1.0, 0.6]", "federated.finetune_rounds=2"])
     run = FederatedPruning(cfg, InProcessTransport(cfg.federated.num_clients), tmp_path)

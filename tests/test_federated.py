@@ -16,13 +16,7 @@ from fedprune.masks import StructuredMask, extraction_index_map, slice_state
 from fedprune.records import config_to_record, record_to_config, recorddict_nbytes, state_to_record
 from fedprune.task import build_model, client_register, client_train, model_groups
 
-TINY = [
-    "data.dataset='synthetic'", "data.synthetic_train=160", "data.synthetic_test=64",
-    "federated.num_clients=3", "federated.warmup_rounds=1", "federated.finetune_rounds=1",
-    "pruning.criterion='taylor'", "pruning.num_batches=1", "train.threads=1", "train.batch_size=32",
-    "eval.latency=false", "profiles.edge_gpu.local_epochs=1",
-    "federated.proportions={edge_gpu=0.34, mobile_cpu=0.33, microcontroller=0.33}",
-]
+from conftest import TINY
 
 
 @pytest.fixture(scope="module")

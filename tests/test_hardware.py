@@ -14,7 +14,7 @@ from fedprune.groups import discover_groups
 from fedprune.masks import extract_submodel
 from fedprune.models import get_model
 
-from test_federated import TINY
+from conftest import TINY
 
 DENSE_MACS = 58_919_424  # seed_cnn, batch 1
 DENSE_PARAMS = 2_080_010

@@ -1,0 +1,272 @@
+"""Checks on client replies before the server uses them.
+
+Every check returns ``None`` when the payload is fine, or a short reason (a
+string naming what is wrong) when it is not; the ``parse_*`` functions combine
+them per message type and raise :class:`InvalidReply` with that reason. The
+server (:mod:`fedprune.federated`) drops a reply that fails, logs the client
+and the reason, and counts it as a failure: a bad reply never reaches the
+global model, the BN statistics, the gates or the consensus.
+
+What is checked:
+
+* weights and gates: the same array names as sent (none missing, none extra),
+  the same shapes and dtypes, finite values;
+* importance vectors: one per channel group (none missing, none extra), 1-D
+  of the group's size, floating point, finite and non-negative; layer
+  sensitivity (when requested): one finite value per group;
+* sample counts: integers, positive (evaluation: non-negative) and at most the
+  shard size the client registered with;
+* metrics: the training loss is finite (unless no local epoch was asked for),
+  the compute time finite and non-negative, accuracies in [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import torch
+
+__all__ = [
+    "InvalidReply",
+    "ArraySpec",
+    "state_spec",
+    "check_state",
+    "check_importance",
+    "check_sensitivity",
+    "check_count",
+    "check_finite_metric",
+    "read_state",
+    "read_vectors",
+    "TrainReply",
+    "ImportanceReply",
+    "parse_train_reply",
+    "parse_importance_reply",
+    "parse_evaluate_reply",
+    "parse_register_reply",
+]
+
+#: Reasons quote at most this many offending names.
+_SHOW = 3
+
+
+class InvalidReply(ValueError):
+    """A client reply that must not be used; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def state_spec(state: Mapping[str, torch.Tensor]) -> dict[str, ArraySpec]:
+    """Names, shapes and dtypes of a state dict (what the server sent)."""
+    return {k: ArraySpec(tuple(v.shape), v.dtype) for k, v in state.items()}
+
+
+def _names(names) -> str:
+    names = sorted(names)
+    more = f" (+{len(names) - _SHOW} more)" if len(names) > _SHOW else ""
+    return ", ".join(repr(n) for n in names[:_SHOW]) + more
+
+
+# ------------------------------------------------------------- single checks
+def check_state(expected: Mapping[str, ArraySpec], received: Mapping[str, torch.Tensor], what: str = "arrays") -> str | None:
+    """Same names, shapes and dtypes as ``expected``, and all values finite."""
+    missing = set(expected) - set(received)
+    if missing:
+        return f"{what}: missing {_names(missing)}"
+    extra = set(received) - set(expected)
+    if extra:
+        return f"{what}: unexpected {_names(extra)}"
+    for k, spec in expected.items():
+        v = received[k]
+        if not isinstance(v, torch.Tensor):
+            return f"{what}: {k!r} is not an array"
+        if tuple(v.shape) != spec.shape:
+            return f"{what}: {k!r} has shape {tuple(v.shape)}, sent {spec.shape}"
+        if v.dtype != spec.dtype:
+            return f"{what}: {k!r} has dtype {v.dtype}, sent {spec.dtype}"
+        if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all()):
+            return f"{what}: {k!r} holds non-finite values (NaN or inf)"
+    return None
+
+
+def check_importance(groups, vectors: Mapping[str, np.ndarray]) -> str | None:
+    """One floating, finite, non-negative vector of the group's size per channel group."""
+    sizes = {g.name: g.size for g in groups}
+    missing = set(sizes) - set(vectors)
+    if missing:
+        return f"importance: missing groups {_names(missing)}"
+    extra = set(vectors) - set(sizes)
+    if extra:
+        return f"importance: unknown groups {_names(extra)}"
+    for name, size in sizes.items():
+        v = np.asarray(vectors[name])
+        if v.dtype.kind != "f":
+            return f"importance: group {name!r} has dtype {v.dtype}, expected floating point"
+        if v.shape != (size,):
+            return f"importance: group {name!r} has shape {v.shape}, expected ({size},)"
+        if not np.isfinite(v).all():
+            return f"importance: group {name!r} holds non-finite values (NaN or inf)"
+        if (v < 0).any():
+            return f"importance: group {name!r} holds negative scores"
+    return None
+
+
+def check_sensitivity(groups, vectors: Mapping[str, np.ndarray]) -> str | None:
+    """One finite value (a length-1 vector) per channel group."""
+    names = set(groups.names)
+    missing = names - set(vectors)
+    if missing:
+        return f"sensitivity: missing groups {_names(missing)}"
+    extra = set(vectors) - names
+    if extra:
+        return f"sensitivity: unknown groups {_names(extra)}"
+    for name in groups.names:
+        v = np.asarray(vectors[name])
+        if v.shape != (1,) or v.dtype.kind != "f" or not np.isfinite(v).all():
+            return f"sensitivity: group {name!r} must be one finite number, got shape {v.shape} dtype {v.dtype}"
+    return None
+
+
+def check_count(value, name: str, lo: int = 1, hi: int | None = None, hi_is: str = "the client's registered shard size") -> str | None:
+    """``value`` is an integer (an integral float is accepted) in ``[lo, hi]``; ``hi_is`` says what ``hi`` is."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return f"{name} = {value!r} is not a number"
+    if isinstance(value, (float, np.floating)) and not (math.isfinite(value) and float(value).is_integer()):
+        return f"{name} = {value!r} is not an integer"
+    if value < lo:
+        return f"{name} = {value!r} is below {lo}"
+    if hi is not None and value > hi:
+        return f"{name} = {value!r} exceeds {hi} ({hi_is})"
+    return None
+
+
+def check_finite_metric(metrics: Mapping, key: str, lo: float | None = None, hi: float | None = None, required: bool = True) -> str | None:
+    """``metrics[key]`` is a finite number in ``[lo, hi]`` (absent is fine when not ``required``)."""
+    if key not in metrics:
+        return f"metric {key!r} is missing" if required else None
+    v = metrics[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        return f"metric {key!r} = {v!r} is not a number"
+    if not math.isfinite(v):
+        return f"metric {key!r} = {v!r} is not finite"
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        return f"metric {key!r} = {v!r} is outside [{lo}, {hi}]"
+    return None
+
+
+# ------------------------------------------------------------ record reading
+def _record(content, key: str, kind: str):
+    try:
+        rec = content[key]
+    except (KeyError, TypeError):
+        raise InvalidReply(f"reply has no {key!r} {kind}") from None
+    return rec
+
+
+def read_state(content, key: str = "arrays") -> dict[str, torch.Tensor]:
+    """``content[key]`` (an ArrayRecord) as a torch state dict."""
+    rec = _record(content, key, "record")
+    try:
+        return rec.to_torch_state_dict()
+    except Exception as exc:  # noqa: BLE001 - any decoding failure makes the reply unusable
+        raise InvalidReply(f"{key}: cannot be read as arrays ({type(exc).__name__}: {exc})") from None
+
+
+def read_vectors(content, key: str) -> dict[str, np.ndarray]:
+    """``content[key]`` (an ArrayRecord of named vectors) as numpy arrays."""
+    rec = _record(content, key, "record")
+    try:
+        return {k: rec[k].numpy() for k in rec.keys()}
+    except Exception as exc:  # noqa: BLE001
+        raise InvalidReply(f"{key}: cannot be read as arrays ({type(exc).__name__}: {exc})") from None
+
+
+def _metrics(content) -> Mapping:
+    return _record(content, "metrics", "record")
+
+
+def _raise(reason: str | None) -> None:
+    if reason is not None:
+        raise InvalidReply(reason)
+
+
+# ---------------------------------------------------------- per message type
+@dataclass
+class TrainReply:
+    state: dict[str, torch.Tensor]
+    gates: dict[str, torch.Tensor] | None
+    num_examples: int
+    loss: float
+    compute_s: float
+
+
+@dataclass
+class ImportanceReply:
+    scores: dict[str, np.ndarray]
+    num_examples: int
+    sensitivity: dict[str, float] | None
+
+
+def parse_train_reply(content, sent: Mapping[str, ArraySpec], sent_gates: Mapping[str, ArraySpec] | None,
+                      num_train: int, epochs: int) -> TrainReply:
+    """Weights (and gates) as sent, finite; ``num-examples`` in [1, num_train]; finite loss and compute time."""
+    state = read_state(content, "arrays")
+    _raise(check_state(sent, state, "arrays"))
+    gates = None
+    if sent_gates is not None:
+        gates = read_state(content, "gates")
+        _raise(check_state(sent_gates, gates, "gates"))
+    m = _metrics(content)
+    _raise(check_count(m.get("num-examples"), "num-examples", 1, num_train))
+    if epochs > 0:  # a client asked for no local epoch reports NaN: it did not train
+        _raise(check_finite_metric(m, "train-loss"))
+    elif "train-loss" not in m:
+        raise InvalidReply("metric 'train-loss' is missing")
+    _raise(check_finite_metric(m, "compute-s", lo=0.0))
+    _raise(check_finite_metric(m, "gate-loss", required=False))
+    return TrainReply(state, gates, int(m["num-examples"]), float(m["train-loss"]), float(m["compute-s"]))
+
+
+def parse_importance_reply(content, groups, num_train: int, sensitivity: bool) -> ImportanceReply:
+    """Valid importance vectors (and sensitivity when asked for); ``num-examples`` in [1, num_train]."""
+    scores = read_vectors(content, "importance")
+    _raise(check_importance(groups, scores))
+    m = _metrics(content)
+    _raise(check_count(m.get("num-examples"), "num-examples", 1, num_train))
+    sens = None
+    if sensitivity:
+        vec = read_vectors(content, "sensitivity")
+        _raise(check_sensitivity(groups, vec))
+        sens = {k: float(vec[k][0]) for k in groups.names}
+    return ImportanceReply({k: scores[k].astype(np.float64) for k in groups.names}, int(m["num-examples"]), sens)
+
+
+def parse_evaluate_reply(content, num_val: int) -> tuple[int, float]:
+    """``(num-examples, accuracy)``: a count in [0, num_val]; a finite accuracy in [0, 1] when the count is positive."""
+    m = _metrics(content)
+    _raise(check_count(m.get("num-examples"), "num-examples", 0, num_val))
+    n = int(m["num-examples"])
+    if n == 0:
+        return 0, float("nan")
+    _raise(check_finite_metric(m, "accuracy", 0.0, 1.0))
+    return n, float(m["accuracy"])
+
+
+def parse_register_reply(content, profiles) -> dict:
+    """The ``info`` record: a known profile, a partition id >= 0, non-negative shard sizes."""
+    info = _record(content, "info", "record")
+    for key in ("partition-id", "profile", "num-train", "num-val", "label-histogram"):
+        if key not in info:
+            raise InvalidReply(f"info: {key!r} is missing")
+    _raise(check_count(info["partition-id"], "partition-id", 0))
+    if str(info["profile"]) not in profiles:
+        raise InvalidReply(f"info: unknown profile {info['profile']!r}; allowed: {list(profiles)}")
+    _raise(check_count(info["num-train"], "num-train", 0))
+    _raise(check_count(info["num-val"], "num-val", 0))
+    return dict(info)

@@ -1,0 +1,117 @@
+"""Flower Deployment Engine: the same ServerApp/ClientApp on a SuperLink and SuperNodes, driven by ``flwr run``.
+
+The integration test starts 1 ``flower-superlink`` and 3 ``flower-supernode`` processes on
+loopback (free ports, a private ``FLWR_HOME``), submits a tiny synthetic job with ``flwr run``,
+checks ``results.json`` and stops every process it started (process groups + PIDs).
+Two SuperNodes declare their device profile in their node config, as real devices would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from _procs import QUIET_ENV, ProcessGroup, executable, free_port, pids_matching, wait_for_port
+from conftest import TINY
+
+from fedprune.config import REPO_ROOT, load_config
+from fedprune.federated import FederatedPruning, InProcessTransport
+from fedprune.task import client_profile
+
+#: The tiny job: no warm-up round, so each SuperNode runs 4 ClientApp processes
+#: (register, importance, fine-tune, final evaluation).
+DEPLOY = [*TINY, "federated.warmup_rounds=0"]
+#: Profiles declared in the node config of partitions 0 and 1 (partition 2 keeps the seeded one).
+DECLARED = {0: "microcontroller", 1: "edge_gpu"}
+#: Experiment config of the job (relative to the app directory, as the ServerApp reads it).
+CONFIG_FILE = "configs/quick.toml"
+
+
+def _inprocess(overrides, declared: dict, config_file=None) -> dict:
+    cfg = load_config(config_file, overrides)
+    transport = InProcessTransport(3)
+    for pid, profile in declared.items():
+        transport.contexts[pid].node_config["profile"] = profile
+    return FederatedPruning(cfg, transport, None).run()
+
+
+# ------------------------------------------------------------ node-config profile (in-process, fast)
+def test_declared_profile_replaces_the_seeded_assignment():
+    cfg = load_config(None, TINY)
+    seeded = [client_profile(cfg, i, 3) for i in range(3)]
+    assert seeded[0] != "microcontroller"  # otherwise the test proves nothing
+    res = _inprocess(TINY, {0: "microcontroller"})
+    got = {c["partition_id"]: c["profile"] for c in res["clients"]}
+    assert got == {0: "microcontroller", 1: seeded[1], 2: seeded[2]}
+    counts = {p: sum(1 for v in got.values() if v == p) for p in set(got.values())}
+    assert {p: v["clients"] for p, v in res["profiles"].items()} == counts
+
+
+def test_unknown_declared_profile_is_a_clear_register_error():
+    cfg = load_config(None, TINY)
+    from fedprune.task import client_register
+
+    with pytest.raises(ValueError, match=r"node config 'profile' = 'tablet' of partition 1 is not a known profile; allowed: \["):
+        client_register(cfg, 1, 3, "tablet")
+
+
+# ------------------------------------------------------------ integration: SuperLink + 3 SuperNodes
+@pytest.mark.integration
+def test_deployment_engine_superlink_three_supernodes_flwr_run(tmp_path):
+    tools = {name: executable(name) for name in ("flower-superlink", "flower-supernode", "flwr")}
+    missing = [n for n, p in tools.items() if p is None]
+    if missing:
+        pytest.skip(f"Flower executables not installed in this environment: {missing}")
+    flwr_home = tmp_path / "flwr-home"
+    flwr_home.mkdir()
+    out_dir = tmp_path / "out"
+    env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(flwr_home), "PATH": f"{tools['flwr'].parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    link_port = free_port()
+    group = ProcessGroup(tmp_path, env)
+    t0 = time.monotonic()
+    try:
+        link = group.start("superlink", [tools["flower-superlink"], "--insecure", "--disable-runtime-dependency-installation",
+                                         "--host", "127.0.0.1", "--port", link_port])
+        wait_for_port(link_port, 60, link)
+        for i in range(3):
+            node_config = f"partition-id={i} num-partitions=3" + (f' profile="{DECLARED[i]}"' if i in DECLARED else "")
+            group.start(f"supernode{i}", [tools["flower-supernode"], "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+                                          "--host", "127.0.0.1", "--port", free_port(), "--node-config", node_config])
+        (flwr_home / "config.toml").write_text(f'[superlink]\ndefault = "local-deploy"\n\n[superlink.local-deploy]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n')
+        run_config = tmp_path / "run-config.toml"
+        run_config.write_text(
+            f'config-file = "{CONFIG_FILE}"\n'
+            f"overrides = {json.dumps(shlex.join(DEPLOY))}\n"
+            f"out-dir = {json.dumps(str(out_dir))}\n"  # absolute: the SuperLink runs the app from its own copy
+        )
+        flwr = subprocess.run([str(tools["flwr"]), "run", str(REPO_ROOT), "local-deploy", "--stream", "--run-config", str(run_config)],
+                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=480)
+        group.all_pids()  # note the SuperExec children while they run
+        assert flwr.returncode == 0, f"flwr run failed:\n{flwr.stdout[-3000:]}\n{flwr.stderr[-3000:]}"
+        results = out_dir / "results.json"
+        assert results.is_file(), f"no results.json; flwr run output:\n{flwr.stdout[-3000:]}\nSuperLink log:\n{group.log('superlink')}"
+        res = json.loads(results.read_text())
+    finally:
+        left = group.stop()
+    assert not left, f"processes still running after stop: {sorted(left)}"
+    assert not pids_matching(f"127.0.0.1:{link_port}") | pids_matching(f"--port {link_port}"), "a SuperLink/SuperNode/SuperExec is left"
+    elapsed = time.monotonic() - t0
+
+    for key in ("config", "dense", "profiles", "rounds", "consensus", "clients", "totals", "summary"):
+        assert key in res
+    assert [r["phase"] for r in res["rounds"]] == ["importance", "finetune"]
+    assert all(r["clients"] == 3 and r["failures"] == 0 for r in res["rounds"])
+    cfg = load_config(REPO_ROOT / CONFIG_FILE, DEPLOY)
+    got = {c["partition_id"]: c["profile"] for c in res["clients"]}
+    assert got == {0: DECLARED[0], 1: DECLARED[1], 2: client_profile(cfg, 2, 3)}
+    assert set(res["profiles"]) == {"edge_gpu", "mobile_cpu", "microcontroller"}
+    # Same numbers as the in-process engine with the same node configs.
+    expected = _inprocess(DEPLOY, DECLARED, REPO_ROOT / CONFIG_FILE)
+    assert res["profiles"] == expected["profiles"]
+    assert res["consensus"]["kept_channels"] == expected["consensus"]["kept_channels"]
+    print(f"deployment run: {elapsed:.1f} s")

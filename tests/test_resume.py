@@ -1,0 +1,133 @@
+"""Checkpoint and resume: a run killed after a round continues to the same results."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fedprune.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
+from fedprune.config import load_config
+from fedprune.federated import FederatedPruning, InProcessTransport, resume_config, simulate
+
+from conftest import TINY as BASE
+
+TINY = [*BASE, "federated.warmup_rounds=2", "federated.finetune_rounds=2"]  # later values win
+TIMINGS = ("wall_s", "simulated_round_s")
+
+
+class Killed(Exception):
+    """Stands in for the process being killed."""
+
+
+class DyingTransport(InProcessTransport):
+    """In-process clients, but the 'process' dies during exchange number ``die_at``."""
+
+    def __init__(self, num_nodes: int, die_at: int):
+        super().__init__(num_nodes)
+        self.calls, self.die_at = 0, die_at
+
+    def exchange(self, requests):
+        self.calls += 1
+        if self.calls == self.die_at:
+            raise Killed
+        return super().exchange(requests)
+
+
+def _strip(res: dict) -> dict:
+    """The results without timings (which differ between runs)."""
+    out = {k: v for k, v in res.items() if k not in ("totals", "rounds")}
+    out["rounds"] = [{k: v for k, v in r.items() if k not in TIMINGS} for r in res["rounds"]]
+    out["totals"] = {k: v for k, v in res["totals"].items() if k != "wall_s"}
+    return out
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(None, TINY)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cfg, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    return simulate(cfg, out, engine="inprocess"), out
+
+
+@pytest.mark.parametrize("die_at", [3, 6])  # after the warm-up rounds / inside the fine-tuning
+def test_killed_run_resumes_to_the_same_results(cfg, uninterrupted, tmp_path, die_at):
+    full, _ = uninterrupted
+    with pytest.raises(Killed):
+        FederatedPruning(cfg, DyingTransport(3, die_at), tmp_path).run()
+    ckpt = load_checkpoint(tmp_path)
+    assert 0 < ckpt["steps_done"] < len(ckpt["plan"])
+    assert not (tmp_path / "results.json").exists()
+    # Fresh clients (new contexts, no cached model), as after a restart.
+    resumed = FederatedPruning(cfg, InProcessTransport(3), tmp_path).run(resume=True)
+    assert _strip(resumed) == _strip(full)
+    assert load_checkpoint(tmp_path)["steps_done"] == len(ckpt["plan"])
+
+
+def test_checkpoint_after_every_round_is_atomic(cfg, uninterrupted):
+    _, out = uninterrupted
+    ckpt = load_checkpoint(out)
+    assert ckpt["steps_done"] == len(ckpt["plan"]) and len(ckpt["rounds"]) == len(json.loads((out / "results.json").read_text())["rounds"])
+    assert {"torch", "numpy", "python"} <= set(ckpt["rng"])
+    assert not (out / (CHECKPOINT_FILE + ".tmp")).exists()
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path):
+    save_checkpoint(tmp_path, {"steps_done": 1})
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        save_checkpoint(tmp_path, {"steps_done": 2, "bad": Unpicklable()})
+    assert load_checkpoint(tmp_path)["steps_done"] == 1
+
+
+def test_resume_errors_are_clear(cfg, tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="checkpoint.pt"):
+        load_checkpoint(tmp_path)
+    (tmp_path / CHECKPOINT_FILE).write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path)
+    # A checkpoint written under another config is refused, not silently mixed.
+    with pytest.raises(Killed):
+        FederatedPruning(cfg, DyingTransport(3, 3), tmp_path).run()
+    other = load_config(None, TINY + ["seed=5"])
+    with pytest.raises(CheckpointError, match="different config"):
+        FederatedPruning(other, InProcessTransport(3), tmp_path).run(resume=True)
+
+
+def test_cli_resume(cfg, uninterrupted, tmp_path):
+    full, _ = uninterrupted
+    with pytest.raises(Killed):
+        FederatedPruning(cfg, DyingTransport(3, 6), tmp_path).run()
+    assert resume_config(tmp_path)[0] == FederatedPruning(cfg, InProcessTransport(3)).cfg
+    cmd = [sys.executable, "-m", "fedprune.cli", "simulate", "--resume", str(tmp_path), "--engine", "inprocess"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == full["summary"]
+    assert _strip(json.loads((tmp_path / "results.json").read_text())) == _strip(json.loads(json.dumps(full)))
+    bad = subprocess.run(cmd + ["--set", "seed=3"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "drop --set" in bad.stderr and "Traceback" not in bad.stderr
+    missing = subprocess.run(cmd[:5] + [str(tmp_path / "missing")], capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_state_survives_round_trip(cfg, tmp_path):
+    with pytest.raises(Killed):
+        FederatedPruning(cfg, DyingTransport(3, 6), tmp_path).run()
+    ckpt = load_checkpoint(tmp_path)
+    server = FederatedPruning(cfg, InProcessTransport(3), tmp_path)
+    server.register()
+    server.restore(ckpt)
+    assert all(torch.equal(server.state[k], ckpt["state"][k]) for k in ckpt["state"])
+    assert set(server.profile_masks) == {"edge_gpu", "mobile_cpu", "microcontroller"}
