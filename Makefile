@@ -12,7 +12,7 @@ export MPLCONFIGDIR ?= $(CURDIR)/.cache/matplotlib
 SHARED_CIFAR := $(wildcard $(CURDIR)/../shared/data/cifar10-subset)
 export FEDPRUNE_DATA_DIR ?= $(SHARED_CIFAR)
 
-.PHONY: demo test install bench-centralized bench-federated bench-scale sweep-noniid sweep-profile-mix clean
+.PHONY: demo test install bench-centralized bench-federated bench-hardware bench-dynamic bench-reliability bench-scale sweep-noniid sweep-profile-mix clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,15 @@ bench-centralized: $(STAMP)
 
 bench-federated: $(STAMP)
 	$(PY) simulation/bench_federated.py --data-dir $${FEDPRUNE_DATA_DIR:-../shared/data/cifar10-subset}
+
+bench-hardware: $(STAMP)
+	$(PY) simulation/bench_hardware.py --data-dir $${FEDPRUNE_DATA_DIR:-../shared/data/cifar10-subset}
+
+bench-dynamic: $(STAMP)
+	$(PY) simulation/bench_dynamic.py --data-dir $${FEDPRUNE_DATA_DIR:-../shared/data/cifar10-subset}
+
+bench-reliability: $(STAMP)
+	$(PY) simulation/bench_reliability.py --data-dir $${FEDPRUNE_DATA_DIR:-../shared/data/cifar10-subset}
 
 bench-scale: $(STAMP)
 	$(PY) simulation/bench_scale.py --data-dir $${FEDPRUNE_DATA_DIR:-../shared/data/cifar10-subset}

@@ -25,7 +25,7 @@ from fedprune.groups import EXAMPLE_INPUT_SHAPE
 
 log = logging.getLogger(__name__)
 
-__all__ = ["deployment_form", "count_params", "count_macs", "count_flops", "param_sparsity", "measure_latency_ms", "latency_side_by_side", "model_costs", "torch_threads"]
+__all__ = ["deployment_form", "count_params", "count_macs", "count_flops", "param_sparsity", "measure_latency_ms", "latency_side_by_side", "model_costs", "torch_threads", "process_tree_rss"]
 
 
 class _ChannelsLast(nn.Module):
@@ -149,3 +149,32 @@ def latency_side_by_side(
                 m(x)
                 times[name].append((time.perf_counter() - t0) * 1e3)
     return {n: statistics.median(t) for n, t in times.items()}
+
+
+def process_tree_rss(root: int) -> tuple[int, int, int]:
+    """Resident memory from Linux ``/proc``: (RSS of ``root`` in bytes, RSS of ``root`` and all its
+    descendants in bytes, number of processes in the tree). Ray workers and Flower client
+    processes are children of the driver, so the tree is what a simulation really uses."""
+    import os
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/statm") as fh:
+                rss[int(entry)] = int(fh.read().split()[1]) * page
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    total, count, stack = 0, 0, [root]
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        count += 1
+        stack.extend(children.get(pid, []))
+    return rss.get(root, 0), total, count

@@ -135,6 +135,20 @@ def value_label(value: Any) -> str:
     return str(value)
 
 
+def pretty_value(value: Any) -> str:
+    """Grid value for people: tables as ``a 0.3, b 0.7``."""
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k} {value_label(v)}" for k, v in value.items())
+    return value_label(value)
+
+
+def _grid_values(grid: "SweepGrid", key: str) -> str:
+    vals = grid.grid[key]
+    if key in grid.labels:
+        return "; ".join(f"{lab} ({pretty_value(v)})" for lab, v in zip(grid.labels[key], vals))
+    return ", ".join(pretty_value(v) for v in vals)
+
+
 def slug(text: str) -> str:
     """Characters safe in a directory name: letters, digits, ``_``, ``.``, ``+``, ``=``, ``,`` and ``-``."""
     return re.sub(r"[^A-Za-z0-9_.+=,-]+", "-", text).strip("-") or "x"
@@ -472,24 +486,26 @@ def _setting(grid: SweepGrid, cfg: ExperimentConfig, images: tuple[int, int] | N
     """One paragraph stating the setting (keys that vary say so)."""
     varies = set(grid.grid)
 
-    def v(key: str, text: str) -> str:
-        return f"{key.rsplit('.', 1)[-1]} varies (see the tables)" if key in varies else text
+    def v(key: str, text: str, what: str = "") -> str:
+        """``text``, or "<what> varies" when the grid varies ``key``."""
+        return f"{what or key.rsplit('.', 1)[-1]} varies (see the tables)" if key in varies else text
 
     fed, d = cfg.federated, cfg.data
     if d.dataset == "cifar10":
         data = f"CIFAR-10 subset ({images[0]:,} train / {images[1]:,} test images)" if images else "CIFAR-10"
     else:
         data = f"synthetic data ({images[0]:,} train / {images[1]:,} test images)" if images else "synthetic data"
-    part = d.partition + (f" (alpha {v('data.alpha', f'{d.alpha:g}')})" if d.partition == "dirichlet" else "")
-    profiles = ", ".join(f"{p} {100 * cfg.profiles[p].sparsity:.0f}% channels pruned, {cfg.profiles[p].local_epochs} local epoch(s)"
-                         for p in PROFILE_NAMES if p in cfg.profiles)
+    part = d.partition + ((" (alpha varies, see the tables)" if "data.alpha" in varies else f" (alpha {d.alpha:g})") if d.partition == "dirichlet" else "")
+    profiles = ", ".join(f"{p} {100 * cfg.profiles[p].sparsity:.0f}% channels pruned, {cfg.profiles[p].local_epochs} local epoch(s), "
+                         f"batch {cfg.profiles[p].batch_size}" for p in PROFILE_NAMES if p in cfg.profiles)
     sampled = f", {fed.clients_per_round} sampled per round" if fed.clients_per_round else ", all every round"
     return (
-        f"{cfg.model.name} on {data}; {v('federated.num_clients', f'{fed.num_clients} clients')}{sampled}; "
-        f"profile mix {v('federated.proportions', value_label(fed.proportions))}; "
-        f"{v('data.partition', part)} shards, {100 * d.val_fraction:.0f}% of each kept for local validation; "
-        f"{v('federated.warmup_rounds', f'{fed.warmup_rounds} dense warm-up')} + "
-        f"{v('federated.finetune_rounds', f'{fed.finetune_rounds} fine-tune rounds')}; "
+        f"{cfg.model.name} on {data}; {v('federated.num_clients', f'{fed.num_clients} clients', 'number of clients')}{sampled}; "
+        f"{v('federated.proportions', 'profile mix ' + pretty_value(fed.proportions), 'profile mix')}; "
+        f"{v('data.partition', part + ' shards', 'partition')}, {100 * d.val_fraction:.0f}% of each kept for local validation; "
+        f"{v('federated.warmup_rounds', f'{fed.warmup_rounds} dense warm-up', 'dense warm-up rounds')} + "
+        f"{v('federated.finetune_rounds', f'{fed.finetune_rounds} fine-tune rounds', 'fine-tune rounds')} (the warm-up rounds train the dense model, "
+        "every client with its profile's local epochs and batch size); "
         f"criterion {v('pruning.criterion', cfg.pruning.criterion)}, aggregation {v('federated.aggregation', fed.aggregation)}, "
         f"allocation {v('pruning.allocation', cfg.pruning.allocation)}; mask source {grid.mask_source}; engine {grid.engine}. "
         f"Profiles: {profiles}."
@@ -513,7 +529,7 @@ def render_summary(grid: SweepGrid, rows: Sequence[Mapping], cfg: ExperimentConf
         _setting(grid, cfg, images),
         "",
         "Fixed overrides: " + (", ".join(f"`{k} = {json.dumps(to_jsonable(v))}`" for k, v in grid.fixed.items()) or "none") + ". "
-        + "Grid: " + ("; ".join(f"`{k}` ∈ {{{', '.join(value_label(x) for x in vals)}}}" for k, vals in grid.grid.items()) or "none")
+        + "Grid: " + ("; ".join(f"`{k}` ∈ {{{_grid_values(grid, k)}}}" for k in grid.grid) or "none")
         + f"; seeds {grid.seeds} (a seed changes the shards, the profile assignment and the initial weights).",
         "",
         f"{len(rows)} cells: {cells_done} finished, {sum(r.get('status') == 'failed' for r in rows)} failed"
@@ -521,7 +537,8 @@ def render_summary(grid: SweepGrid, rows: Sequence[Mapping], cfg: ExperimentConf
         + f". {wall_note}".rstrip(),
         "",
         f"Test accuracy (%) of each profile's sub-network after fine-tuning{f' on {n_test:,} test images' if n_test else ''}, "
-        "mean ± std over the seeds (n = finished seeds); dense = the global model at the end of the dense warm-up. "
+        "mean ± std over the seeds (n = finished seeds); dense = the global model at the end of the dense warm-up "
+        "(so it has had fewer rounds of training than the sub-networks). "
         "– = no client of that profile.",
         "",
         "| " + " | ".join(short[k] for k in keys) + (" | " if keys else "") + "n | dense | " + " | ".join(present) + " |",
@@ -600,13 +617,17 @@ def plot_summary(grid: SweepGrid, rows: Sequence[Mapping], out_dir: Path, prefix
     for i, g in enumerate(groups):
         s = g["stats"]
         pts = [(s[f"{p}_flops"][0] / 1e6, s[f"{p}_accuracy"]) for p in present if f"{p}_flops" in s and f"{p}_accuracy" in s]
-        if "dense_flops" in s and "dense_accuracy" in s:
+        if "dense_flops" in s and "dense_accuracy" in s:  # unconnected: measured after the warm-up only
             pts.append((s["dense_flops"][0] / 1e6, s["dense_accuracy"]))
         if not pts:
             continue
         pts.sort(key=lambda t: t[0])
-        line = ax.errorbar([x for x, _ in pts], [100 * a[0] for _, a in pts], yerr=[100 * a[1] for _, a in pts], marker="o", capsize=3,
-                           label=f"{label(g)} (n={g['n']})")
+        xs, ys, es = [x for x, _ in pts], [100 * a[0] for _, a in pts], [100 * a[1] for _, a in pts]
+        line = ax.errorbar(xs, ys, yerr=es, ls="none", capsize=3, label=f"{label(g)} (n={g['n']})")
+        prof = [(s[f"{p}_flops"][0] / 1e6, 100 * s[f"{p}_accuracy"][0]) for p in present if f"{p}_flops" in s and f"{p}_accuracy" in s]
+        if len(prof) > 1:
+            prof.sort()
+            ax.plot([x for x, _ in prof], [y for _, y in prof], color=line[0].get_color())
         color = line[0].get_color()
         for p, marker in zip(present, ("^", "s", "v")):
             if f"{p}_flops" in s and f"{p}_accuracy" in s:

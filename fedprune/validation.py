@@ -73,15 +73,23 @@ def _names(names) -> str:
     return ", ".join(repr(n) for n in names[:_SHOW]) + more
 
 
+def _check_names(expected, received, what: str, missing_as: str = "missing", extra_as: str = "unexpected") -> str | None:
+    """Names in ``expected`` but not ``received`` (or the other way round), as a reason; None when equal."""
+    missing = set(expected) - set(received)
+    if missing:
+        return f"{what}: {missing_as} {_names(missing)}"
+    extra = set(received) - set(expected)
+    if extra:
+        return f"{what}: {extra_as} {_names(extra)}"
+    return None
+
+
 # ------------------------------------------------------------- single checks
 def check_state(expected: Mapping[str, ArraySpec], received: Mapping[str, torch.Tensor], what: str = "arrays") -> str | None:
     """Same names, shapes and dtypes as ``expected``, and all values finite."""
-    missing = set(expected) - set(received)
-    if missing:
-        return f"{what}: missing {_names(missing)}"
-    extra = set(received) - set(expected)
-    if extra:
-        return f"{what}: unexpected {_names(extra)}"
+    bad = _check_names(expected, received, what)
+    if bad:
+        return bad
     for k, spec in expected.items():
         v = received[k]
         if not isinstance(v, torch.Tensor):
@@ -98,12 +106,9 @@ def check_state(expected: Mapping[str, ArraySpec], received: Mapping[str, torch.
 def check_importance(groups, vectors: Mapping[str, np.ndarray]) -> str | None:
     """One floating, finite, non-negative vector of the group's size per channel group."""
     sizes = {g.name: g.size for g in groups}
-    missing = set(sizes) - set(vectors)
-    if missing:
-        return f"importance: missing groups {_names(missing)}"
-    extra = set(vectors) - set(sizes)
-    if extra:
-        return f"importance: unknown groups {_names(extra)}"
+    bad = _check_names(sizes, vectors, "importance", "missing groups", "unknown groups")
+    if bad:
+        return bad
     for name, size in sizes.items():
         v = np.asarray(vectors[name])
         if v.dtype.kind != "f":

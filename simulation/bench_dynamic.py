@@ -84,7 +84,7 @@ def render(per_seed: list[dict], lat: dict, args, cfg, n_test: int) -> str:
     lines = [
         "# Dynamic per-input pruning (FBS-style channel gates)",
         "",
-        f"seed_cnn on the CIFAR-10 subset ({n_test} test images; one point = {1000 / n_test:.1f} images per 1,000). "
+        f"seed_cnn on the CIFAR-10 subset ({n_test} test images; one accuracy point = {n_test / 100:.1f} images). "
         f"Static sub-network: {cfg.train.epochs} dense epochs, one-shot Taylor pruning to the mobile_cpu sparsity "
         f"({100 * first['channel_sparsity']:.0f}% channels), {cfg.pruning.finetune_epochs} fine-tuning epochs. Gates: "
         f"{args.gate_epochs} epochs on top of the {'jointly fine-tuned' if args.joint else 'frozen'} sub-network (budgets {args.train_budgets} cycled, distillation "

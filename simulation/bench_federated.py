@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from fedprune.centralized import DenseRun, prune_experiment, train_dense  # noqa: E402
 from fedprune.config import load_config  # noqa: E402
+from fedprune.metrics import process_tree_rss  # noqa: E402
 from fedprune.federated import simulate  # noqa: E402
 from fedprune.plots import save  # noqa: E402
 from fedprune.reporting import fmt_mean_std, mean_std, write_json, write_text  # noqa: E402
@@ -52,29 +53,6 @@ FEDERATED = [
 
 
 # ----------------------------------------------------------- process memory
-def _tree_rss_bytes(root: int) -> int:
-    """Sum of RSS over ``root`` and all its descendants (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/statm") as fh:
-                rss[int(entry)] = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    total, stack = 0, [root]
-    while stack:
-        pid = stack.pop()
-        total += rss.get(pid, 0)
-        stack.extend(children.get(pid, []))
-    return total
-
-
 class PeakRSS:
     """Samples the RSS of this process tree every ``interval`` seconds; ``.peak`` in bytes."""
 
@@ -88,13 +66,13 @@ class PeakRSS:
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, _tree_rss_bytes(os.getpid()))
+            self.peak = max(self.peak, process_tree_rss(os.getpid())[1])
             self._stop.wait(self.interval)
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _tree_rss_bytes(os.getpid()))
+        self.peak = max(self.peak, process_tree_rss(os.getpid())[1])
 
 
 # ---------------------------------------------------------------- the runs

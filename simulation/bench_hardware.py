@@ -184,7 +184,7 @@ def render(lut: dict | None, per_seed: list[dict] | None, cfg, args, n_test: int
         lines += [
             "## Equal budgets: accuracy after fine-tuning and compliance",
             "",
-            f"{cfg.model.name} on the CIFAR-10 subset ({n_test} test images; one point = {1000 / n_test:.1f} images per 1,000); "
+            f"{cfg.model.name} on the CIFAR-10 subset ({n_test} test images; one accuracy point = {n_test / 100:.1f} images); "
             f"{cfg.train.epochs} dense epochs, {cfg.pruning.criterion} importance, one-shot pruning to each profile's budgets "
             f"(configs/profiles.toml), {cfg.pruning.finetune_epochs} fine-tuning epochs; accuracy mean ± std over seeds "
             f"{', '.join(str(s) for s in args.seeds)}. Budgets are device estimates: latency = host ms / compute_speed; "

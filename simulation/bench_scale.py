@@ -31,37 +31,13 @@ sys.path.insert(0, str(ROOT))
 
 from fedprune import federated as fed_mod  # noqa: E402
 from fedprune.config import load_config  # noqa: E402
+from fedprune.metrics import process_tree_rss  # noqa: E402
 from fedprune.reporting import BENCHMARKS_DIR, SHARED_SUBSET, write_json, write_text  # noqa: E402
 
 log = logging.getLogger("bench_scale")
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 # ----------------------------------------------------------- process memory
-def _rss_tree(root: int) -> tuple[int, int, int]:
-    """(RSS of ``root``, RSS of ``root`` and all its descendants, number of processes), from /proc."""
-    children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/statm") as fh:
-                rss[int(entry)] = int(fh.read().split()[1]) * PAGE
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    total, count, stack = 0, 0, [root]
-    while stack:
-        pid = stack.pop()
-        total += rss.get(pid, 0)
-        count += 1
-        stack.extend(children.get(pid, []))
-    return rss.get(root, 0), total, count
-
-
 class MemorySampler:
     """Peak RSS of this process and of its whole process tree, sampled by a background thread."""
 
@@ -71,7 +47,7 @@ class MemorySampler:
         self.load: list[float] = []
 
     def _sample(self) -> None:
-        driver, tree, procs = _rss_tree(os.getpid())
+        driver, tree, procs = process_tree_rss(os.getpid())
         self.peak_driver, self.peak_tree, self.max_procs = max(self.peak_driver, driver), max(self.peak_tree, tree), max(self.max_procs, procs)
 
     def _run(self) -> None:
@@ -217,7 +193,8 @@ def render(state: dict) -> str:
         "record (partition id, profile, shard sizes, label histogram); models go out to the sampled clients only, and the "
         "state a client keeps between rounds (the dense model cached for the importance round) lives in its Flower `Context` "
         "and is dropped once used.",
-        "- Registration sends one small message to every client, so it is the one step that grows with the number registered. "
+        "- Registration sends one small message to every client, so it is the one step that grows with the number registered "
+        "(it also includes the workers' cold start: importing torch, loading the data, partitioning it). "
         "Rounds touch only the sampled clients: their wall time reflects the shard size (smaller shards with more clients), not "
         "the number registered.",
         "",
@@ -241,6 +218,10 @@ def render(state: dict) -> str:
             lines += ["", f"- Steady warm-up round: {b['workers']} workers take {sum(wb) / len(wb):.1f} s vs {sum(wa) / len(wa):.1f} s with "
                           f"{a['workers']} (speed-up {sum(wa) / len(wa) / (sum(wb) / len(wb)):.2f}x); memory {a['peak_rss_tree_gib']:.2f} → "
                           f"{b['peak_rss_tree_gib']:.2f} GiB: each extra worker process holds its own copy of torch, the data and the models."]
+            if sum(wa) / len(wa) / (sum(wb) / len(wb)) < 1.3:
+                lines += [f"- No speed-up here because the cores were not free: with a load average of {a['load_avg']:.1f}-{b['load_avg']:.1f} "
+                          "on 2 cores from other jobs (benchmarks, test suites), the niced workers got about one core between them. "
+                          "The comparison shows the memory cost of a second worker. Its speed-up can only be measured on an idle machine."]
     full = state.get("full_final_eval")
     if full:
         same = next((r for r in scale if r["clients"] == full["clients"]), None)

@@ -68,7 +68,7 @@ def ray_head():
            "--dashboard-agent-listen-port", str(free_port()), "--num-cpus", "2",
            "--disable-usage-stats", "--include-dashboard=false", "--temp-dir", temp_dir]
     try:
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)  # slow under load
         pids = pids_matching(temp_dir)  # every process of this head names its temp dir
         if res.returncode != 0:
             pytest.fail(f"`ray start --head` failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")

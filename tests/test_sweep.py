@@ -237,7 +237,7 @@ def test_summary_markdown_states_setting_and_mean_std(tmp_path):
     rows = [_row("0.1", 0, 0.5), _row("0.1", 1, 0.6), _row("0.1", 2, 0.7), _row("100", 0, 0.8), _row("100", 1, 0.8), _row("100", 2, 0.8)]
     cfg = grid.config(Cell(0, "x", "x", {"data.alpha": 0.1}, {"data.alpha": "0.1"}, 0))
     md = render_summary(grid, rows, cfg, (4068, 1017))
-    assert "4,068 train / 1,017 test images" in md and "10 clients" in md and "alpha varies" in md
+    assert "4,068 train / 1,017 test images" in md and "10 clients" in md and "alpha varies" in md and "∈ {0.1, 100}" in md
     assert "| 0.1 | 3 | 70.0 ± 10.0 | 60.0 ± 10.0 |" in md
     assert "| 100 | 3 | 90.0 ± 0.0 | 80.0 ± 0.0 |" in md
     assert "| 0.1 | edge_gpu | 3.0 | 30% | 1,000 | 2.00 | 1.00 | 2.00x |" in md
