@@ -17,7 +17,8 @@ targets built from the same scores are nested (see :func:`nested_masks`).
 Budget-constrained allocation (:func:`budget_allocate`,
 :func:`nested_budget_masks`) instead removes channels greedily, cheapest
 importance per unit of cost saved first, until hardware cost functions
-(MACs, bytes, ms; see :mod:`fedprune.cost`) meet their budgets;
+(MACs, bytes, ms; see :mod:`fedprune.cost`) meet their budgets (importance
+lost is measured as in :data:`BUDGET_OBJECTIVES`);
 :func:`constant_cost_allocate` is the baseline where every channel costs the
 same.
 """
@@ -43,11 +44,18 @@ __all__ = [
     "nested_budget_masks",
     "constant_cost_allocate",
     "BUDGET_ALLOCATIONS",
+    "BUDGET_OBJECTIVES",
     "budget_masks",
     "check_feasible",
 ]
 
 ALLOCATIONS = ("uniform", "global", "sensitivity")
+
+#: What the greedy budget allocation keeps as much of (``pruning.budget_objective``):
+#: ``log`` -- the sum over groups of log(share of the group's normalised importance kept),
+#: so no layer is emptied to save a little cost (the default); ``sum`` -- the summed
+#: normalised importance kept (linear, as HALP's knapsack), which can starve one layer.
+BUDGET_OBJECTIVES = ("log", "sum")
 
 
 def check_sparsity(sparsity: float, what: str = "sparsity") -> float:
@@ -214,7 +222,11 @@ class _RemovalOrder:
         round_to: int | None,
         step_fraction: float,
         max_group_sparsity: float | None = None,
+        objective: str = "log",
     ):
+        if objective not in BUDGET_OBJECTIVES:
+            raise ValueError(f"unknown budget objective {objective!r}; allowed: {list(BUDGET_OBJECTIVES)}")
+        self.objective = objective
         self.names = groups.names
         self.sizes = groups.sizes
         self.round_to = round_to if round_to and round_to > 1 else 1
@@ -245,9 +257,19 @@ class _RemovalOrder:
         return max(new, floor)
 
     def importance(self, name: str, count: int, new: int) -> float:
-        """Summed normalised score of the channels removed going from ``count`` to ``new`` kept."""
+        """Importance lost going from ``count`` to ``new`` kept channels in group ``name``.
+
+        ``sum``: the summed normalised score of the removed channels.
+        ``log``: the drop of log(normalised score kept in the group), i.e. the
+        removed share of what the group still holds -- thinning an already thin
+        layer costs more, since every layer is a bottleneck of the network.
+        """
         cum, size = self._cum[name], self.sizes[name]
-        return float(cum[size - new] - cum[size - count])
+        if self.objective == "sum":
+            return float(cum[size - new] - cum[size - count])
+        total = cum[-1]
+        before, after = total - cum[size - count], total - cum[size - new]
+        return float(math.log(max(before, 1e-12) / max(after, 1e-12)))
 
 
 class _Objective:
@@ -382,12 +404,13 @@ def _greedy_counts(
     round_to: int | None,
     step_fraction: float,
     max_group_sparsity: float | None = None,
+    objective: str = "log",
 ) -> list[dict[str, int]]:
     if not 0.0 <= step_fraction < 1.0:
         raise ValueError(f"step_fraction must be in [0, 1), got {step_fraction!r}")
     if max_group_sparsity is not None:
         check_sparsity(max_group_sparsity, "max_group_sparsity")
-    order = _RemovalOrder(groups, scores, min_channels, round_to, step_fraction, max_group_sparsity)
+    order = _RemovalOrder(groups, scores, min_channels, round_to, step_fraction, max_group_sparsity, objective)
     _check_feasible(order, profiles)
     return _GreedyRemoval(order).run(profiles)
 
@@ -401,13 +424,17 @@ def budget_allocate(
     round_to: int | None = None,
     step_fraction: float = 0.01,
     max_group_sparsity: float | None = None,
+    objective: str = "log",
 ) -> dict[str, int]:
     """Kept channels per group so that ``cost_fn(kept) <= budget`` (same units as ``cost_fn``).
 
     Greedy, starting dense: repeatedly remove the step with the lowest
-    (normalised importance removed / cost saved), where scores are divided by
-    their group mean and each group loses its lowest-scoring channels first;
-    stop as soon as the budget is met. A step removes
+    (importance lost / cost saved), where scores are divided by their group
+    mean and each group loses its lowest-scoring channels first; stop as soon
+    as the budget is met. The importance lost is, by ``objective`` (see
+    :data:`BUDGET_OBJECTIVES`), the drop of log(share of the group's
+    normalised importance still kept) -- ``log``, the default -- or the
+    summed normalised score removed -- ``sum``. A step removes
     ``max(1, step_fraction x group size)`` channels (down to a multiple of
     ``round_to`` when given) and never goes below ``min_channels`` (rounded
     up to ``round_to``), nor below ``(1 - max_group_sparsity) x size``
@@ -423,7 +450,7 @@ def budget_allocate(
     With one cost function the removal sequence does not depend on
     ``budget``, so a looser budget never keeps fewer channels in any group.
     """
-    return _greedy_counts(groups, scores, [[(cost_fn, float(budget))]], min_channels, round_to, step_fraction, max_group_sparsity)[0]
+    return _greedy_counts(groups, scores, [[(cost_fn, float(budget))]], min_channels, round_to, step_fraction, max_group_sparsity, objective)[0]
 
 
 def nested_budget_masks(
@@ -434,6 +461,7 @@ def nested_budget_masks(
     round_to: int | None = None,
     step_fraction: float = 0.01,
     max_group_sparsity: float | None = None,
+    objective: str = "log",
 ) -> list[StructuredMask]:
     """One mask per profile from ONE greedy removal sequence, so masks are nested.
 
@@ -448,7 +476,7 @@ def nested_budget_masks(
     :class:`InfeasibleBudgetError` when a constraint cannot be met.
     """
     profiles = [_as_constraints(entry) for entry in cost_fns_and_budgets]
-    counts = _greedy_counts(groups, scores, profiles, min_channels, round_to, step_fraction, max_group_sparsity)
+    counts = _greedy_counts(groups, scores, profiles, min_channels, round_to, step_fraction, max_group_sparsity, objective)
     return [StructuredMask.from_scores(scores, c) for c in counts]
 
 
@@ -471,7 +499,7 @@ def constant_cost_allocate(
     ``min_channels`` per group and counts that are multiples of ``round_to``
     (or the full group), never exceeding ``budget_channels``.
     """
-    return _greedy_counts(groups, scores, [[(total_channels, float(budget_channels))]], min_channels, round_to, 0.0)[0]
+    return _greedy_counts(groups, scores, [[(total_channels, float(budget_channels))]], min_channels, round_to, 0.0, objective="sum")[0]
 
 
 #: Ways to meet per-profile hardware budgets (``pruning.allocation`` values):
@@ -524,10 +552,12 @@ def budget_masks(
     min_channels: int = 1,
     round_to: int | None = None,
     max_group_sparsity: float | None = None,
+    objective: str = "log",
 ) -> list[StructuredMask]:
     """Nested masks, one per profile (loosest first), that meet each profile's ``(cost_fn, limit)`` list.
 
-    ``method`` is one of :data:`BUDGET_ALLOCATIONS`. ``budget`` and
+    ``method`` is one of :data:`BUDGET_ALLOCATIONS`; ``objective`` (one of
+    :data:`BUDGET_OBJECTIVES`) applies to ``budget``. ``budget`` and
     ``budget_uniform`` meet every budget by construction (as predicted by the
     cost functions); ``constant_cost`` does not look at the real cost beyond
     the dense value and may miss or overshoot -- it is the baseline.
@@ -536,7 +566,7 @@ def budget_masks(
         raise ValueError(f"unknown budget allocation {method!r}; allowed: {list(BUDGET_ALLOCATIONS)}")
     profiles = [_as_constraints(c) for c in constraints]
     if method == "budget":
-        return nested_budget_masks(groups, scores, profiles, min_channels, round_to, max_group_sparsity=max_group_sparsity)
+        return nested_budget_masks(groups, scores, profiles, min_channels, round_to, max_group_sparsity=max_group_sparsity, objective=objective)
     if method == "budget_uniform":
         sparsities, lo = [], 0.0
         for c in profiles:
@@ -549,7 +579,7 @@ def budget_masks(
     channels = [int(math.floor(total * f)) for f in np.minimum.accumulate(fractions)]
     floor = sum(round_keep_count(_min_keep(g.size, min_channels), g.size, round_to) for g in groups)
     channel_profiles = [[(total_channels, float(max(n, floor)))] for n in channels]
-    counts = _greedy_counts(groups, scores, channel_profiles, min_channels, round_to, 0.0)
+    counts = _greedy_counts(groups, scores, channel_profiles, min_channels, round_to, 0.0, objective="sum")
     return [StructuredMask.from_scores(scores, c) for c in counts]
 
 

@@ -25,7 +25,8 @@ from fedprune.masks import extract_submodel
 from fedprune.metrics import model_costs, param_sparsity
 from fedprune.reporting import write_json
 from fedprune.schedules import PruneSpec, lottery_ticket, one_shot, progressive
-from fedprune.task import budget_round_to, build_model, hardware_model, load_data, make_train_fn, model_groups, profile_constraints, train_config
+from fedprune.task import (budget_round_to, build_model, hardware_model, load_data, make_train_fn, model_groups, profile_budget_masks,
+                           profile_constraints, train_config)
 from fedprune.training import evaluate, set_seed, train
 
 log = logging.getLogger(__name__)
@@ -101,10 +102,9 @@ def prune_experiment(cfg: ExperimentConfig, dense: DenseRun, data=None) -> dict:
                 f"(one of {sorted(n for n, pr in cfg.profiles.items() if pr.budgets)})"
             )
         hardware = hardware_model(cfg, dense.model)
-        budget = lambda scale: profile_constraints(cfg, hardware, [p.budget_profile], scale)[0]  # noqa: E731
+        budget = lambda scale, scores: profile_budget_masks(cfg, hardware, scores, [p.budget_profile], scale)[0]  # noqa: E731
+        check_feasible(groups, profile_constraints(cfg, hardware, [p.budget_profile]), p.min_channels, budget_round_to(cfg))  # before any fine-tuning
     round_to = budget_round_to(cfg) if budget is not None else p.round_to or None
-    if budget is not None:
-        check_feasible(groups, [budget(1.0)], p.min_channels, round_to)  # fail before any fine-tuning
     spec = PruneSpec(p.criterion, p.sparsity, p.allocation, p.num_batches, p.min_channels, round_to, tuple(p.sensitivity_ratios), budget)
     model = copy.deepcopy(dense.model)
     train_fn = make_train_fn(train_loader, train_config(cfg), progress=f"{p.schedule}:{p.criterion}")

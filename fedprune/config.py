@@ -57,6 +57,8 @@ CRITERIA = ("l1", "l2", "variance", "bn_gamma", "gradient", "taylor", "fisher", 
 ALLOCATIONS = ("uniform", "global", "sensitivity", "budget", "budget_uniform", "constant_cost")
 #: Allocations that size each profile's sub-network from its ``budgets`` (see fedprune.allocation).
 BUDGET_ALLOCATIONS = ("budget", "budget_uniform", "constant_cost")
+#: Objectives of the greedy ``budget`` allocation (see fedprune.allocation.BUDGET_OBJECTIVES).
+BUDGET_OBJECTIVES = ("log", "sum")
 #: Allowed profile budget keys -> (what is limited, unit). Latencies are device estimates:
 #: host ms / the profile's compute_speed (see fedprune.cost.device_factor).
 BUDGET_KEYS: dict[str, str] = {
@@ -124,6 +126,8 @@ class PruningConfig:
     rewind_epoch: int = _spec(0, lo=0, doc="lottery ticket: rewind to weights after this many epochs")
     budget_profile: str = _spec("", doc="centralized runs with a budget allocation: the profile whose budgets to meet")
     latency_margin: float = _spec(0.1, lo=0.0, hi=0.5, hi_open=True, doc="budget allocations aim latency budgets at limit x (1 - margin)")
+    budget_objective: str = _spec("log", choices=BUDGET_OBJECTIVES, doc="allocation 'budget': 'log' keeps the most of "
+                                  "sum(log share of each group's importance kept), 'sum' of the summed importance kept")
 
 
 @dataclass

@@ -43,7 +43,7 @@ import torch.nn as nn
 from fedprune.config import BUDGET_KEYS
 from fedprune.groups import EXAMPLE_INPUT_SHAPE, ChannelGroups, build_dependency_graph, discover_groups, root_handler
 from fedprune.masks import StructuredMask, extract_submodel
-from fedprune.metrics import latency_side_by_side, torch_threads
+from fedprune.metrics import host_latency_ms, torch_threads
 from fedprune.reporting import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -521,7 +521,7 @@ class AnalyticCostModel:
 #: Kept fractions of each prunable layer dimension measured by :class:`LatencyLUT`.
 DEFAULT_LUT_GRID: tuple[float, ...] = (0.125, 0.25, 0.5, 0.75, 1.0)
 
-_LUT_FORMAT = 1
+_LUT_FORMAT = 2
 
 
 def lut_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -628,6 +628,10 @@ def _measure_layer(module: nn.Module, dims: LayerDims, points: Sequence[Sequence
 
 #: Uniform kept fraction of the second whole-model measurement that calibrates :class:`RestModel`.
 REST_CALIBRATION_FRACTION = 0.25
+#: Timed runs of each whole-model measurement of a table (at least), per pass.
+WHOLE_MODEL_REPEATS = 30
+#: Layer timings at batch sizes below 8 repeat this many times more (their calls are short and noisy).
+SMALL_BATCH_REPEAT_FACTOR = 5
 
 
 @dataclass(frozen=True)
@@ -699,7 +703,7 @@ class LatencyLUT:
     activations, pooling, framework overhead). It is measured as
     ``rest_ms = dense_ms - sum of the dense layer predictions``, where
     ``dense_ms`` is the dense model's deployment-form latency
-    (:func:`fedprune.metrics.latency_side_by_side`), so the prediction at
+    (:func:`fedprune.metrics.host_latency_ms`, median of 3 passes), so the prediction at
     the dense counts equals ``dense_ms``. With ``calibrate_rest=False`` the
     rest is that constant (it may be negative when per-layer overhead is
     overcounted). By default (``calibrate_rest=True``) a second whole-model
@@ -754,12 +758,14 @@ class LatencyLUT:
         model = model.eval()
         analytic = AnalyticCostModel(model, groups)
         tables: dict[str, LayerTable] = {}
+        # Batch-1 layer calls take tens of microseconds: time them more often than large batches.
+        layer_repeats = repeats * (SMALL_BATCH_REPEAT_FACTOR if batch_size < 8 else 1)
         with torch_threads(threads):
             for name, dims in analytic.layers.items():
                 if not dims.prunable:
                     continue
                 points = tuple(_grid_counts(groups[g].size, grid) for g in dims.axes)
-                ms = _measure_layer(model.get_submodule(name), dims, points, batch_size, warmup, repeats)
+                ms = _measure_layer(model.get_submodule(name), dims, points, batch_size, warmup, layer_repeats)
                 tables[name] = LayerTable(name, dims.axes, points, ms)
         key = dict(key) if key is not None else {"batch_size": batch_size, "threads": threads}
         lut = cls(key, tables, 0.0, 0.0)
@@ -768,7 +774,9 @@ class LatencyLUT:
         if calibrate_rest:
             cal_mask = StructuredMask({g.name: np.arange(g.size) < cal_kept[g.name] for g in groups})
             models["calibration"] = extract_submodel(model, cal_mask, groups)
-        measured = latency_side_by_side(models, batch_size, threads, warmup, repeats)
+        # Whole models are timed as runs time a sub-network (host_latency_ms), median of 3 passes.
+        passes = [{n: host_latency_ms(m, batch_size, threads, max(repeats, WHOLE_MODEL_REPEATS)) for n, m in models.items()} for _ in range(3)]
+        measured = {n: statistics.median(p[n] for p in passes) for n in models}
         dense_rest = measured["dense"] - lut.layers_ms(groups.sizes)
         if calibrate_rest:
             cal_rest = measured["calibration"] - lut.layers_ms(cal_kept)
@@ -991,6 +999,10 @@ def _measured_value(key: str, model: nn.Module, host_latency_ms: Mapping[int, fl
     return None if host_latency_ms is None or batch not in host_latency_ms else float(host_latency_ms[batch])
 
 
+def _correction_key(spec: CostSpec, compute_speed: float) -> tuple[str, float, float]:
+    return (spec.key, float(spec.limit), float(compute_speed))
+
+
 class HardwareModel:
     """Cost models of one architecture for profile budgets: analytic counts + latency tables.
 
@@ -1007,6 +1019,9 @@ class HardwareModel:
         latency_margin: the allocator aims latency budgets at
             ``limit x (1 - latency_margin)`` to absorb the tables' prediction
             error and timing noise; analytic budgets are exact (no margin).
+            :meth:`refit_latency` closes the loop: it times the chosen
+            sub-network and, where it is too slow or leaves the budget unused,
+            corrects later predictions.
         lut_repeats: timed runs per LUT grid point.
         cache_dir: LUT cache (default :func:`lut_cache_dir`).
     """
@@ -1026,7 +1041,10 @@ class HardwareModel:
         self.groups = groups
         self.analytic = AnalyticCostModel(model, groups)
         self.threads, self.latency_margin, self.lut_repeats, self.cache_dir = threads, latency_margin, lut_repeats, cache_dir
+        self.model = model
         self._luts: dict[int, LatencyLUT] = {}
+        #: (budget key, limit, compute_speed) -> measured / predicted latency of the last refit (>= 1)
+        self.latency_corrections: dict[tuple[str, float, float], float] = {}
 
     def luts(self, budgets: Iterable[Mapping[str, float]]) -> dict[int, LatencyLUT]:
         """Latency tables for every batch size named by a latency key in ``budgets`` (built or loaded)."""
@@ -1048,7 +1066,8 @@ class HardwareModel:
     def constraints(self, budgets: Mapping[str, float], compute_speed: float = 1.0, scale: float = 1.0) -> list[tuple[CostFn, float]]:
         """``(cost_fn, limit)`` pairs in device units for :func:`fedprune.allocation.nested_budget_masks`.
 
-        Latency limits are tightened by ``latency_margin``. With ``scale`` < 1
+        Latency limits are tightened by ``latency_margin`` and divided by the
+        correction :meth:`refit_latency` recorded for that budget, if any. With ``scale`` < 1
         (a progressive stage) each limit is moved from the dense cost towards
         the budget: ``dense - scale x (dense - limit)``.
         """
@@ -1060,12 +1079,46 @@ class HardwareModel:
             factor = device_factor(spec.key, compute_speed)
             fn = _MetricFn(spec.key, lambda k, f=host_fn, a=factor: f(k) * a,
                            parts=(lambda k, f=host_fn, a=factor: [v * a for v in f.parts(k)]) if hasattr(host_fn, "parts") else None)
-            limit = float(spec.limit) * (1.0 - self.latency_margin if spec.batch_size is not None else 1.0)
+            limit = float(spec.limit)
+            if spec.batch_size is not None:
+                limit *= (1.0 - self.latency_margin) / self.latency_corrections.get(_correction_key(spec, compute_speed), 1.0)
             if scale < 1.0:
                 full = fn(dense)
                 limit = max(limit, full - scale * (full - limit))
             out.append((fn, limit))
         return out
+
+    def refit_latency(self, budgets: Mapping[str, float], mask: StructuredMask, compute_speed: float = 1.0, repeats: int = 20) -> str:
+        """Time the sub-network ``mask`` for each latency budget and correct the table where it is off.
+
+        The extracted sub-network is measured as runs report it
+        (:func:`fedprune.metrics.host_latency_ms`, scaled to the device). The
+        allocator aims at ``limit x (1 - m)`` (``m`` = ``latency_margin``); a
+        measurement within ``[1 - 2m, 1 - m/2] x limit`` is accepted (half the
+        margin is left for timing noise). Above that band the sub-network would
+        risk the budget; below it, the budget is left unused. Either way the
+        budget's correction becomes measured / predicted (when too slow, at
+        least 2% above the previous one), so the next :meth:`constraints` aim
+        right. Returns ``"ok"`` (nothing to correct), ``"slow"`` (some budget
+        above the band) or ``"fast"`` (some below it, none above).
+        """
+        status, sub = "ok", None
+        m = self.latency_margin
+        for spec in parse_budgets(budgets):
+            if spec.batch_size is None:
+                continue
+            sub = sub if sub is not None else extract_submodel(self.model, mask, self.groups)
+            measured = host_latency_ms(sub, spec.batch_size, self.threads, repeats) * device_factor(spec.key, compute_speed)
+            slow, fast = measured > spec.limit * (1.0 - m / 2), measured < spec.limit * (1.0 - 2 * m)
+            if not (slow or fast):
+                continue
+            key = _correction_key(spec, compute_speed)
+            ratio = measured / self.predict(spec.key, mask, compute_speed)
+            self.latency_corrections[key] = max(ratio, 1.02 * self.latency_corrections.get(key, 1.0)) if slow else ratio
+            log.info("[hardware] %s: sub-network measured %.3g ms, %.0f%% of the %.3g ms budget (aim %.0f%%); predictions x %.3f from now on",
+                     spec.key, measured, 100 * measured / spec.limit, spec.limit, 100 * (1 - m), self.latency_corrections[key])
+            status = "slow" if slow else (status if status == "slow" else "fast")
+        return status
 
     def report(
         self,

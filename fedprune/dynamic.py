@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fedprune.training import TrainConfig, make_optimizer
+from fedprune.training import TrainConfig, train
 
 __all__ = ["ChannelGate", "GatedCNN", "GatedStats", "keep_count", "train_gates", "evaluate_gated", "gated_latency_ms"]
 
@@ -215,48 +215,34 @@ def train_gates(
     gates serves all of them. The loss is cross-entropy plus ``distill`` x
     the KL divergence to the full-budget network's softened outputs (the
     static sub-network as teacher). With ``joint=False`` the static network
-    is frozen and stays in eval mode (BatchNorm statistics unchanged).
-    Returns ``{"loss": mean loss of the last epoch, "steps", "examples"}``.
+    is frozen and stays in eval mode (BatchNorm statistics unchanged). The
+    loop is :func:`fedprune.training.train` (optimizer, LR schedule and
+    threads as ``cfg``). Returns ``{"loss": mean loss of the last epoch,
+    "steps", "examples"}``.
     """
     if not budgets:
         raise ValueError("train_gates needs at least one budget")
     for b in budgets:
         keep_count(b, 1)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     frozen = [] if joint else [p for n, p in gated.named_parameters() if not n.startswith("gates.") and p.requires_grad]
+
+    def loss_fn(model: GatedCNN, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+        logits = model(x, budgets[step % len(budgets)])
+        loss = F.cross_entropy(logits, y)
+        if distill:
+            with torch.no_grad():
+                teacher = F.softmax(model(x, 1.0) / temperature, dim=1)
+            loss = loss + distill * temperature**2 * F.kl_div(F.log_softmax(logits / temperature, dim=1), teacher, reduction="batchmean")
+        return loss
+
     for p in frozen:
         p.requires_grad_(False)
-    params = [p for p in gated.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg)
-    was_training = gated.training
-    gated.train(joint)
-    steps = examples = 0
-    loss_sum = 0.0
     try:
-        for epoch in range(cfg.epochs):
-            loss_sum, seen = 0.0, 0
-            for x, y in loader:
-                budget = budgets[steps % len(budgets)]
-                logits = gated(x, budget)
-                loss = F.cross_entropy(logits, y)
-                if distill:
-                    with torch.no_grad():
-                        teacher = F.softmax(gated(x, 1.0) / temperature, dim=1)
-                    loss = loss + distill * temperature**2 * F.kl_div(F.log_softmax(logits / temperature, dim=1), teacher, reduction="batchmean")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                steps += 1
-                examples += len(y)
-                loss_sum += float(loss.detach()) * len(y)
-                seen += len(y)
+        return train(gated, loader, cfg, loss_fn=loss_fn, train_mode=joint)
     finally:
         for p in frozen:
             p.requires_grad_(True)
-        gated.train(was_training)
         gated.refresh()
-    return {"loss": loss_sum / max(seen, 1) if cfg.epochs else float("nan"), "steps": steps, "examples": examples}
 
 
 # ---------------------------------------------------------------- measuring

@@ -25,7 +25,7 @@ from fedprune.groups import EXAMPLE_INPUT_SHAPE
 
 log = logging.getLogger(__name__)
 
-__all__ = ["deployment_form", "count_params", "count_macs", "count_flops", "param_sparsity", "measure_latency_ms", "latency_side_by_side", "model_costs", "torch_threads", "process_tree_rss"]
+__all__ = ["deployment_form", "count_params", "count_macs", "count_flops", "param_sparsity", "measure_latency_ms", "host_latency_ms", "latency_side_by_side", "model_costs", "torch_threads", "process_tree_rss"]
 
 
 class _ChannelsLast(nn.Module):
@@ -111,15 +111,20 @@ def measure_latency_ms(model: nn.Module, batch_size: int = 1, threads: int | Non
     return latency_side_by_side({"model": model}, batch_size, threads, warmup, repeats)["model"]
 
 
+def host_latency_ms(model: nn.Module, batch_size: int, threads: int | None = 1, repeats: int = 20) -> float:
+    """Latency (ms on this host) as every run reports it: batch 1 timed ``repeats`` times after 5
+    warm-up passes, larger batches ``max(5, repeats // 4)`` times after 2 (see :func:`measure_latency_ms`)."""
+    if batch_size == 1:
+        return measure_latency_ms(model, 1, threads, repeats=repeats)
+    return measure_latency_ms(model, batch_size, threads, warmup=2, repeats=max(5, repeats // 4))
+
+
 def model_costs(model: nn.Module, latency: bool = False, threads: int | None = 1, repeats: int = 20) -> dict:
     """Params, MACs, FLOPs and (optionally) batch-1 / batch-64 latency in ms."""
     out = {"params": count_params(model), "macs": count_macs(model)}
     out["flops"] = 2 * out["macs"]
     if latency:
-        out["latency_ms"] = {
-            "b1": measure_latency_ms(model, 1, threads, repeats=repeats),
-            "b64": measure_latency_ms(model, 64, threads, warmup=2, repeats=max(5, repeats // 4)),
-        }
+        out["latency_ms"] = {f"b{b}": host_latency_ms(model, b, threads, repeats) for b in (1, 64)}
     return out
 
 

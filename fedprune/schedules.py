@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 import torch.nn as nn
 
-from fedprune.allocation import BUDGET_ALLOCATIONS, allocate, budget_masks, check_sparsity
+from fedprune.allocation import BUDGET_ALLOCATIONS, allocate, check_sparsity
 from fedprune.groups import ChannelGroups
 from fedprune.importance import ImportanceScores, compute_importance
 from fedprune.masks import SoftMaskHook, StructuredMask, apply_soft_mask, round_keep_count
@@ -43,10 +43,11 @@ class PruneSpec:
     round_to: int | None = None
     sensitivity_ratios: tuple[float, ...] = DEFAULT_RATIOS
     #: For the budget allocations (``budget``, ``budget_uniform``, ``constant_cost``):
-    #: ``scale -> [(cost_fn, limit), ...]``, the constraints of a stage that goes
-    #: ``scale`` (in (0, 1]) of the way from dense to the budget; ``sparsity`` then only
-    #: sets the stage fractions (stage sparsity / ``sparsity``).
-    budget: Callable[[float], list] | None = None
+    #: ``(scale, scores) -> StructuredMask``, the mask of a stage that goes ``scale``
+    #: (in (0, 1]) of the way from dense to the budget (e.g. a partial of
+    #: :func:`fedprune.task.profile_budget_masks`); ``sparsity`` then only sets the
+    #: stage fractions (stage sparsity / ``sparsity``).
+    budget: Callable[[float, Mapping[str, np.ndarray]], StructuredMask] | None = None
 
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity)
@@ -92,7 +93,7 @@ def select_mask(
         if spec.budget is None:
             raise ValueError(f"allocation {spec.allocation!r} needs budget constraints (PruneSpec.budget)")
         scale = sparsity / spec.sparsity if spec.sparsity > 0 else 1.0
-        counts = budget_masks(spec.allocation, groups, scores.scores, [spec.budget(scale)], spec.min_channels, spec.round_to)[0].kept_counts
+        counts = spec.budget(scale, scores.scores).kept_counts
     else:
         counts = allocate(groups, sparsity, spec.allocation, scores.scores, sens.score() if sens else None, spec.min_channels)
     if within is not None:

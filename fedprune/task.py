@@ -92,6 +92,7 @@ def make_train_fn(loader, base: TrainConfig, progress: str | None = None):
 # Client work: what one federated client does, callable with or without Flower.
 # ----------------------------------------------------------------------------
 import copy  # noqa: E402
+import logging  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -105,6 +106,8 @@ from fedprune.masks import StructuredMask, extract_submodel  # noqa: E402
 from fedprune.profiles import assign_profiles  # noqa: E402
 from fedprune.sensitivity import measure_sensitivity  # noqa: E402
 from fedprune.training import evaluate, recalibrate_bn, set_seed  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 #: Images of the local shard used for importance/sensitivity (eval transform).
 CLIENT_SCORE_SUBSET = 512
@@ -310,10 +313,36 @@ def budget_round_to(cfg: ExperimentConfig) -> int:
     return cfg.pruning.round_to or BUDGET_ROUND_TO
 
 
+#: How often :func:`profile_budget_masks` may allocate again after timing the chosen sub-networks.
+LATENCY_REFITS = 3
+
+
 def profile_budget_masks(cfg: ExperimentConfig, hardware, scores, names, scale: float = 1.0):
-    """Nested masks for ``names`` (most capable first) by ``cfg.pruning.allocation`` (a budget allocation)."""
+    """Nested masks for ``names`` (most capable first) by ``cfg.pruning.allocation`` (a budget allocation).
+
+    For the final budgets (``scale`` 1) of ``budget`` and ``budget_uniform`` the loop is closed on
+    measurement: each profile's sub-network with a latency budget is timed on this host
+    (:meth:`fedprune.cost.HardwareModel.refit_latency`) and, where the latency table was off, the
+    masks are allocated again with corrected predictions (at most :data:`LATENCY_REFITS` times).
+    The result is the last masks timed within their band, else the last ones not too slow, else
+    the last ones allocated.
+    """
     from fedprune.allocation import budget_masks
 
     pr = cfg.pruning
-    constraints = profile_constraints(cfg, hardware, names, scale)
-    return budget_masks(pr.allocation, hardware.groups, scores, constraints, pr.min_channels, budget_round_to(cfg))
+    timed = [n for n in names if any(k.startswith("latency_") for k in cfg.profiles[n].budgets)]
+    fallback = None
+    for _ in range(LATENCY_REFITS + 1):
+        constraints = profile_constraints(cfg, hardware, names, scale)
+        masks = budget_masks(pr.allocation, hardware.groups, scores, constraints, pr.min_channels, budget_round_to(cfg), objective=pr.budget_objective)
+        if scale < 1.0 or pr.allocation == "constant_cost" or not timed:
+            return masks
+        status = [hardware.refit_latency(cfg.profiles[n].budgets, m, cfg.profiles[n].compute_speed, cfg.eval.latency_repeats)
+                  for n, m in zip(names, masks) if n in timed]
+        if all(s == "ok" for s in status):
+            return masks
+        if "slow" not in status:
+            fallback = masks
+    log.warning("[hardware] latency budgets of %s: no allocation timed within the aimed band after %d refits; using %s",
+                ", ".join(timed), LATENCY_REFITS, "the last one that was not too slow" if fallback is not None else "the last one")
+    return fallback if fallback is not None else masks

@@ -109,12 +109,17 @@ def train(
     cfg: TrainConfig,
     after_step: Callable[[nn.Module], None] | None = None,
     progress: str | None = None,
+    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None,
+    train_mode: bool = True,
 ) -> dict[str, float | int]:
-    """Train ``model`` in place with cross-entropy for ``cfg.epochs`` epochs.
+    """Train ``model`` in place for ``cfg.epochs`` epochs.
 
     Only parameters with ``requires_grad`` are optimised.  ``after_step(model)``
-    runs after every optimizer step (e.g. to re-apply pruning masks).  The
-    model's train/eval mode is restored afterwards.
+    runs after every optimizer step (e.g. to re-apply pruning masks).
+    ``loss_fn(model, x, y, step)`` gives a batch's loss (default: cross-entropy
+    of ``model(x)``).  The model runs in train mode (``train_mode=False``: eval
+    mode, e.g. to keep frozen BatchNorm statistics) and its mode is restored
+    afterwards.
 
     Returns:
         ``{"loss": mean per-example loss of the last epoch (nan if no batches),
@@ -133,9 +138,11 @@ def train(
         if cfg.cosine
         else None
     )
-    criterion = nn.CrossEntropyLoss()
+    if loss_fn is None:
+        criterion = nn.CrossEntropyLoss()
+        loss_fn = lambda m, x, y, step: criterion(m(x), y)  # noqa: E731
     was_training = model.training
-    model.train()
+    model.train(train_mode)
     steps = examples = 0
     epoch_loss, epoch_examples, current_epoch = 0.0, 0, 0
     try:
@@ -144,7 +151,7 @@ def train(
                 epoch_loss, epoch_examples, current_epoch = 0.0, 0, epoch
             x, y = x.to(device), y.to(device)
             optimizer.zero_grad(set_to_none=True)
-            loss = criterion(model(x), y)
+            loss = loss_fn(model, x, y, steps)
             loss.backward()
             optimizer.step()
             if after_step is not None:

@@ -177,12 +177,15 @@ def render(state: dict) -> str:
     def f(v, d=1):
         return "–" if v is None else f"{v:.{d}f}"
 
-    for r in scale:
+    def round_cells(r) -> str:
+        """Warm-up round 1 (cold), mean later warm-up round, importance round, mean fine-tune round (s)."""
         w = _round_walls(r)
-        warm = w.get("warmup", [])
-        lines.append(f"| {r['clients']:,} | {r['train_images_per_client']:.1f} | {f(r['register_s'])} | {f(warm[0] if warm else None)} | "
-                     f"{f(sum(warm[1:]) / len(warm[1:]) if len(warm) > 1 else None)} | {f((w.get('importance') or [None])[0])} | "
-                     f"{f(sum(w.get('finetune', [])) / max(1, len(w.get('finetune', []))) if w.get('finetune') else None)} | "
+        warm, fine = w.get("warmup", []), w.get("finetune", [])
+        return (f"{f(warm[0] if warm else None)} | {f(sum(warm[1:]) / len(warm[1:]) if len(warm) > 1 else None)} | "
+                f"{f((w.get('importance') or [None])[0])} | {f(sum(fine) / len(fine) if fine else None)}")
+
+    for r in scale:
+        lines.append(f"| {r['clients']:,} | {r['train_images_per_client']:.1f} | {f(r['register_s'])} | {round_cells(r)} | "
                      f"{f(r['final_s'])} ({r['final_eval_clients']}) | {r['wall_s']:.0f} | {r['peak_rss_tree_gib']:.2f} | {r['peak_rss_driver_gib']:.2f} |")
     lo, hi = (scale[0], scale[-1]) if scale else (conc[0], conc[0])
     lines += [
@@ -205,12 +208,7 @@ def render(state: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in conc:
-        w = _round_walls(r)
-        warm = w.get("warmup", [])
-        lines.append(f"| {r['workers']} ({r['num_cpus_per_client']:g}) | {f(warm[0] if warm else None)} | "
-                     f"{f(sum(warm[1:]) / len(warm[1:]) if len(warm) > 1 else None)} | {f((w.get('importance') or [None])[0])} | "
-                     f"{f(sum(w.get('finetune', [])) / max(1, len(w.get('finetune', []))) if w.get('finetune') else None)} | "
-                     f"{r['wall_s']:.0f} | {r['peak_rss_tree_gib']:.2f} |")
+        lines.append(f"| {r['workers']} ({r['num_cpus_per_client']:g}) | {round_cells(r)} | {r['wall_s']:.0f} | {r['peak_rss_tree_gib']:.2f} |")
     if len(conc) == 2:
         a, b = sorted(conc, key=lambda r: r["workers"])
         wa, wb = _round_walls(a).get("warmup", [])[1:], _round_walls(b).get("warmup", [])[1:]

@@ -44,3 +44,20 @@ def shared_cifar() -> Path:
 def synthetic_data() -> tuple[ImageArrays, ImageArrays]:
     """Small synthetic ``(train, test)`` pair: 600 and 200 images, 10 classes."""
     return make_synthetic(600, seed=11), make_synthetic(200, seed=12)
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg(request):
+    """The tiny config: the test module's own ``TINY`` overrides when it defines them, else :data:`TINY`."""
+    from fedprune.config import load_config
+
+    return load_config(None, getattr(request.module, "TINY", TINY))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_cfg, tmp_path_factory):
+    """One complete in-process run of :func:`tiny_cfg`: ``(results, out_dir)``. Read it; do not write to it."""
+    from fedprune.federated import simulate
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    return simulate(tiny_cfg, out, engine="inprocess"), out

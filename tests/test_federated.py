@@ -19,17 +19,6 @@ from fedprune.task import build_model, client_register, client_train, model_grou
 from conftest import TINY
 
 
-@pytest.fixture(scope="module")
-def tiny_cfg():
-    return load_config(None, TINY)
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_cfg, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fed")
-    return simulate(tiny_cfg, out, engine="inprocess"), out
-
-
 # ------------------------------------------------------------ aggregation
 def test_aggregation_math_on_hand_made_vectors():
     a = {"g": np.array([1.0, 2.0, 3.0])}       # mean 2 -> [0.5, 1, 1.5]

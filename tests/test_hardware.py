@@ -46,6 +46,7 @@ def seed_hw():
     ("pruning.budget_profile='tpu'", ["pruning.budget_profile", "'tpu'", "microcontroller"]),
     ("pruning.latency_margin=0.7", ["pruning.latency_margin", "0.7"]),
     ("pruning.allocation='knapsack'", ["pruning.allocation", "'knapsack'", "budget_uniform"]),
+    ("pruning.budget_objective='max'", ["pruning.budget_objective", "'max'", "'log', 'sum'"]),
 ])
 def test_bad_budget_configs(override, fragments) -> None:
     with pytest.raises(ConfigError) as err:
@@ -127,6 +128,66 @@ def test_latency_constraints_apply_device_factor_and_margin(seed_hw) -> None:
     ((_, stage_limit),) = hw.constraints({"latency_ms_b1": 4.0}, compute_speed=0.5, scale=0.5)
     assert limit < stage_limit < fn(groups.sizes)
     del hw._luts[1]
+
+
+def test_refit_latency_closes_the_loop_on_measurement(seed_hw, monkeypatch) -> None:
+    """The table says the sub-network fits; timing it says 30% slower: the next allocation aims lower and fits."""
+    from fedprune import cost
+    from fedprune.allocation import nested_budget_masks
+
+    model, groups, hw, scores = seed_hw
+
+    class FakeLUT:
+        def predict_ms(self, kept):
+            return total_channels(kept) / 100.0  # host ms
+
+    def timed(sub, batch_size, threads, repeats):  # the "real" host latency: 1.3x the table
+        return 1.3 * total_channels({g.name: g.size for g in discover_groups(sub)}) / 100.0
+
+    monkeypatch.setattr(cost, "host_latency_ms", timed)
+    monkeypatch.setitem(hw._luts, 1, FakeLUT())
+    monkeypatch.setattr(hw, "latency_corrections", {})
+    budgets, speed = {"latency_ms_b1": 5.0}, 0.5  # device ms = 2 x host ms
+
+    def allocate():
+        return nested_budget_masks(groups, scores, [hw.constraints(budgets, speed)], round_to=8)[0]
+
+    def measured(mask):
+        return 2 * timed(extract_submodel(model, mask, groups), 1, 1, 1)
+
+    first = allocate()
+    assert hw.predict("latency_ms_b1", first, speed) <= 5.0 * (1 - hw.latency_margin) < measured(first)
+    assert hw.refit_latency(budgets, first, speed) == "slow"
+    assert hw.latency_corrections[("latency_ms_b1", 5.0, speed)] == pytest.approx(1.3)
+    second = allocate()
+    assert second.is_subset_of(first) and 5.0 * (1 - 2 * hw.latency_margin) <= measured(second) <= 5.0 * (1 - hw.latency_margin) + 1e-9
+    assert hw.refit_latency(budgets, second, speed) == "ok"  # fits as measured: nothing changes
+    assert hw.refit_latency({"macs": 1.0}, second, speed) == "ok"  # analytic budgets are never timed
+
+
+def test_refit_latency_uses_an_unused_budget(seed_hw, monkeypatch) -> None:
+    """The table is 2x too pessimistic: the refit lets the next allocation keep more channels, within the band."""
+    from fedprune import cost
+    from fedprune.allocation import nested_budget_masks
+
+    model, groups, hw, scores = seed_hw
+
+    class FakeLUT:
+        def predict_ms(self, kept):
+            return total_channels(kept) / 100.0
+
+    def timed(sub, batch_size, threads, repeats):
+        return 0.5 * total_channels({g.name: g.size for g in discover_groups(sub)}) / 100.0
+
+    monkeypatch.setattr(cost, "host_latency_ms", timed)
+    monkeypatch.setitem(hw._luts, 1, FakeLUT())
+    monkeypatch.setattr(hw, "latency_corrections", {})
+    budgets = {"latency_ms_b1": 4.0}
+    first = nested_budget_masks(groups, scores, [hw.constraints(budgets)], round_to=8)[0]
+    assert hw.refit_latency(budgets, first) == "fast"
+    second = nested_budget_masks(groups, scores, [hw.constraints(budgets)], round_to=8)[0]
+    assert first.is_subset_of(second) and second.channel_sparsity < first.channel_sparsity
+    assert hw.refit_latency(budgets, second) == "ok"
 
 
 def test_report_measures_the_extracted_model(seed_hw) -> None:

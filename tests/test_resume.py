@@ -45,33 +45,22 @@ def _strip(res: dict) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def cfg():
-    return load_config(None, TINY)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(cfg, tmp_path_factory):
-    out = tmp_path_factory.mktemp("full")
-    return simulate(cfg, out, engine="inprocess"), out
-
-
 @pytest.mark.parametrize("die_at", [3, 6])  # after the warm-up rounds / inside the fine-tuning
-def test_killed_run_resumes_to_the_same_results(cfg, uninterrupted, tmp_path, die_at):
-    full, _ = uninterrupted
+def test_killed_run_resumes_to_the_same_results(tiny_cfg, tiny_run, tmp_path, die_at):
+    full, _ = tiny_run
     with pytest.raises(Killed):
-        FederatedPruning(cfg, DyingTransport(3, die_at), tmp_path).run()
+        FederatedPruning(tiny_cfg, DyingTransport(3, die_at), tmp_path).run()
     ckpt = load_checkpoint(tmp_path)
     assert 0 < ckpt["steps_done"] < len(ckpt["plan"])
     assert not (tmp_path / "results.json").exists()
     # Fresh clients (new contexts, no cached model), as after a restart.
-    resumed = FederatedPruning(cfg, InProcessTransport(3), tmp_path).run(resume=True)
+    resumed = FederatedPruning(tiny_cfg, InProcessTransport(3), tmp_path).run(resume=True)
     assert _strip(resumed) == _strip(full)
     assert load_checkpoint(tmp_path)["steps_done"] == len(ckpt["plan"])
 
 
-def test_checkpoint_after_every_round_is_atomic(cfg, uninterrupted):
-    _, out = uninterrupted
+def test_checkpoint_after_every_round_is_atomic(tiny_cfg, tiny_run):
+    _, out = tiny_run
     ckpt = load_checkpoint(out)
     assert ckpt["steps_done"] == len(ckpt["plan"]) and len(ckpt["rounds"]) == len(json.loads((out / "results.json").read_text())["rounds"])
     assert {"torch", "numpy", "python"} <= set(ckpt["rng"])
@@ -90,7 +79,7 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path):
     assert load_checkpoint(tmp_path)["steps_done"] == 1
 
 
-def test_resume_errors_are_clear(cfg, tmp_path):
+def test_resume_errors_are_clear(tiny_cfg, tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="checkpoint.pt"):
@@ -100,17 +89,17 @@ def test_resume_errors_are_clear(cfg, tmp_path):
         load_checkpoint(tmp_path)
     # A checkpoint written under another config is refused, not silently mixed.
     with pytest.raises(Killed):
-        FederatedPruning(cfg, DyingTransport(3, 3), tmp_path).run()
+        FederatedPruning(tiny_cfg, DyingTransport(3, 3), tmp_path).run()
     other = load_config(None, TINY + ["seed=5"])
     with pytest.raises(CheckpointError, match="different config"):
         FederatedPruning(other, InProcessTransport(3), tmp_path).run(resume=True)
 
 
-def test_cli_resume(cfg, uninterrupted, tmp_path):
-    full, _ = uninterrupted
+def test_cli_resume(tiny_cfg, tiny_run, tmp_path):
+    full, _ = tiny_run
     with pytest.raises(Killed):
-        FederatedPruning(cfg, DyingTransport(3, 6), tmp_path).run()
-    assert resume_config(tmp_path)[0] == FederatedPruning(cfg, InProcessTransport(3)).cfg
+        FederatedPruning(tiny_cfg, DyingTransport(3, 6), tmp_path).run()
+    assert resume_config(tmp_path)[0] == FederatedPruning(tiny_cfg, InProcessTransport(3)).cfg
     cmd = [sys.executable, "-m", "fedprune.cli", "simulate", "--resume", str(tmp_path), "--engine", "inprocess"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -122,11 +111,11 @@ def test_cli_resume(cfg, uninterrupted, tmp_path):
     assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
 
 
-def test_state_survives_round_trip(cfg, tmp_path):
+def test_state_survives_round_trip(tiny_cfg, tmp_path):
     with pytest.raises(Killed):
-        FederatedPruning(cfg, DyingTransport(3, 6), tmp_path).run()
+        FederatedPruning(tiny_cfg, DyingTransport(3, 6), tmp_path).run()
     ckpt = load_checkpoint(tmp_path)
-    server = FederatedPruning(cfg, InProcessTransport(3), tmp_path)
+    server = FederatedPruning(tiny_cfg, InProcessTransport(3), tmp_path)
     server.register()
     server.restore(ckpt)
     assert all(torch.equal(server.state[k], ckpt["state"][k]) for k in ckpt["state"])
