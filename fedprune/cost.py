@@ -43,7 +43,7 @@ import torch.nn as nn
 from fedprune.config import BUDGET_KEYS
 from fedprune.groups import EXAMPLE_INPUT_SHAPE, ChannelGroups, build_dependency_graph, discover_groups, root_handler
 from fedprune.masks import StructuredMask, extract_submodel
-from fedprune.metrics import host_latency_ms, torch_threads
+from fedprune.metrics import host_latency_ms, median_host_latency_ms, torch_threads
 from fedprune.reporting import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -775,8 +775,7 @@ class LatencyLUT:
             cal_mask = StructuredMask({g.name: np.arange(g.size) < cal_kept[g.name] for g in groups})
             models["calibration"] = extract_submodel(model, cal_mask, groups)
         # Whole models are timed as runs time a sub-network (host_latency_ms), median of 3 passes.
-        passes = [{n: host_latency_ms(m, batch_size, threads, max(repeats, WHOLE_MODEL_REPEATS)) for n, m in models.items()} for _ in range(3)]
-        measured = {n: statistics.median(p[n] for p in passes) for n in models}
+        measured = median_host_latency_ms(models, batch_size, threads, max(repeats, WHOLE_MODEL_REPEATS))
         dense_rest = measured["dense"] - lut.layers_ms(groups.sizes)
         if calibrate_rest:
             cal_rest = measured["calibration"] - lut.layers_ms(cal_kept)
@@ -1117,7 +1116,7 @@ class HardwareModel:
             self.latency_corrections[key] = max(ratio, 1.02 * self.latency_corrections.get(key, 1.0)) if slow else ratio
             log.info("[hardware] %s: sub-network measured %.3g ms, %.0f%% of the %.3g ms budget (aim %.0f%%); predictions x %.3f from now on",
                      spec.key, measured, 100 * measured / spec.limit, spec.limit, 100 * (1 - m), self.latency_corrections[key])
-            status = "slow" if slow else (status if status == "slow" else "fast")
+            status = "slow" if slow or status == "slow" else "fast"
         return status
 
     def report(

@@ -25,7 +25,7 @@ from fedprune.groups import EXAMPLE_INPUT_SHAPE
 
 log = logging.getLogger(__name__)
 
-__all__ = ["deployment_form", "count_params", "count_macs", "count_flops", "param_sparsity", "measure_latency_ms", "host_latency_ms", "latency_side_by_side", "model_costs", "torch_threads", "process_tree_rss"]
+__all__ = ["deployment_form", "count_params", "count_macs", "count_flops", "param_sparsity", "measure_latency_ms", "host_latency_ms", "median_host_latency_ms", "latency_side_by_side", "model_costs", "torch_threads", "process_tree_rss"]
 
 
 class _ChannelsLast(nn.Module):
@@ -117,6 +117,12 @@ def host_latency_ms(model: nn.Module, batch_size: int, threads: int | None = 1, 
     if batch_size == 1:
         return measure_latency_ms(model, 1, threads, repeats=repeats)
     return measure_latency_ms(model, batch_size, threads, warmup=2, repeats=max(5, repeats // 4))
+
+
+def median_host_latency_ms(models: dict[str, nn.Module], batch_size: int, threads: int | None = 1, repeats: int = 20, passes: int = 3) -> dict[str, float]:
+    """``{name: ms}``: each model timed alone by :func:`host_latency_ms`, ``passes`` times over all of them, median."""
+    runs = [{n: host_latency_ms(m, batch_size, threads, repeats) for n, m in models.items()} for _ in range(passes)]
+    return {n: statistics.median(r[n] for r in runs) for n in models}
 
 
 def model_costs(model: nn.Module, latency: bool = False, threads: int | None = 1, repeats: int = 20) -> dict:

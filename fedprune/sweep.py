@@ -616,24 +616,22 @@ def plot_summary(grid: SweepGrid, rows: Sequence[Mapping], out_dir: Path, prefix
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, g in enumerate(groups):
         s = g["stats"]
-        pts = [(s[f"{p}_flops"][0] / 1e6, s[f"{p}_accuracy"]) for p in present if f"{p}_flops" in s and f"{p}_accuracy" in s]
-        if "dense_flops" in s and "dense_accuracy" in s:  # unconnected: measured after the warm-up only
-            pts.append((s["dense_flops"][0] / 1e6, s["dense_accuracy"]))
+        # (name, MFLOPs, (mean, std) accuracy, marker); the dense point is not on the profiles' line:
+        # it is measured after the warm-up only.
+        prof = [(p, s[f"{p}_flops"][0] / 1e6, s[f"{p}_accuracy"], m) for p, m in zip(present, ("^", "s", "v"))
+                if f"{p}_flops" in s and f"{p}_accuracy" in s]
+        dense = [("dense", s["dense_flops"][0] / 1e6, s["dense_accuracy"], "*")] if "dense_flops" in s and "dense_accuracy" in s else []
+        pts = sorted(prof + dense, key=lambda t: t[1])
         if not pts:
             continue
-        pts.sort(key=lambda t: t[0])
-        xs, ys, es = [x for x, _ in pts], [100 * a[0] for _, a in pts], [100 * a[1] for _, a in pts]
-        line = ax.errorbar(xs, ys, yerr=es, ls="none", capsize=3, label=f"{label(g)} (n={g['n']})")
-        prof = [(s[f"{p}_flops"][0] / 1e6, 100 * s[f"{p}_accuracy"][0]) for p in present if f"{p}_flops" in s and f"{p}_accuracy" in s]
-        if len(prof) > 1:
-            prof.sort()
-            ax.plot([x for x, _ in prof], [y for _, y in prof], color=line[0].get_color())
+        line = ax.errorbar([x for _, x, _, _ in pts], [100 * a[0] for _, _, a, _ in pts], yerr=[100 * a[1] for _, _, a, _ in pts],
+                           ls="none", capsize=3, label=f"{label(g)} (n={g['n']})")
         color = line[0].get_color()
-        for p, marker in zip(present, ("^", "s", "v")):
-            if f"{p}_flops" in s and f"{p}_accuracy" in s:
-                ax.scatter([s[f"{p}_flops"][0] / 1e6], [100 * s[f"{p}_accuracy"][0]], marker=marker, s=60, color=color, zorder=3)
-        if "dense_flops" in s and "dense_accuracy" in s:
-            ax.scatter([s["dense_flops"][0] / 1e6], [100 * s["dense_accuracy"][0]], marker="*", s=160, color=color, zorder=3)
+        if len(prof) > 1:
+            line_pts = sorted(prof, key=lambda t: t[1])
+            ax.plot([x for _, x, _, _ in line_pts], [100 * a[0] for _, _, a, _ in line_pts], color=color)
+        for name, x, a, marker in pts:
+            ax.scatter([x], [100 * a[0]], marker=marker, s=160 if name == "dense" else 60, color=color, zorder=3)
     ax.set_xscale("log")
     name = f"{prefix}accuracy_vs_flops.png"
     finish(fig, ax, out_dir / name, "MFLOPs per image (log): " + " · ".join(["microcontroller ▼", "mobile_cpu ■", "edge_gpu ▲", "dense ★"]),

@@ -330,19 +330,19 @@ def profile_budget_masks(cfg: ExperimentConfig, hardware, scores, names, scale: 
     from fedprune.allocation import budget_masks
 
     pr = cfg.pruning
-    timed = [n for n in names if any(k.startswith("latency_") for k in cfg.profiles[n].budgets)]
     fallback = None
     for _ in range(LATENCY_REFITS + 1):
         constraints = profile_constraints(cfg, hardware, names, scale)
         masks = budget_masks(pr.allocation, hardware.groups, scores, constraints, pr.min_channels, budget_round_to(cfg), objective=pr.budget_objective)
-        if scale < 1.0 or pr.allocation == "constant_cost" or not timed:
+        if scale < 1.0 or pr.allocation == "constant_cost":
             return masks
+        # "ok" without timing anything for profiles that have no latency budget
         status = [hardware.refit_latency(cfg.profiles[n].budgets, m, cfg.profiles[n].compute_speed, cfg.eval.latency_repeats)
-                  for n, m in zip(names, masks) if n in timed]
+                  for n, m in zip(names, masks)]
         if all(s == "ok" for s in status):
             return masks
         if "slow" not in status:
             fallback = masks
     log.warning("[hardware] latency budgets of %s: no allocation timed within the aimed band after %d refits; using %s",
-                ", ".join(timed), LATENCY_REFITS, "the last one that was not too slow" if fallback is not None else "the last one")
+                ", ".join(names), LATENCY_REFITS, "the last one that was not too slow" if fallback is not None else "the last one")
     return fallback if fallback is not None else masks

@@ -42,7 +42,7 @@ from fedprune.cost import HardwareModel, LatencyLUT  # noqa: E402
 from fedprune.data import make_loader  # noqa: E402
 from fedprune.groups import discover_groups  # noqa: E402
 from fedprune.masks import StructuredMask, extract_submodel  # noqa: E402
-from fedprune.metrics import host_latency_ms  # noqa: E402
+from fedprune.metrics import median_host_latency_ms  # noqa: E402
 from fedprune.models import get_model  # noqa: E402
 from fedprune.plots import finish  # noqa: E402
 from fedprune.reporting import benchmark_parser, fmt_mean_std, mean_std, to_jsonable, write_json, write_text  # noqa: E402
@@ -92,8 +92,7 @@ def lut_accuracy(cfg, threads: int, repeats: int, lut_dir: Path) -> dict:
         models = {label: extract_submodel(model, StructuredMask.from_scores(scores, kept), groups) for label, kept in widths.items()}
         # Each width timed alone, exactly as runs measure a sub-network for the budget check
         # (host_latency_ms: warm caches, as on a device running one model); median of 3 passes.
-        passes = [{label: host_latency_ms(m, batch, threads, repeats) for label, m in models.items()} for _ in range(LUT_PASSES)]
-        measured = {label: float(np.median([p[label] for p in passes])) for label in models}
+        measured = median_host_latency_ms(models, batch, threads, repeats, LUT_PASSES)
         for label, kept in widths.items():
             pred = lut.predict_ms(kept)
             row = out["rows"].setdefault(label, {"kept_fraction": sum(kept.values()) / groups.total_channels})
