@@ -30,11 +30,12 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from fedprune.config import BUDGET_ALLOCATIONS, BUDGET_OBJECTIVES, SPARSITY_ALLOCATIONS
 from fedprune.groups import ChannelGroups
 from fedprune.masks import StructuredMask, round_keep_count
 
 __all__ = [
-    "ALLOCATIONS",
+    "SPARSITY_ALLOCATIONS",
     "allocate",
     "nested_masks",
     "sensitivity_weights",
@@ -49,13 +50,6 @@ __all__ = [
     "check_feasible",
 ]
 
-ALLOCATIONS = ("uniform", "global", "sensitivity")
-
-#: What the greedy budget allocation keeps as much of (``pruning.budget_objective``):
-#: ``log`` -- the sum over groups of log(share of the group's normalised importance kept),
-#: so no layer is emptied to save a little cost (the default); ``sum`` -- the summed
-#: normalised importance kept (linear, as HALP's knapsack), which can starve one layer.
-BUDGET_OBJECTIVES = ("log", "sum")
 
 
 def check_sparsity(sparsity: float, what: str = "sparsity") -> float:
@@ -138,8 +132,8 @@ def allocate(
 ) -> dict[str, int]:
     """Kept channels per group for a target channel ``sparsity`` in [0, 1)."""
     check_sparsity(sparsity)
-    if method not in ALLOCATIONS:
-        raise ValueError(f"unknown allocation {method!r}; allowed: {list(ALLOCATIONS)}")
+    if method not in SPARSITY_ALLOCATIONS:
+        raise ValueError(f"unknown allocation {method!r}; allowed: {list(SPARSITY_ALLOCATIONS)}")
     if method == "uniform":
         return _uniform(groups, sparsity, min_channels)
     if method == "global":
@@ -502,12 +496,6 @@ def constant_cost_allocate(
     return _greedy_counts(groups, scores, [[(total_channels, float(budget_channels))]], min_channels, round_to, 0.0, objective="sum")[0]
 
 
-#: Ways to meet per-profile hardware budgets (``pruning.allocation`` values):
-#: ``budget`` -- greedy importance-per-cost removal (:func:`nested_budget_masks`);
-#: ``budget_uniform`` -- the smallest uniform layer-wise sparsity that meets the budgets;
-#: ``constant_cost`` -- the notebook's baseline: every channel costs the same, so a
-#: budget at fraction f of the dense cost keeps the globally best f of all channels.
-BUDGET_ALLOCATIONS = ("budget", "budget_uniform", "constant_cost")
 
 
 def _meets(constraints: Sequence[Constraint], kept: Mapping[str, int]) -> bool:

@@ -54,10 +54,20 @@ def _spec(default=dataclasses.MISSING, *, choices=None, lo=None, hi=None, lo_ope
 DATASETS = ("cifar10", "synthetic")
 MODELS = ("seed_cnn", "resnet20", "mobilenetv2")
 CRITERIA = ("l1", "l2", "variance", "bn_gamma", "gradient", "taylor", "fisher", "activation")
-ALLOCATIONS = ("uniform", "global", "sensitivity", "budget", "budget_uniform", "constant_cost")
-#: Allocations that size each profile's sub-network from its ``budgets`` (see fedprune.allocation).
+#: Allocations of per-group keep ratios from a channel sparsity (fedprune.allocation.allocate).
+SPARSITY_ALLOCATIONS = ("uniform", "global", "sensitivity")
+#: Ways to meet per-profile hardware budgets (fedprune.allocation.budget_masks):
+#: ``budget`` -- greedy importance-per-cost removal (nested_budget_masks);
+#: ``budget_uniform`` -- the smallest uniform layer-wise sparsity that meets the budgets;
+#: ``constant_cost`` -- the notebook's baseline: every channel costs the same, so a
+#: budget at fraction f of the dense cost keeps the globally best f of all channels.
 BUDGET_ALLOCATIONS = ("budget", "budget_uniform", "constant_cost")
-#: Objectives of the greedy ``budget`` allocation (see fedprune.allocation.BUDGET_OBJECTIVES).
+#: ``pruning.allocation`` values.
+ALLOCATIONS = SPARSITY_ALLOCATIONS + BUDGET_ALLOCATIONS
+#: What the greedy budget allocation keeps as much of (``pruning.budget_objective``):
+#: ``log`` -- the sum over groups of log(share of the group's normalised importance kept),
+#: so no layer is emptied to save a little cost (the default); ``sum`` -- the summed
+#: normalised importance kept (linear, as HALP's knapsack), which can starve one layer.
 BUDGET_OBJECTIVES = ("log", "sum")
 #: Allowed profile budget keys -> (what is limited, unit). Latencies are device estimates:
 #: host ms / the profile's compute_speed (see fedprune.cost.device_factor).
@@ -125,7 +135,8 @@ class PruningConfig:
     sensitivity_ratios: list = _spec([0.2, 0.5, 0.8])
     rewind_epoch: int = _spec(0, lo=0, doc="lottery ticket: rewind to weights after this many epochs")
     budget_profile: str = _spec("", doc="centralized runs with a budget allocation: the profile whose budgets to meet")
-    latency_margin: float = _spec(0.1, lo=0.0, hi=0.5, hi_open=True, doc="budget allocations aim latency budgets at limit x (1 - margin)")
+    latency_margin: float = _spec(0.1, lo=0.0, hi=0.5, hi_open=True, doc="budget allocations aim latency budgets at limit x (1 - margin) "
+                                  "and accept a timed sub-network up to limit x (1 - margin / 2)")
     budget_objective: str = _spec("log", choices=BUDGET_OBJECTIVES, doc="allocation 'budget': 'log' keeps the most of "
                                   "sum(log share of each group's importance kept), 'sum' of the summed importance kept")
 
@@ -187,6 +198,7 @@ class DynamicConfig:
     train_budgets: list = _spec([0.5, 0.75], doc="budgets cycled over the gate-training steps, each in (0, 1]")
     eval_budgets: list = _spec([1.0, 0.9, 0.8, 0.7, 0.6, 0.5], doc="budgets reported per profile, each in (0, 1]")
     gated_layers: list = _spec([], doc="indices of the gated conv blocks; [] = all but the last")
+    round_to: int = _spec(8, lo=1, doc="kept channels per gated layer go to the nearest multiple of this (CPU kernels' fast path)")
 
 
 @dataclass

@@ -24,6 +24,7 @@ the extracted models exactly.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -43,7 +44,7 @@ import torch.nn as nn
 from fedprune.config import BUDGET_KEYS
 from fedprune.groups import EXAMPLE_INPUT_SHAPE, ChannelGroups, build_dependency_graph, discover_groups, root_handler
 from fedprune.masks import StructuredMask, extract_submodel
-from fedprune.metrics import host_latency_ms, median_host_latency_ms, torch_threads
+from fedprune.metrics import LATENCY_PASSES, median_host_latency_ms, torch_threads
 from fedprune.reporting import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,8 @@ __all__ = [
     "measure_peak_activation_bytes",
     "LayerTable",
     "LatencyLUT",
-    "RestModel",
-    "REST_CALIBRATION_FRACTION",
+    "LatencyCalibration",
+    "calibration_widths",
     "DEFAULT_LUT_GRID",
     "lut_cache_dir",
     "CostSpec",
@@ -521,7 +522,7 @@ class AnalyticCostModel:
 #: Kept fractions of each prunable layer dimension measured by :class:`LatencyLUT`.
 DEFAULT_LUT_GRID: tuple[float, ...] = (0.125, 0.25, 0.5, 0.75, 1.0)
 
-_LUT_FORMAT = 2
+_LUT_FORMAT = 3
 
 
 def lut_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -626,26 +627,46 @@ def _measure_layer(module: nn.Module, dims: LayerDims, points: Sequence[Sequence
     return ms
 
 
-#: Uniform kept fraction of the second whole-model measurement that calibrates :class:`RestModel`.
-REST_CALIBRATION_FRACTION = 0.25
+#: Uniform kept fractions of the whole-model measurements that calibrate a table (with the dense model).
+CALIBRATION_FRACTIONS: tuple[float, ...] = (0.75, 0.5, 0.25)
+#: Random per-group widths (multiples of 8, seeded) measured as well to calibrate a table.
+CALIBRATION_RANDOM_WIDTHS = 4
 #: Timed runs of each whole-model measurement of a table (at least), per pass.
 WHOLE_MODEL_REPEATS = 30
 #: Layer timings at batch sizes below 8 repeat this many times more (their calls are short and noisy).
 SMALL_BATCH_REPEAT_FACTOR = 5
 
 
-@dataclass(frozen=True)
-class RestModel:
-    """Latency (ms) of everything a :class:`LatencyLUT`'s layer tables leave out.
+def calibration_widths(groups: ChannelGroups, seed: int = 0) -> dict[str, dict[str, int]]:
+    """The sub-networks a table is calibrated on: dense, uniform :data:`CALIBRATION_FRACTIONS`
+    and :data:`CALIBRATION_RANDOM_WIDTHS` random widths (multiples of 8 as budget allocations keep)."""
+    widths = {"dense": dict(groups.sizes)}
+    for f in CALIBRATION_FRACTIONS:
+        widths[f"uniform {f:g}"] = {g.name: max(1, int(round(f * g.size))) for g in groups}
+    rng = np.random.default_rng([0xCA11B, seed])  # a stream of its own: benchmarks draw test widths from seed 0
+    for i in range(CALIBRATION_RANDOM_WIDTHS):
+        widths[f"random {i}"] = {g.name: min(g.size, 8 * math.ceil(int(rng.integers(1, g.size + 1)) / 8)) for g in groups}
+    return widths
 
-    ``fixed_ms + ms_per_element x elements(kept)``, where ``elements`` is the
-    summed input + output element count of every non-Conv/Linear leaf call
-    (activations, pooling, BN, ...; :meth:`AnalyticCostModel.non_layer_elements`),
-    ``elements_const + sum(elements_per_group[g] x kept[g])``. With
-    ``ms_per_element == 0`` it is the constant ``fixed_ms``.
+
+@dataclass(frozen=True)
+class LatencyCalibration:
+    """Maps a table's summed layer latencies to a whole sub-network's latency (ms).
+
+        ms = layer_scale x layers_ms + fixed_ms + ms_per_element x elements(kept)
+
+    ``layers_ms`` is the sum of the interpolated standalone layer timings;
+    ``layer_scale`` absorbs what standalone timing misses (cache state and
+    call overhead inside the whole model, and drift between the layer and
+    whole-model timings); ``elements(kept)`` is the summed input + output
+    element count of every non-Conv/Linear leaf call (activations, pooling,
+    BN, ...; :meth:`AnalyticCostModel.non_layer_elements`),
+    ``elements_const + sum(elements_per_group[g] x kept[g])``; ``fixed_ms``
+    is framework overhead. :meth:`fit` keeps every term non-negative.
     """
 
-    fixed_ms: float
+    layer_scale: float = 1.0
+    fixed_ms: float = 0.0
     ms_per_element: float = 0.0
     elements_const: int = 0
     elements_per_group: Mapping[str, int] = None  # type: ignore[assignment]
@@ -653,38 +674,51 @@ class RestModel:
     def elements(self, kept: Kept) -> int:
         return self.elements_const + sum(u * kept[g] for g, u in (self.elements_per_group or {}).items())
 
-    def predict_ms(self, kept: Kept) -> float:
-        if not self.ms_per_element:
-            return self.fixed_ms
-        return self.fixed_ms + self.ms_per_element * self.elements(kept)
+    def predict_ms(self, layers_ms: float, kept: Kept) -> float:
+        rest = self.fixed_ms + (self.ms_per_element * self.elements(kept) if self.ms_per_element else 0.0)
+        return self.layer_scale * layers_ms + rest
 
     @classmethod
-    def fit(cls, elements: tuple[int, Mapping[str, int]], points: Sequence[tuple[Kept, float]]) -> "RestModel":
-        """Fit to ``[(dense kept, rest ms), (calibration kept, rest ms)]``; both terms kept non-negative.
+    def fit(cls, elements: tuple[int, Mapping[str, int]], points: Sequence[tuple[Kept, float, float]]) -> "LatencyCalibration":
+        """Least-squares fit in relative error to ``[(kept, layers_ms, measured_ms), ...]``, all terms >= 0.
 
-        Falls back to the constant dense rest when the calibration point adds
-        no information or the fitted per-element cost is negative (noise).
+        The layer term is always in the model (the tables must keep shaping
+        the prediction); every subset of the other two terms is added to it,
+        solved unconstrained, and the best fit whose coefficients are all
+        non-negative wins (the exact non-negative least-squares solution
+        over those models).
         """
         const, per_group = elements
-        base = cls(0.0, 0.0, int(const), dict(per_group))
-        (dense_kept, dense_rest), (cal_kept, cal_rest) = points
-        e_dense, e_cal = base.elements(dense_kept), base.elements(cal_kept)
-        if e_dense <= e_cal:
-            return cls(dense_rest)
-        slope = (dense_rest - cal_rest) / (e_dense - e_cal)
-        fixed = dense_rest - slope * e_dense
-        if slope < 0 or dense_rest <= 0:
-            return cls(dense_rest)
-        if fixed < 0:
-            fixed, slope = 0.0, dense_rest / e_dense
-        return cls(fixed, slope, int(const), dict(per_group))
+        base = cls(0.0, 0.0, 0.0, int(const), dict(per_group))
+        if not points or any(m <= 0 for _, _, m in points):
+            raise ValueError(f"calibration needs positive measured latencies, got {[m for _, _, m in points]}")
+        y = np.array([m for _, _, m in points], dtype=np.float64)
+        x = np.array([[layers, base.elements(kept), 1.0] for kept, layers, _ in points], dtype=np.float64) / y[:, None]
+        norms = np.linalg.norm(x, axis=0)
+        norms[norms == 0] = 1.0
+        x = x / norms  # comparable column scales (elements are ~1e5 x larger than ms)
+        best: tuple[float, np.ndarray] | None = None
+        for cols in ((0,), (0, 1), (0, 2), (0, 1, 2)):
+            coef = np.linalg.lstsq(x[:, cols], np.ones(len(y)), rcond=None)[0]
+            if (coef < 0).any():
+                continue
+            residual = float(((x[:, cols] @ coef - 1.0) ** 2).sum())
+            if best is None or residual < best[0] - 1e-15:
+                full = np.zeros(3)
+                full[list(cols)] = coef
+                best = (residual, full)
+        # The layer term alone always fits with a coefficient >= 0 (positive data).
+        scale, per_element, fixed = (float(v) for v in best[1] / norms)  # type: ignore[index]
+        return cls(scale, fixed, per_element, int(const), dict(per_group))
 
     def to_json(self) -> dict:
-        return {"fixed_ms": self.fixed_ms, "ms_per_element": self.ms_per_element, "elements_const": self.elements_const, "elements_per_group": dict(self.elements_per_group or {})}
+        return {"layer_scale": self.layer_scale, "fixed_ms": self.fixed_ms, "ms_per_element": self.ms_per_element,
+                "elements_const": self.elements_const, "elements_per_group": dict(self.elements_per_group or {})}
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "RestModel":
-        return cls(float(d["fixed_ms"]), float(d["ms_per_element"]), int(d["elements_const"]), {k: int(v) for k, v in d["elements_per_group"].items()})
+    def from_json(cls, d: Mapping[str, Any]) -> "LatencyCalibration":
+        return cls(float(d["layer_scale"]), float(d["fixed_ms"]), float(d["ms_per_element"]), int(d["elements_const"]),
+                   {k: int(v) for k, v in d["elements_per_group"].items()})
 
 
 class LatencyLUT:
@@ -696,30 +730,30 @@ class LatencyLUT:
     fractions of each prunable dimension (a 1-D grid for layers depending on
     one group, e.g. depthwise convs). A prediction is
 
-        sum over prunable layers of the (bi)linearly interpolated layer ms
-        + rest(kept)
+        calibration(sum over prunable layers of the (bi)linearly interpolated layer ms, kept)
 
-    The *rest* is everything not in the tables (non-prunable layers,
-    activations, pooling, framework overhead). It is measured as
-    ``rest_ms = dense_ms - sum of the dense layer predictions``, where
-    ``dense_ms`` is the dense model's deployment-form latency
-    (:func:`fedprune.metrics.host_latency_ms`, median of 3 passes), so the prediction at
-    the dense counts equals ``dense_ms``. With ``calibrate_rest=False`` the
-    rest is that constant (it may be negative when per-layer overhead is
-    overcounted). By default (``calibrate_rest=True``) a second whole-model
-    measurement, every group at :data:`REST_CALIBRATION_FRACTION` of its
-    channels, splits it into a fixed part and a part proportional to the
-    non-layer activation elements (:class:`RestModel`): activations and
-    pooling shrink with the channels, and a constant rest over-predicts
-    pruned models (by about 25% for seed_cnn at 50% kept on a 2-core host).
-    Kept counts below the smallest grid point use the smallest point's
-    measurement (a conservative over-estimate).
+    (:class:`LatencyCalibration`): a scale on the layer sum plus the *rest*,
+    everything the tables leave out (activations, pooling, framework
+    overhead), part fixed and part proportional to the non-layer activation
+    elements, which shrink with the channels. By default (``calibrate=True``)
+    it is fitted (relative least squares, non-negative terms) to whole-model
+    timings of the sub-networks of :func:`calibration_widths` (dense, uniform
+    75/50/25% and four random widths), each timed as runs time a sub-network
+    (:func:`fedprune.metrics.host_latency_ms`, median of 3 passes). Fitting
+    to several whole models right after the layers were timed keeps the
+    table honest when the host's speed drifts between the layer and the
+    whole-model timings: on the 2-core benchmark VM a table calibrated on
+    the dense model and one pruned model alone over-predicted every pruned
+    width by 20-30% in two of three builds at batch 64. With ``calibrate=False`` the layer sum is used
+    as is plus the constant ``dense_ms - layers_ms(dense)``. ``dense_ms`` is
+    the dense model's measured latency. Kept counts below the smallest grid
+    point use the smallest point's measurement (a conservative over-estimate).
     """
 
-    def __init__(self, key: Mapping[str, Any], tables: Mapping[str, LayerTable], rest: RestModel | float, dense_ms: float):
+    def __init__(self, key: Mapping[str, Any], tables: Mapping[str, LayerTable], calibration: LatencyCalibration | float, dense_ms: float):
         self.key = dict(key)
         self.tables = dict(tables)
-        self.rest = rest if isinstance(rest, RestModel) else RestModel(float(rest))
+        self.calibration = calibration if isinstance(calibration, LatencyCalibration) else LatencyCalibration(1.0, float(calibration))
         self.dense_ms = float(dense_ms)
         self.from_cache = False
 
@@ -728,14 +762,14 @@ class LatencyLUT:
         return self.key.get("batch_size")
 
     def layers_ms(self, kept: Kept | StructuredMask) -> float:
-        """Sum of the interpolated layer latencies (ms), without the rest."""
+        """Sum of the interpolated standalone layer latencies (ms), before calibration."""
         kept = kept_counts(kept)
         return sum(t.predict_ms(kept) for t in self.tables.values())
 
     def predict_ms(self, kept: Kept | StructuredMask) -> float:
         """Predicted latency in ms per forward pass for ``kept`` channel counts."""
         kept = kept_counts(kept)
-        return self.layers_ms(kept) + self.rest.predict_ms(kept)
+        return self.calibration.predict_ms(self.layers_ms(kept), kept)
 
     # ------------------------------------------------------------ building
     @classmethod
@@ -749,7 +783,7 @@ class LatencyLUT:
         repeats: int = 10,
         warmup: int = 3,
         key: Mapping[str, Any] | None = None,
-        calibrate_rest: bool = True,
+        calibrate: bool = True,
     ) -> "LatencyLUT":
         """Measure a table for ``model`` now (no cache)."""
         if not grid or any(not 0.0 < f <= 1.0 for f in grid):
@@ -769,19 +803,16 @@ class LatencyLUT:
                 tables[name] = LayerTable(name, dims.axes, points, ms)
         key = dict(key) if key is not None else {"batch_size": batch_size, "threads": threads}
         lut = cls(key, tables, 0.0, 0.0)
-        models = {"dense": model}
-        cal_kept = {g.name: max(1, int(round(g.size * REST_CALIBRATION_FRACTION))) for g in groups}
-        if calibrate_rest:
-            cal_mask = StructuredMask({g.name: np.arange(g.size) < cal_kept[g.name] for g in groups})
-            models["calibration"] = extract_submodel(model, cal_mask, groups)
+        widths = calibration_widths(groups) if calibrate else {"dense": dict(groups.sizes)}
+        models = {n: model if n == "dense" else extract_submodel(model, StructuredMask({g: np.arange(groups[g].size) < k for g, k in kept.items()}), groups)
+                  for n, kept in widths.items()}
         # Whole models are timed as runs time a sub-network (host_latency_ms), median of 3 passes.
         measured = median_host_latency_ms(models, batch_size, threads, max(repeats, WHOLE_MODEL_REPEATS))
-        dense_rest = measured["dense"] - lut.layers_ms(groups.sizes)
-        if calibrate_rest:
-            cal_rest = measured["calibration"] - lut.layers_ms(cal_kept)
-            lut.rest = RestModel.fit(analytic.non_layer_elements(), [(groups.sizes, dense_rest), (cal_kept, cal_rest)])
+        if calibrate:
+            points = [(kept, lut.layers_ms(kept), measured[n]) for n, kept in widths.items()]
+            lut.calibration = LatencyCalibration.fit(analytic.non_layer_elements(), points)
         else:
-            lut.rest = RestModel(dense_rest)
+            lut.calibration = LatencyCalibration(1.0, measured["dense"] - lut.layers_ms(groups.sizes))
         lut.dense_ms = measured["dense"]
         return lut
 
@@ -792,7 +823,7 @@ class LatencyLUT:
         batch_size: int,
         threads: int | None,
         grid: Sequence[float],
-        calibrate_rest: bool = True,
+        calibrate: bool = True,
     ) -> dict[str, Any]:
         """Everything a cached table must match to be reused."""
         return {
@@ -804,7 +835,7 @@ class LatencyLUT:
             "batch_size": int(batch_size),
             "threads": threads,
             "grid": [float(f) for f in grid],
-            "calibrate_rest": bool(calibrate_rest),
+            "calibrate": bool(calibrate),
         }
 
     @staticmethod
@@ -823,12 +854,12 @@ class LatencyLUT:
         repeats: int = 10,
         warmup: int = 3,
         cache_dir: str | os.PathLike | None = None,
-        calibrate_rest: bool = True,
+        calibrate: bool = True,
     ) -> "LatencyLUT":
         """Load the cached table for this key or measure and cache it (JSON, written atomically).
 
         The key is model name + kwargs, host, torch version, batch size,
-        threads, grid and ``calibrate_rest`` (:meth:`cache_key`); a cached
+        threads, grid and ``calibrate`` (:meth:`cache_key`); a cached
         file whose stored key differs, or that cannot be read, is rebuilt and
         overwritten. Without ``cache_dir``: ``$FEDPRUNE_CACHE_DIR/lut`` or
         ``~/.cache/fedprune/lut``. The model is built with ``torch.manual_seed(0)``
@@ -836,7 +867,7 @@ class LatencyLUT:
         """
         from fedprune.models import get_model
 
-        key = cls.cache_key(model_name, model_kwargs, batch_size, threads, grid, calibrate_rest)
+        key = cls.cache_key(model_name, model_kwargs, batch_size, threads, grid, calibrate)
         path = cls.cache_path(key, cache_dir)
         cached = cls.load(path)
         if cached is not None and cached.key == key:
@@ -846,18 +877,18 @@ class LatencyLUT:
             log.info("latency table %s has a different key; rebuilding", path)
         torch.manual_seed(0)
         model = get_model(model_name, **dict(model_kwargs or {}))
-        lut = cls.measure(model, discover_groups(model), batch_size, threads, grid, repeats, warmup, key=key, calibrate_rest=calibrate_rest)
+        lut = cls.measure(model, discover_groups(model), batch_size, threads, grid, repeats, warmup, key=key, calibrate=calibrate)
         lut.save(path)
         return lut
 
     # ------------------------------------------------------------- storage
     def to_json(self) -> dict:
-        return {"key": self.key, "dense_ms": self.dense_ms, "rest": self.rest.to_json(), "tables": [t.to_json() for t in self.tables.values()]}
+        return {"key": self.key, "dense_ms": self.dense_ms, "calibration": self.calibration.to_json(), "tables": [t.to_json() for t in self.tables.values()]}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "LatencyLUT":
         tables = [LayerTable.from_json(t) for t in d["tables"]]
-        return cls(d["key"], {t.name: t for t in tables}, RestModel.from_json(d["rest"]), d["dense_ms"])
+        return cls(d["key"], {t.name: t for t in tables}, LatencyCalibration.from_json(d["calibration"]), d["dense_ms"])
 
     def save(self, path: str | os.PathLike) -> Path:
         return atomic_write_bytes(path, (json.dumps(self.to_json(), indent=1) + "\n").encode())
@@ -1090,8 +1121,9 @@ class HardwareModel:
     def refit_latency(self, budgets: Mapping[str, float], mask: StructuredMask, compute_speed: float = 1.0, repeats: int = 20) -> str:
         """Time the sub-network ``mask`` for each latency budget and correct the table where it is off.
 
-        The extracted sub-network is measured as runs report it
-        (:func:`fedprune.metrics.host_latency_ms`, scaled to the device). The
+        The extracted sub-network is measured as runs report it (median of
+        :data:`fedprune.metrics.LATENCY_PASSES` passes of
+        :func:`fedprune.metrics.host_latency_ms`, scaled to the device). The
         allocator aims at ``limit x (1 - m)`` (``m`` = ``latency_margin``); a
         measurement within ``[1 - 2m, 1 - m/2] x limit`` is accepted (half the
         margin is left for timing noise). Above that band the sub-network would
@@ -1107,7 +1139,8 @@ class HardwareModel:
             if spec.batch_size is None:
                 continue
             sub = sub if sub is not None else extract_submodel(self.model, mask, self.groups)
-            measured = host_latency_ms(sub, spec.batch_size, self.threads, repeats) * device_factor(spec.key, compute_speed)
+            host_ms = median_host_latency_ms({"sub": sub}, spec.batch_size, self.threads, repeats, LATENCY_PASSES)["sub"]
+            measured = host_ms * device_factor(spec.key, compute_speed)
             slow, fast = measured > spec.limit * (1.0 - m / 2), measured < spec.limit * (1.0 - 2 * m)
             if not (slow or fast):
                 continue

@@ -25,7 +25,7 @@ from fedprune.groups import EXAMPLE_INPUT_SHAPE
 
 log = logging.getLogger(__name__)
 
-__all__ = ["deployment_form", "count_params", "count_macs", "count_flops", "param_sparsity", "measure_latency_ms", "host_latency_ms", "median_host_latency_ms", "latency_side_by_side", "model_costs", "torch_threads", "process_tree_rss"]
+__all__ = ["LATENCY_PASSES", "deployment_form", "count_params", "count_macs", "count_flops", "param_sparsity", "measure_latency_ms", "host_latency_ms", "median_host_latency_ms", "latency_side_by_side", "model_costs", "torch_threads", "process_tree_rss"]
 
 
 class _ChannelsLast(nn.Module):
@@ -125,12 +125,24 @@ def median_host_latency_ms(models: dict[str, nn.Module], batch_size: int, thread
     return {n: statistics.median(r[n] for r in runs) for n in models}
 
 
-def model_costs(model: nn.Module, latency: bool = False, threads: int | None = 1, repeats: int = 20) -> dict:
-    """Params, MACs, FLOPs and (optionally) batch-1 / batch-64 latency in ms."""
+#: Timing passes whose median a run reports as a sub-network's latency (:func:`model_costs`).
+LATENCY_PASSES = 3
+
+
+def model_costs(model: nn.Module, latency: bool = False, threads: int | None = 1, repeats: int = 20, passes: int = LATENCY_PASSES) -> dict:
+    """Params, MACs, FLOPs and (optionally) batch-1 / batch-64 latency in ms.
+
+    Latency is the median of ``passes`` passes of :func:`host_latency_ms`,
+    batch 1 and batch 64 alternating, so the batch-1 passes lie about half a
+    second apart: on a shared host one slow second moves one pass, not the
+    reported value (on the 2-core benchmark VM single batch-1 timings of one
+    model varied by +-12%, at times by 35%).
+    """
     out = {"params": count_params(model), "macs": count_macs(model)}
     out["flops"] = 2 * out["macs"]
     if latency:
-        out["latency_ms"] = {f"b{b}": host_latency_ms(model, b, threads, repeats) for b in (1, 64)}
+        runs = [{f"b{b}": host_latency_ms(model, b, threads, repeats) for b in (1, 64)} for _ in range(max(1, passes))]
+        out["latency_ms"] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     return out
 
 

@@ -250,7 +250,7 @@ def gated_model(cfg: ExperimentConfig, model: nn.Module, gates: dict | None = No
     """:class:`fedprune.dynamic.GatedCNN` around ``model`` (eval mode, ``dynamic.gated_layers``), loaded with ``gates`` when given."""
     from fedprune.dynamic import GatedCNN
 
-    gated = GatedCNN(model, cfg.dynamic.gated_layers or None).eval()
+    gated = GatedCNN(model, cfg.dynamic.gated_layers or None, cfg.dynamic.round_to).eval()
     if gates is not None:
         gated.load_state_dict(gates, strict=False)
     return gated

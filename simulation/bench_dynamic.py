@@ -5,8 +5,11 @@
 For each seed: train seed_cnn densely (E epochs), prune it one-shot to the
 mobile_cpu profile's channel sparsity (Taylor importance), fine-tune F
 epochs: that is the static sub-network. Then train FBS-style channel gates
-for G epochs on top of the frozen sub-network (fedprune.dynamic). The fair
+for G epochs jointly with the sub-network (sandwich rule: every step trains
+the full budget and one gated budget, distilled from the full one; with
+``--frozen`` the sub-network stays fixed) (fedprune.dynamic). The fair
 static reference is the same sub-network fine-tuned for F + G epochs.
+Cosine LR in every phase.
 
 Reported per budget: test accuracy (mean ± std over seeds), MACs executed per
 input (sliced batch-1 path, gates included) and batch-1 CPU latency of the
@@ -59,8 +62,9 @@ def run_seed(cfg, seed: int, data, args) -> dict:
     make_train_fn(train_loader, train_config(c))(longer, args.gate_epochs, SoftMaskHook(res["mask"], model_groups(c)))
     static_same_budget = evaluate(longer, test_loader)["accuracy"]
     set_seed(seed + 6)
-    gated = GatedCNN(static, args.gated_layers).eval()
-    stats = train_gates(gated, train_loader, train_config(c, epochs=args.gate_epochs, lr=args.gate_lr), args.train_budgets, args.distill, joint=args.joint)
+    gated = GatedCNN(static, args.gated_layers, args.round_to).eval()
+    stats = train_gates(gated, train_loader, train_config(c, epochs=args.gate_epochs, lr=args.gate_lr), args.train_budgets, args.distill,
+                        joint=not args.frozen)
     rows = evaluate_gated(gated, test_loader, args.budgets, mac_inputs=64)
     log.info("seed %d: static %.3f (F+G epochs %.3f); gated %s (%.0f s)", seed, res["pruned"]["accuracy"], static_same_budget,
              ", ".join(f"{r['budget']:g}: {r['accuracy']:.3f} @ {r['macs'] / 1e6:.2f}M" for r in rows), time.perf_counter() - t0)
@@ -87,8 +91,11 @@ def render(per_seed: list[dict], lat: dict, args, cfg, n_test: int) -> str:
         f"seed_cnn on the CIFAR-10 subset ({n_test} test images; one accuracy point = {n_test / 100:.1f} images). "
         f"Static sub-network: {cfg.train.epochs} dense epochs, one-shot Taylor pruning to the mobile_cpu sparsity "
         f"({100 * first['channel_sparsity']:.0f}% channels), {cfg.pruning.finetune_epochs} fine-tuning epochs. Gates: "
-        f"{args.gate_epochs} epochs on top of the {'jointly fine-tuned' if args.joint else 'frozen'} sub-network (budgets {args.train_budgets} cycled, distillation "
-        f"weight {args.distill}). Reference: the static sub-network fine-tuned {args.gate_epochs} epochs more "
+        + (f"{args.gate_epochs} epochs on top of the frozen sub-network (budgets {args.train_budgets} cycled" if args.frozen else
+           f"{args.gate_epochs} epochs trained jointly with the sub-network (sandwich rule: every step the full budget plus the next of "
+           f"{args.train_budgets}")
+        + f", distillation from the full budget, weight {args.distill}; kept channels per gated layer rounded to multiples of "
+        f"{args.round_to}). Cosine LR in every phase, from {cfg.train.lr:g} (gates: {args.gate_lr:g}). Reference: the static sub-network fine-tuned {args.gate_epochs} epochs more "
         f"(same total budget). Accuracy mean ± std over seeds {', '.join(str(s) for s in args.seeds)}. MACs: executed per "
         f"input by the sliced batch-1 path, gate predictors included. Latency: median batch-1 ms, {args.threads} thread(s), "
         f"static sub-network in deployment form vs the sliced gated path, round-robin, torch {torch.__version__}, "
@@ -138,9 +145,10 @@ def main(argv=None) -> int:
     parser.add_argument("--gate-epochs", type=int, default=3)
     parser.add_argument("--gate-lr", type=float, default=1e-3)
     parser.add_argument("--distill", type=float, default=1.0)
-    parser.add_argument("--joint", action="store_true", help="train the sub-network jointly with the gates (default: frozen)")
-    parser.add_argument("--train-budgets", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8])
-    parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
+    parser.add_argument("--frozen", action="store_true", help="train only the gates on the frozen sub-network (default: joint, sandwich rule)")
+    parser.add_argument("--train-budgets", type=float, nargs="+", default=[0.5, 0.625, 0.75, 0.875])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.875, 0.75, 0.625, 0.5])
+    parser.add_argument("--round-to", type=int, default=8, help="kept channels per gated layer go to multiples of this")
     parser.add_argument("--gated-layers", type=int, nargs="*", default=None, help="conv blocks to gate (default: all but the last)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for latency")
     parser.add_argument("--train-threads", type=int, default=2)
@@ -150,7 +158,7 @@ def main(argv=None) -> int:
     profiles = load_config(None).profiles
     cfg = load_config(ROOT / "configs/centralized.toml", {
         "data": {"data_dir": args.data_dir},
-        "train": {"epochs": args.epochs, "threads": args.train_threads},
+        "train": {"epochs": args.epochs, "threads": args.train_threads, "cosine": True},
         "pruning": {"finetune_epochs": args.finetune_epochs, "criterion": "taylor", "sparsity": profiles["mobile_cpu"].sparsity},
         "eval": {"latency": False},
     })

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedprune.allocation import ALLOCATIONS, allocate, check_sparsity, nested_masks, sensitivity_weights
+from fedprune.allocation import SPARSITY_ALLOCATIONS as ALLOCATIONS, allocate, check_sparsity, nested_masks, sensitivity_weights
 from fedprune.groups import ChannelGroup, ChannelGroups, groups_for
 
 SIZES = {"conv_a": 7, "conv_b": 16, "conv_c": 33, "conv_d": 64, "conv_e": 100, "conv_f": 128}

@@ -12,7 +12,7 @@ from fedprune.allocation import (
     constant_cost_allocate,
     nested_budget_masks,
 )
-from fedprune.cost import AnalyticCostModel, LatencyLUT, LayerTable, RestModel, budget_constraints, evaluate_budgets, measure_peak_activation_bytes
+from fedprune.cost import AnalyticCostModel, LatencyLUT, LatencyCalibration, LayerTable, budget_constraints, evaluate_budgets, measure_peak_activation_bytes
 from fedprune.groups import discover_groups
 from fedprune.masks import StructuredMask, extract_submodel
 from fedprune.metrics import count_macs, count_params
@@ -58,7 +58,7 @@ def _fake_lut(analytic: AnalyticCostModel, ms_per_mac: float, batch: int) -> Lat
             kept = {**analytic.dense, **{g: points[a][i] for a, (g, i) in enumerate(zip(dims.axes, idx))}}
             ms[idx] = dims.macs(kept) * ms_per_mac
         tables[name] = LayerTable(name, dims.axes, points, ms)
-    return LatencyLUT({"batch_size": batch}, tables, RestModel(0.05 * batch), dense_ms=0.0)
+    return LatencyLUT({"batch_size": batch}, tables, LatencyCalibration(1.0, 0.05 * batch), dense_ms=0.0)
 
 
 def _check_counts(groups, counts, min_channels=1, round_to=None) -> None:

@@ -14,7 +14,8 @@ from fedprune.cost import (
     CostSpec,
     LatencyLUT,
     LayerTable,
-    RestModel,
+    LatencyCalibration,
+    calibration_widths,
     budget_constraints,
     evaluate_budgets,
     layer_channels,
@@ -145,23 +146,39 @@ def test_lut_interpolation_between_neighbours_and_monotone() -> None:
 
 def test_lut_predict_sums_layers_and_rest() -> None:
     t1, t2 = _table(), LayerTable("fc", ("gb",), ((4, 8),), np.array([0.5, 1.0]))
-    lut = LatencyLUT({"batch_size": 1}, {"conv": t1, "fc": t2}, RestModel(0.25, 0.01, 10, {"ga": 1}), dense_ms=0.0)
+    lut = LatencyLUT({"batch_size": 1}, {"conv": t1, "fc": t2}, LatencyCalibration(0.8, 0.25, 0.01, 10, {"ga": 1}), dense_ms=0.0)
     kept = {"ga": 16, "gb": 6}
     rest = 0.25 + 0.01 * (10 + 16)
-    assert lut.predict_ms(kept) == pytest.approx(t1.predict_ms(kept) + 0.75 + rest)
+    assert lut.predict_ms(kept) == pytest.approx(0.8 * (t1.predict_ms(kept) + 0.75) + rest)
     again = LatencyLUT.from_json(json.loads(json.dumps(lut.to_json())))
     assert again.predict_ms(kept) == pytest.approx(lut.predict_ms(kept))
-    assert LatencyLUT({}, {"fc": t2}, 0.5, 1.0).predict_ms({"gb": 8}) == pytest.approx(1.5)
+    assert LatencyLUT({}, {"fc": t2}, 0.5, 1.0).predict_ms({"gb": 8}) == pytest.approx(1.5)  # a constant rest
 
 
-def test_rest_model_fit() -> None:
+def test_latency_calibration_fit() -> None:
     elements = (100, {"g": 10})  # elements = 100 + 10 k
-    dense, cal = {"g": 40}, {"g": 10}  # 500 and 200 elements
-    rest = RestModel.fit(elements, [(dense, 0.6), (cal, 0.3)])  # 0.1 + 0.001 x elements
-    assert rest.fixed_ms == pytest.approx(0.1) and rest.ms_per_element == pytest.approx(0.001)
-    assert rest.predict_ms({"g": 20}) == pytest.approx(0.4)
-    assert RestModel.fit(elements, [(dense, 0.3), (cal, 0.6)]).predict_ms(cal) == pytest.approx(0.3)  # noise: constant
-    assert RestModel.fit(elements, [(dense, 0.6), (cal, 0.0)]).fixed_ms == 0.0  # never a negative fixed part
+    truth = LatencyCalibration(0.9, 0.1, 0.001, *elements)
+    layers = {4: 0.2, 10: 0.5, 20: 1.1, 40: 2.3}  # kept -> summed layer ms
+    points = [({"g": k}, ms, truth.predict_ms(ms, {"g": k})) for k, ms in layers.items()]
+    fit = LatencyCalibration.fit(elements, points)
+    assert (fit.layer_scale, fit.fixed_ms, fit.ms_per_element) == pytest.approx((0.9, 0.1, 0.001))
+    assert fit.predict_ms(0.8, {"g": 15}) == pytest.approx(truth.predict_ms(0.8, {"g": 15}))
+    # Latency that falls as the layers grow cannot be fitted with non-negative terms: the
+    # element and constant terms drop out, the layer term stays (never a negative term).
+    noisy = LatencyCalibration.fit(elements, [({"g": 40}, 2.0, 1.0), ({"g": 10}, 0.5, 2.0)])
+    assert noisy.layer_scale > 0 and noisy.ms_per_element == 0.0 and noisy.fixed_ms == 0.0
+    with pytest.raises(ValueError, match="positive measured"):
+        LatencyCalibration.fit(elements, [({"g": 40}, 2.0, 0.0)])
+
+
+def test_calibration_widths_cover_the_range() -> None:
+    groups = discover_groups(get_model("seed_cnn"))
+    widths = calibration_widths(groups)
+    assert widths["dense"] == groups.sizes and len(widths) == 8
+    assert calibration_widths(groups) == widths  # seeded
+    for kept in widths.values():
+        assert all(1 <= kept[g.name] <= g.size for g in groups)
+    assert all(k % 8 == 0 for n, w in widths.items() if n.startswith("random") for k in w.values())
 
 
 class _FakeMeasure:
@@ -170,10 +187,10 @@ class _FakeMeasure:
     def __init__(self):
         self.calls = 0
 
-    def __call__(self, model, groups=None, batch_size=1, threads=1, grid=(), repeats=1, warmup=1, key=None, calibrate_rest=True):
+    def __call__(self, model, groups=None, batch_size=1, threads=1, grid=(), repeats=1, warmup=1, key=None, calibrate=True):
         self.calls += 1
         table = LayerTable("features.0", ("features.0",), ((8, 64),), np.array([0.1, 0.4]))
-        return LatencyLUT(key, {"features.0": table}, RestModel(0.5), dense_ms=0.9)
+        return LatencyLUT(key, {"features.0": table}, LatencyCalibration(1.0, 0.5), dense_ms=0.9)
 
 
 def test_lut_cache_reuse_and_rebuild(tmp_path, monkeypatch) -> None:
@@ -212,14 +229,16 @@ def test_lut_cache_dir_env(tmp_path, monkeypatch) -> None:
 
 
 def test_lut_predictions_are_consistent_seed_cnn(tmp_path) -> None:
-    """A real (small) table: dense prediction equals the dense measurement it was fitted to, and a
-    narrower network is predicted faster. Accuracy against measurements is a benchmark
-    (simulation/bench_hardware.py), not a test: timings on a shared machine are noisy."""
+    """A real (small) table: positive, calibrated terms, and a narrower network is predicted faster.
+    Accuracy against measurements is a benchmark (simulation/bench_hardware.py), not a test:
+    timings on a shared machine are noisy."""
     lut = LatencyLUT.build("seed_cnn", {}, batch_size=1, threads=1, grid=(0.25, 0.5, 1.0), repeats=5, warmup=2, cache_dir=tmp_path)
     model = get_model("seed_cnn")
     groups = discover_groups(model)
     assert set(lut.tables) == {"features.0", "features.4", "features.8", "features.12", "classifier.1"}
-    assert lut.predict_ms(groups.sizes) == pytest.approx(lut.dense_ms, rel=1e-9)
+    cal = lut.calibration
+    assert min(cal.layer_scale, cal.fixed_ms, cal.ms_per_element) >= 0 and lut.dense_ms > 0
+    assert lut.predict_ms(groups.sizes) > 0
     scores = {g.name: np.random.default_rng(0).random(g.size) for g in groups}
     half = StructuredMask.from_scores(scores, {n: s // 2 for n, s in groups.sizes.items()})
     quarter = StructuredMask.from_scores(scores, {n: s // 4 for n, s in groups.sizes.items()})
@@ -230,7 +249,7 @@ def test_lut_predictions_are_consistent_seed_cnn(tmp_path) -> None:
 # ------------------------------------------------------------ budget specs
 def _fake_luts() -> dict[int, LatencyLUT]:
     table = LayerTable("features.4", ("features.4",), ((16, 128),), np.array([1.0, 8.0]))
-    return {b: LatencyLUT({"batch_size": b}, {"features.4": table}, RestModel(0.5 * b), 0.0) for b in (1, 64)}
+    return {b: LatencyLUT({"batch_size": b}, {"features.4": table}, LatencyCalibration(1.0, 0.5 * b), 0.0) for b in (1, 64)}
 
 
 def test_cost_spec_keys_and_validation() -> None:

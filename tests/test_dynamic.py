@@ -37,8 +37,14 @@ def static():
 
 def test_keep_count() -> None:
     assert keep_count(1.0, 64) == 64 and keep_count(0.5, 64) == 32 and keep_count(0.01, 64) == 1
+    # Nearest multiple of round_to (ties up), at least round_to; layers narrower than round_to as without it.
+    assert [keep_count(b, 32, 8) for b in (1.0, 0.9, 0.875, 0.8, 0.5, 0.1)] == [32, 32, 32, 24, 16, 8]
+    assert keep_count(0.5, 6, 8) == 3
+    assert [keep_count(b, 90, 8) for b in (1.0, 0.97, 0.5, 0.05)] == [90, 88, 48, 8]  # full width off the multiples too
     with pytest.raises(ValueError, match="budget must be in"):
         keep_count(0.0, 64)
+    with pytest.raises(ValueError, match="round_to must be >= 1"):
+        keep_count(0.5, 64, 0)
 
 
 def test_full_budget_equals_static(static) -> None:
@@ -63,8 +69,8 @@ def test_sliced_equals_masked(static, budget) -> None:
             masked = gated(x, budget)
         sliced, stats = gated.forward_sliced(x, budget)
         assert torch.allclose(masked, sliced, atol=1e-4), (budget, (masked - sliced).abs().max())
-        assert stats.kept == [keep_count(budget, c.out_channels) if i < 3 else c.out_channels for i, (c, _, _) in enumerate(gated.blocks)]
-    every = GatedCNN(static, gated_layers=range(4)).eval()
+        assert stats.kept == [keep_count(budget, c.out_channels, 8) if i < 3 else c.out_channels for i, (c, _, _) in enumerate(gated.blocks)]
+    every = GatedCNN(static, gated_layers=range(4), round_to=1).eval()  # any count, every block
     every.gates.load_state_dict(gated.gates.state_dict())
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
@@ -113,6 +119,29 @@ def test_train_gates_keeps_static_frozen_and_learns(static) -> None:
     rows = evaluate_gated(gated, make_loader(test, 32, train=False), [1.0, 0.5], mac_inputs=4)
     assert [r["budget"] for r in rows] == [1.0, 0.5]
     assert rows[1]["macs"] < rows[0]["macs"] and 0.0 <= rows[1]["accuracy"] <= 1.0
+
+
+def test_joint_training_trains_network_and_gates(static) -> None:
+    """Joint mode (sandwich rule) updates the network and the gates; budget 1.0 stays the ungated network."""
+    import copy
+
+    from fedprune.data import make_loader, make_synthetic
+    from fedprune.dynamic import train_gates
+    from fedprune.training import TrainConfig
+
+    net = copy.deepcopy(static)
+    gated = GatedCNN(net)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    gates_before = [g.fc.weight.detach().clone() for g in gated.gates]
+    stats = train_gates(gated, make_loader(make_synthetic(128, seed=0), 64, train=True, seed=0),
+                        TrainConfig(epochs=1, lr=1e-2, optimizer="adam"), [0.5], joint=True)
+    assert stats["steps"] == 2 and np.isfinite(stats["loss"])
+    assert any(not torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    assert any(not torch.equal(a, g.fc.weight) for a, g in zip(gates_before, gated.gates))
+    gated.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(gated(x, 1.0), net(x))
 
 
 def test_federated_gates_round_trip(tmp_path) -> None:
