@@ -144,7 +144,7 @@ def test_refit_latency_closes_the_loop_on_measurement(seed_hw, monkeypatch) -> N
     def timed(sub, batch_size, threads, repeats):  # the "real" host latency: 1.3x the table
         return 1.3 * total_channels({g.name: g.size for g in discover_groups(sub)}) / 100.0
 
-    monkeypatch.setattr(cost, "host_latency_ms", timed)
+    monkeypatch.setattr(cost, "median_host_latency_ms", lambda models, b, t, r, passes=1: {n: timed(m, b, t, r) for n, m in models.items()})
     monkeypatch.setitem(hw._luts, 1, FakeLUT())
     monkeypatch.setattr(hw, "latency_corrections", {})
     budgets, speed = {"latency_ms_b1": 5.0}, 0.5  # device ms = 2 x host ms
@@ -179,7 +179,7 @@ def test_refit_latency_uses_an_unused_budget(seed_hw, monkeypatch) -> None:
     def timed(sub, batch_size, threads, repeats):
         return 0.5 * total_channels({g.name: g.size for g in discover_groups(sub)}) / 100.0
 
-    monkeypatch.setattr(cost, "host_latency_ms", timed)
+    monkeypatch.setattr(cost, "median_host_latency_ms", lambda models, b, t, r, passes=1: {n: timed(m, b, t, r) for n, m in models.items()})
     monkeypatch.setitem(hw._luts, 1, FakeLUT())
     monkeypatch.setattr(hw, "latency_corrections", {})
     budgets = {"latency_ms_b1": 4.0}
