@@ -51,7 +51,6 @@ __all__ = [
 ]
 
 
-
 def check_sparsity(sparsity: float, what: str = "sparsity") -> float:
     """Validate a channel sparsity in [0, 1)."""
     if not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0:
@@ -494,8 +493,6 @@ def constant_cost_allocate(
     (or the full group), never exceeding ``budget_channels``.
     """
     return _greedy_counts(groups, scores, [[(total_channels, float(budget_channels))]], min_channels, round_to, 0.0, objective="sum")[0]
-
-
 
 
 def _meets(constraints: Sequence[Constraint], kept: Mapping[str, int]) -> bool:

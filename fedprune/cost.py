@@ -675,8 +675,7 @@ class LatencyCalibration:
         return self.elements_const + sum(u * kept[g] for g, u in (self.elements_per_group or {}).items())
 
     def predict_ms(self, layers_ms: float, kept: Kept) -> float:
-        rest = self.fixed_ms + (self.ms_per_element * self.elements(kept) if self.ms_per_element else 0.0)
-        return self.layer_scale * layers_ms + rest
+        return self.layer_scale * layers_ms + self.fixed_ms + self.ms_per_element * self.elements(kept)
 
     @classmethod
     def fit(cls, elements: tuple[int, Mapping[str, int]], points: Sequence[tuple[Kept, float, float]]) -> "LatencyCalibration":
@@ -744,8 +743,9 @@ class LatencyLUT:
     table honest when the host's speed drifts between the layer and the
     whole-model timings: on the 2-core benchmark VM a table calibrated on
     the dense model and one pruned model alone over-predicted every pruned
-    width by 20-30% in two of three builds at batch 64. With ``calibrate=False`` the layer sum is used
-    as is plus the constant ``dense_ms - layers_ms(dense)``. ``dense_ms`` is
+    width by 20-30% in two of three builds at batch 64. With
+    ``calibrate=False`` the layer sum is used as is plus the constant
+    ``dense_ms - layers_ms(dense)``. ``dense_ms`` is
     the dense model's measured latency. Kept counts below the smallest grid
     point use the smallest point's measurement (a conservative over-estimate).
     """
@@ -804,8 +804,8 @@ class LatencyLUT:
         key = dict(key) if key is not None else {"batch_size": batch_size, "threads": threads}
         lut = cls(key, tables, 0.0, 0.0)
         widths = calibration_widths(groups) if calibrate else {"dense": dict(groups.sizes)}
-        models = {n: model if n == "dense" else extract_submodel(model, StructuredMask({g: np.arange(groups[g].size) < k for g, k in kept.items()}), groups)
-                  for n, kept in widths.items()}
+        first_k = {n: StructuredMask({g: np.arange(groups[g].size) < k for g, k in kept.items()}) for n, kept in widths.items()}
+        models = {n: model if n == "dense" else extract_submodel(model, mask, groups) for n, mask in first_k.items()}
         # Whole models are timed as runs time a sub-network (host_latency_ms), median of 3 passes.
         measured = median_host_latency_ms(models, batch_size, threads, max(repeats, WHOLE_MODEL_REPEATS))
         if calibrate:

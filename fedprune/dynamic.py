@@ -255,13 +255,11 @@ def train_gates(
     def loss_fn(model: GatedCNN, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
         logits = model(x, budgets[step % len(budgets)])
         loss = F.cross_entropy(logits, y)
+        with torch.set_grad_enabled(joint):  # the full budget trains only in joint mode
+            full = model(x, 1.0) if joint or distill else None
         if joint:
-            full = model(x, 1.0)
             loss = loss + F.cross_entropy(full, y)
         if distill:
-            if not joint:
-                with torch.no_grad():
-                    full = model(x, 1.0)
             teacher = F.softmax(full.detach() / temperature, dim=1)
             loss = loss + distill * temperature**2 * F.kl_div(F.log_softmax(logits / temperature, dim=1), teacher, reduction="batchmean")
         return loss
