@@ -39,6 +39,7 @@ __all__ = [
     "allocate",
     "nested_masks",
     "sensitivity_weights",
+    "importance_weights",
     "check_sparsity",
     "InfeasibleBudgetError",
     "budget_allocate",
@@ -90,6 +91,41 @@ def sensitivity_weights(sensitivity: Mapping[str, float], eps: float = 1e-3) -> 
     inv = {k: 1.0 / (max(float(v), 0.0) + eps) for k, v in sensitivity.items()}
     mean = float(np.mean(list(inv.values())))
     return {k: v / mean for k, v in inv.items()}
+
+
+def importance_weights(sensitivity: Mapping[str, float], power: float = 1.0, floor: float = 0.05) -> dict[str, float]:
+    """Per group: how much its lost importance counts in the budget allocation, from layer sensitivity.
+
+    ``sensitivity`` is one number per group (e.g. :meth:`fedprune.sensitivity.LayerSensitivity.score`,
+    the mean loss increase when the group alone is pruned). The weight is
+    ``(sensitivity / mean sensitivity) ** power``, at least ``floor`` (a
+    group measured as insensitive still costs something to thin); all 1
+    when ``power`` is 0 or every sensitivity is 0. Compare
+    :func:`sensitivity_weights`, its inverse for the sparsity allocation.
+    """
+    bad = {k: v for k, v in sensitivity.items() if not math.isfinite(float(v))}
+    if bad:
+        raise ValueError(f"layer sensitivities must be finite numbers; got {bad}")
+    if not 0.0 <= power <= 4.0:
+        raise ValueError(f"sensitivity power must be in [0, 4], got {power!r}")
+    values = {k: max(float(v), 0.0) for k, v in sensitivity.items()}
+    mean = float(np.mean(list(values.values()))) if values else 0.0
+    if mean <= 0.0 or power == 0.0:
+        return {k: 1.0 for k in values}
+    return {k: max((v / mean) ** power, floor) for k, v in values.items()}
+
+
+def _check_group_weights(groups: ChannelGroups, weights: Mapping[str, float] | None) -> dict[str, float]:
+    """``weights`` for every group of ``groups`` (all 1 when None); each must be a finite number > 0."""
+    if weights is None:
+        return {g.name: 1.0 for g in groups}
+    missing = [g.name for g in groups if g.name not in weights]
+    if missing:
+        raise ValueError(f"group weights are missing groups {missing}")
+    bad = {k: v for k, v in weights.items() if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0)}
+    if bad:
+        raise ValueError(f"group weights must be finite numbers > 0; got {bad}")
+    return {g.name: float(weights[g.name]) for g in groups}
 
 
 def _sensitivity(
@@ -216,10 +252,12 @@ class _RemovalOrder:
         step_fraction: float,
         max_group_sparsity: float | None = None,
         objective: str = "log",
+        group_weights: Mapping[str, float] | None = None,
     ):
         if objective not in BUDGET_OBJECTIVES:
             raise ValueError(f"unknown budget objective {objective!r}; allowed: {list(BUDGET_OBJECTIVES)}")
         self.objective = objective
+        self.weights = _check_group_weights(groups, group_weights)
         self.names = groups.names
         self.sizes = groups.sizes
         self.round_to = round_to if round_to and round_to > 1 else 1
@@ -256,13 +294,18 @@ class _RemovalOrder:
         ``log``: the drop of log(normalised score kept in the group), i.e. the
         removed share of what the group still holds -- thinning an already thin
         layer costs more, since every layer is a bottleneck of the network.
+        Either is multiplied by the group's weight (``group_weights``, e.g.
+        :func:`importance_weights` from layer sensitivity; 1 by default), since
+        normalised scores alone cannot tell how much one layer matters against another.
         """
         cum, size = self._cum[name], self.sizes[name]
         if self.objective == "sum":
-            return float(cum[size - new] - cum[size - count])
-        total = cum[-1]
-        before, after = total - cum[size - count], total - cum[size - new]
-        return float(math.log(max(before, 1e-12) / max(after, 1e-12)))
+            lost = float(cum[size - new] - cum[size - count])
+        else:
+            total = cum[-1]
+            before, after = total - cum[size - count], total - cum[size - new]
+            lost = math.log(max(before, 1e-12) / max(after, 1e-12))
+        return self.weights[name] * lost
 
 
 class _Objective:
@@ -398,12 +441,13 @@ def _greedy_counts(
     step_fraction: float,
     max_group_sparsity: float | None = None,
     objective: str = "log",
+    group_weights: Mapping[str, float] | None = None,
 ) -> list[dict[str, int]]:
     if not 0.0 <= step_fraction < 1.0:
         raise ValueError(f"step_fraction must be in [0, 1), got {step_fraction!r}")
     if max_group_sparsity is not None:
         check_sparsity(max_group_sparsity, "max_group_sparsity")
-    order = _RemovalOrder(groups, scores, min_channels, round_to, step_fraction, max_group_sparsity, objective)
+    order = _RemovalOrder(groups, scores, min_channels, round_to, step_fraction, max_group_sparsity, objective, group_weights)
     _check_feasible(order, profiles)
     return _GreedyRemoval(order).run(profiles)
 
@@ -418,6 +462,7 @@ def budget_allocate(
     step_fraction: float = 0.01,
     max_group_sparsity: float | None = None,
     objective: str = "log",
+    group_weights: Mapping[str, float] | None = None,
 ) -> dict[str, int]:
     """Kept channels per group so that ``cost_fn(kept) <= budget`` (same units as ``cost_fn``).
 
@@ -427,7 +472,9 @@ def budget_allocate(
     as the budget is met. The importance lost is, by ``objective`` (see
     :data:`BUDGET_OBJECTIVES`), the drop of log(share of the group's
     normalised importance still kept) -- ``log``, the default -- or the
-    summed normalised score removed -- ``sum``. A step removes
+    summed normalised score removed -- ``sum`` -- times the group's weight
+    (``group_weights``: one number > 0 per group, all 1 by default; see
+    :func:`importance_weights`). A step removes
     ``max(1, step_fraction x group size)`` channels (down to a multiple of
     ``round_to`` when given) and never goes below ``min_channels`` (rounded
     up to ``round_to``), nor below ``(1 - max_group_sparsity) x size``
@@ -443,7 +490,8 @@ def budget_allocate(
     With one cost function the removal sequence does not depend on
     ``budget``, so a looser budget never keeps fewer channels in any group.
     """
-    return _greedy_counts(groups, scores, [[(cost_fn, float(budget))]], min_channels, round_to, step_fraction, max_group_sparsity, objective)[0]
+    return _greedy_counts(groups, scores, [[(cost_fn, float(budget))]], min_channels, round_to, step_fraction, max_group_sparsity, objective,
+                          group_weights)[0]
 
 
 def nested_budget_masks(
@@ -455,6 +503,7 @@ def nested_budget_masks(
     step_fraction: float = 0.01,
     max_group_sparsity: float | None = None,
     objective: str = "log",
+    group_weights: Mapping[str, float] | None = None,
 ) -> list[StructuredMask]:
     """One mask per profile from ONE greedy removal sequence, so masks are nested.
 
@@ -469,7 +518,7 @@ def nested_budget_masks(
     :class:`InfeasibleBudgetError` when a constraint cannot be met.
     """
     profiles = [_as_constraints(entry) for entry in cost_fns_and_budgets]
-    counts = _greedy_counts(groups, scores, profiles, min_channels, round_to, step_fraction, max_group_sparsity, objective)
+    counts = _greedy_counts(groups, scores, profiles, min_channels, round_to, step_fraction, max_group_sparsity, objective, group_weights)
     return [StructuredMask.from_scores(scores, c) for c in counts]
 
 
@@ -538,6 +587,7 @@ def budget_masks(
     round_to: int | None = None,
     max_group_sparsity: float | None = None,
     objective: str = "log",
+    group_weights: Mapping[str, float] | None = None,
 ) -> list[StructuredMask]:
     """Nested masks, one per profile (loosest first), that meet each profile's ``(cost_fn, limit)`` list.
 
@@ -551,7 +601,8 @@ def budget_masks(
         raise ValueError(f"unknown budget allocation {method!r}; allowed: {list(BUDGET_ALLOCATIONS)}")
     profiles = [_as_constraints(c) for c in constraints]
     if method == "budget":
-        return nested_budget_masks(groups, scores, profiles, min_channels, round_to, max_group_sparsity=max_group_sparsity, objective=objective)
+        return nested_budget_masks(groups, scores, profiles, min_channels, round_to, max_group_sparsity=max_group_sparsity, objective=objective,
+                                   group_weights=group_weights)
     if method == "budget_uniform":
         sparsities, lo = [], 0.0
         for c in profiles:

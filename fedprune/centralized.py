@@ -102,10 +102,11 @@ def prune_experiment(cfg: ExperimentConfig, dense: DenseRun, data=None) -> dict:
                 f"(one of {sorted(n for n, pr in cfg.profiles.items() if pr.budgets)})"
             )
         hardware = hardware_model(cfg, dense.model)
-        budget = lambda scale, scores: profile_budget_masks(cfg, hardware, scores, [p.budget_profile], scale)[0]  # noqa: E731
+        budget = lambda scale, scores, sens: profile_budget_masks(cfg, hardware, scores, [p.budget_profile], scale, sens)[0]  # noqa: E731
         check_feasible(groups, profile_constraints(cfg, hardware, [p.budget_profile]), p.min_channels, budget_round_to(cfg))  # before any fine-tuning
     round_to = budget_round_to(cfg) if budget is not None else p.round_to or None
-    spec = PruneSpec(p.criterion, p.sparsity, p.allocation, p.num_batches, p.min_channels, round_to, tuple(p.sensitivity_ratios), budget)
+    spec = PruneSpec(p.criterion, p.sparsity, p.allocation, p.num_batches, p.min_channels, round_to, tuple(p.sensitivity_ratios), budget,
+                     budget_sensitivity=p.needs_sensitivity and budget is not None)
     model = copy.deepcopy(dense.model)
     train_fn = make_train_fn(train_loader, train_config(cfg), progress=f"{p.schedule}:{p.criterion}")
     evaluate_fn = lambda m: evaluate(m, test_loader)  # noqa: E731

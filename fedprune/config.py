@@ -139,6 +139,13 @@ class PruningConfig:
                                   "and accept a timed sub-network up to limit x (1 - margin / 2)")
     budget_objective: str = _spec("log", choices=BUDGET_OBJECTIVES, doc="allocation 'budget': 'log' keeps the most of "
                                   "sum(log share of each group's importance kept), 'sum' of the summed importance kept")
+    budget_sensitivity: float = _spec(0.0, lo=0.0, hi=4.0, doc="allocation 'budget': each group's lost importance is weighted by "
+                                      "(layer sensitivity / mean) ** this power; 0 = unweighted (no sensitivity measured)")
+
+    @property
+    def needs_sensitivity(self) -> bool:
+        """Whether the allocation uses layer sensitivity (measured with the importance)."""
+        return self.allocation == "sensitivity" or (self.allocation == "budget" and self.budget_sensitivity > 0)
 
 
 @dataclass
@@ -404,7 +411,7 @@ def _check_cross_field(cfg: ExperimentConfig) -> None:
     for r in cfg.pruning.sensitivity_ratios:
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < 1:
             raise ConfigError(f"config key 'pruning.sensitivity_ratios' holds {r!r}; each ratio must be in (0, 1)")
-    if cfg.pruning.allocation == "sensitivity" and not cfg.federated.sensitivity:
+    if cfg.pruning.needs_sensitivity and not cfg.federated.sensitivity:
         cfg.federated.sensitivity = True  # the allocation cannot work without it
     if cfg.pruning.allocation in BUDGET_ALLOCATIONS:
         missing = [n for n in used if not cfg.profiles[n].budgets]

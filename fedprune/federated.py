@@ -45,7 +45,7 @@ from fedprune.records import (
     state_to_record,
 )
 from fedprune.reporting import write_csv, write_json
-from fedprune.task import budget_round_to, build_model, gate_state, gated_model, hardware_model, load_data, model_groups, profile_budget_masks, profile_constraints
+from fedprune.task import budget_group_weights, budget_round_to, build_model, gate_state, gated_model, hardware_model, load_data, model_groups, profile_budget_masks, profile_constraints
 from fedprune.training import evaluate, set_seed
 from fedprune.validation import InvalidReply, parse_evaluate_reply, parse_importance_reply, parse_register_reply, parse_train_reply, state_spec
 
@@ -626,7 +626,7 @@ class FederatedPruning:
             rng = np.random.default_rng([self.cfg.seed, 31337])
             ranking = {g.name: rng.random(g.size) for g in self.groups}
         if pr.allocation in BUDGET_ALLOCATIONS:
-            masks = profile_budget_masks(self.cfg, self.hardware, ranking, self.profiles, sparsity_scale)
+            masks = profile_budget_masks(self.cfg, self.hardware, ranking, self.profiles, sparsity_scale, sens_agg)
         else:
             sparsities = [self.cfg.profiles[p].sparsity * sparsity_scale for p in self.profiles]
             masks = nested_masks(self.groups, ranking, sparsities, pr.allocation, sens_agg, pr.min_channels, pr.round_to or None)
@@ -659,6 +659,8 @@ class FederatedPruning:
             "nested": all(self.profile_masks[a].is_subset_of(self.profile_masks[b]) or self.profile_masks[b].is_subset_of(self.profile_masks[a])
                           for a in self.profiles for b in self.profiles),
             "kept_channels": {p: m.kept_counts for p, m in self.profile_masks.items()},
+            "layer_sensitivity": sens_agg,  # sample-weighted mean of the clients' (None when not measured)
+            "budget_group_weights": budget_group_weights(self.cfg, sens_agg) if pr.allocation in BUDGET_ALLOCATIONS else None,
         })
         log.info("[consensus] %s/%s over %d clients; agreement (mean Jaccard) %s", pr.criterion, fed.aggregation, len(scores),
                  ", ".join(f"{p}={a:.2f}" for p, a in agreement.items()))

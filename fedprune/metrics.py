@@ -126,7 +126,7 @@ def median_host_latency_ms(models: dict[str, nn.Module], batch_size: int, thread
 
 
 #: Timing passes whose median a run reports as a sub-network's latency (:func:`model_costs`).
-LATENCY_PASSES = 3
+LATENCY_PASSES = 5
 
 
 def model_costs(model: nn.Module, latency: bool = False, threads: int | None = 1, repeats: int = 20, passes: int = LATENCY_PASSES) -> dict:
@@ -134,9 +134,11 @@ def model_costs(model: nn.Module, latency: bool = False, threads: int | None = 1
 
     Latency is the median of ``passes`` passes of :func:`host_latency_ms`,
     batch 1 and batch 64 alternating, so the batch-1 passes lie about half a
-    second apart: on a shared host one slow second moves one pass, not the
-    reported value (on the 2-core benchmark VM single batch-1 timings of one
-    model varied by +-12%, at times by 35%).
+    second apart: on a shared host a slow second or two moves one or two
+    passes, not the reported value (on the 2-core benchmark VM single timings
+    of one model varied by +-12%, at times by 35%; with 3 passes, one
+    batch-64 sub-network still timed 21% slower than the same architecture
+    a few minutes earlier).
     """
     out = {"params": count_params(model), "macs": count_macs(model)}
     out["flops"] = 2 * out["macs"]

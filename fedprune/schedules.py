@@ -43,11 +43,14 @@ class PruneSpec:
     round_to: int | None = None
     sensitivity_ratios: tuple[float, ...] = DEFAULT_RATIOS
     #: For the budget allocations (``budget``, ``budget_uniform``, ``constant_cost``):
-    #: ``(scale, scores) -> StructuredMask``, the mask of a stage that goes ``scale``
-    #: (in (0, 1]) of the way from dense to the budget (e.g. a partial of
-    #: :func:`fedprune.task.profile_budget_masks`); ``sparsity`` then only sets the
-    #: stage fractions (stage sparsity / ``sparsity``).
-    budget: Callable[[float, Mapping[str, np.ndarray]], StructuredMask] | None = None
+    #: ``(scale, scores, sensitivity) -> StructuredMask``, the mask of a stage that goes
+    #: ``scale`` (in (0, 1]) of the way from dense to the budget (e.g. a partial of
+    #: :func:`fedprune.task.profile_budget_masks`); ``sensitivity`` is one number per
+    #: group (:meth:`LayerSensitivity.score`) when ``budget_sensitivity``, else None.
+    #: ``sparsity`` then only sets the stage fractions (stage sparsity / ``sparsity``).
+    budget: Callable[[float, Mapping[str, np.ndarray], Mapping[str, float] | None], StructuredMask] | None = None
+    #: Measure layer sensitivity for ``budget`` (e.g. ``pruning.budget_sensitivity`` > 0).
+    budget_sensitivity: bool = False
 
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity)
@@ -85,15 +88,15 @@ def select_mask(
         for k in ranked:
             ranked[k][~within.keep[k]] = -np.inf
     sens = None
-    if spec.allocation == "sensitivity":
+    if spec.allocation == "sensitivity" or (spec.allocation in BUDGET_ALLOCATIONS and spec.budget_sensitivity):
         if sensitivity_loader is None:
-            raise ValueError("sensitivity-adaptive allocation needs a sensitivity loader")
+            raise ValueError(f"allocation {spec.allocation!r} with layer sensitivity needs a sensitivity loader")
         sens = measure_sensitivity(model, groups, scores.scores, sensitivity_loader, spec.sensitivity_ratios, within)
     if spec.allocation in BUDGET_ALLOCATIONS:
         if spec.budget is None:
             raise ValueError(f"allocation {spec.allocation!r} needs budget constraints (PruneSpec.budget)")
         scale = sparsity / spec.sparsity if spec.sparsity > 0 else 1.0
-        counts = spec.budget(scale, scores.scores).kept_counts
+        counts = spec.budget(scale, scores.scores, sens.score() if sens else None).kept_counts
     else:
         counts = allocate(groups, sparsity, spec.allocation, scores.scores, sens.score() if sens else None, spec.min_channels)
     if within is not None:

@@ -28,6 +28,7 @@ __all__ = [
     "hardware_model",
     "profile_constraints",
     "profile_budget_masks",
+    "budget_group_weights",
     "budget_round_to",
     "gated_model",
     "gate_state",
@@ -317,8 +318,30 @@ def budget_round_to(cfg: ExperimentConfig) -> int:
 LATENCY_REFITS = 3
 
 
-def profile_budget_masks(cfg: ExperimentConfig, hardware, scores, names, scale: float = 1.0):
+def budget_group_weights(cfg: ExperimentConfig, sensitivity) -> dict[str, float] | None:
+    """Per-group weights of lost importance for allocation ``budget`` (None: unweighted).
+
+    ``(layer sensitivity / mean) ** pruning.budget_sensitivity``
+    (:func:`fedprune.allocation.importance_weights`); ``sensitivity`` is one
+    number per group (e.g. :meth:`fedprune.sensitivity.LayerSensitivity.score`
+    or the clients' aggregate) and is required when the power is > 0.
+    """
+    from fedprune.allocation import importance_weights
+
+    pr = cfg.pruning
+    if pr.allocation != "budget" or pr.budget_sensitivity == 0:
+        return None
+    if sensitivity is None:
+        raise ValueError(f"pruning.budget_sensitivity = {pr.budget_sensitivity:g} weights the budget allocation by layer sensitivity, "
+                         "but none was measured (set it to 0 for an unweighted allocation)")
+    return importance_weights(sensitivity, pr.budget_sensitivity)
+
+
+def profile_budget_masks(cfg: ExperimentConfig, hardware, scores, names, scale: float = 1.0, sensitivity=None):
     """Nested masks for ``names`` (most capable first) by ``cfg.pruning.allocation`` (a budget allocation).
+
+    ``sensitivity`` (one number per group, see :func:`budget_group_weights`) weights each
+    group's lost importance in allocation ``budget`` when ``pruning.budget_sensitivity`` > 0.
 
     For the final budgets (``scale`` 1) of ``budget`` and ``budget_uniform`` the loop is closed on
     measurement: each profile's sub-network with a latency budget is timed on this host
@@ -330,10 +353,12 @@ def profile_budget_masks(cfg: ExperimentConfig, hardware, scores, names, scale: 
     from fedprune.allocation import budget_masks
 
     pr = cfg.pruning
+    weights = budget_group_weights(cfg, sensitivity)
     fallback = None
     for _ in range(LATENCY_REFITS + 1):
         constraints = profile_constraints(cfg, hardware, names, scale)
-        masks = budget_masks(pr.allocation, hardware.groups, scores, constraints, pr.min_channels, budget_round_to(cfg), objective=pr.budget_objective)
+        masks = budget_masks(pr.allocation, hardware.groups, scores, constraints, pr.min_channels, budget_round_to(cfg),
+                             objective=pr.budget_objective, group_weights=weights)
         if scale < 1.0 or pr.allocation == "constant_cost":
             return masks
         # "ok" without timing anything for profiles that have no latency budget

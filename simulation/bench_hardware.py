@@ -7,7 +7,8 @@
    per-layer and budget-allocated widths); the table is built 3 times, each
    build followed by its own timing of every width.
 2. For each budgeted profile of configs/profiles.toml and each allocation --
-   ``budget`` (greedy importance per cost), ``budget_uniform`` (the smallest
+   ``budget`` (greedy importance per cost), ``budget_sensitivity`` (the same
+   with each layer's lost importance weighted by its sensitivity), ``budget_uniform`` (the smallest
    uniform sparsity that meets the budget) and ``constant_cost`` (the
    notebook's hardware-aware method: every channel costs the same) -- prune
    the same dense model (Taylor importance), fine-tune for F epochs, and
@@ -55,10 +56,11 @@ log = logging.getLogger("bench_hardware")
 LUT_PASSES = 3
 #: Independent table builds (each with its own timing of every width) in the latency-table comparison.
 LUT_BUILDS = 3
-#: row key -> (pruning.allocation, pruning.budget_objective)
-METHODS = {"budget": ("budget", "log"), "budget_sum": ("budget", "sum"), "budget_uniform": ("budget_uniform", "log"),
-           "constant_cost": ("constant_cost", "log")}
-LABELS = {"budget": "budget-aware (greedy, log importance kept / cost)", "budget_sum": "budget-aware, summed importance (ablation)",
+#: row key -> pruning config overrides (the rest as configured: budget_objective 'log', budget_sensitivity 0)
+METHODS = {"budget": {"allocation": "budget"}, "budget_sensitivity": {"allocation": "budget", "budget_sensitivity": 1.0},
+           "budget_uniform": {"allocation": "budget_uniform"}, "constant_cost": {"allocation": "constant_cost"}}
+LABELS = {"budget": "budget-aware (greedy, log importance kept / cost)",
+          "budget_sensitivity": "budget-aware, layers weighted by sensitivity (option)",
           "budget_uniform": "uniform sparsity meeting the budget", "constant_cost": "constant cost per channel (notebook)"}
 
 
@@ -83,7 +85,7 @@ def lut_accuracy(cfg, threads: int, repeats: int, lut_dir: Path) -> dict:
     for name in ("mobile_cpu", "edge_gpu"):  # widths the budget allocator picks (with a preliminary table build)
         if cfg.profiles[name].budgets:
             c = copy.deepcopy(cfg)
-            c.pruning = dataclasses.replace(c.pruning, allocation="budget")
+            c.pruning = dataclasses.replace(c.pruning, allocation="budget", budget_sensitivity=0.0)  # random scores: no sensitivity
             (mask,) = profile_budget_masks(c, hw, scores, [name])
             widths[f"budget {name}"] = mask.kept_counts
     models = {label: extract_submodel(model, StructuredMask.from_scores(scores, kept), groups) for label, kept in widths.items()}
@@ -123,7 +125,7 @@ def budget_runs(cfg, seeds, profiles, data, cache_dir: Path | None = None) -> di
         c = copy.deepcopy(cfg)
         c.seed = seed
         cache = cache_dir / f"seed{seed}.json" if cache_dir else None
-        key = {"config": config_to_dict(c), "profiles": list(profiles)}
+        key = {"config": config_to_dict(c), "profiles": list(profiles), "methods": METHODS}
         if cache and cache.is_file():
             saved = json.loads(cache.read_text())
             if saved["key"] == json.loads(json.dumps(to_jsonable(key))):
@@ -140,9 +142,9 @@ def budget_runs(cfg, seeds, profiles, data, cache_dir: Path | None = None) -> di
                 "dense same budget": {"accuracy": evaluate(same, make_loader(data[1], 256, train=False))["accuracy"],
                                       "epochs": dense.epochs + c.pruning.finetune_epochs}}
         for prof in profiles:
-            for method, (allocation, objective) in METHODS.items():
+            for method, overrides in METHODS.items():
                 c2 = copy.deepcopy(c)
-                c2.pruning = dataclasses.replace(c2.pruning, allocation=allocation, budget_objective=objective, budget_profile=prof)
+                c2.pruning = dataclasses.replace(c2.pruning, budget_profile=prof, **overrides)
                 res = prune_experiment(c2, dense, data)["pruned"]
                 rows[f"{prof}/{method}"] = {k: res[k] for k in ("accuracy", "accuracy_before_finetune", "channel_sparsity", "macs", "params",
                                                                 "budgets", "kept_channels", "latency_ms", "total_epochs")}
@@ -221,7 +223,9 @@ def render(lut: dict | None, per_seed: list[dict] | None, cfg, args, n_test: int
             "",
             f"{cfg.model.name} on the CIFAR-10 subset ({n_test} test images; one accuracy point = {n_test / 100:.1f} images); "
             f"{cfg.train.epochs} dense epochs, {cfg.pruning.criterion} importance, one-shot pruning to each profile's budgets "
-            f"(configs/profiles.toml), {cfg.pruning.finetune_epochs} fine-tuning epochs ({cfg.train.optimizer}, "
+            f"(configs/profiles.toml; 'layers weighted by sensitivity': each layer's lost log-share of importance times its "
+            f"sensitivity, the mean loss increase when it alone is pruned {'/'.join(f'{100 * r:.0f}' for r in cfg.pruning.sensitivity_ratios)}% "
+            f"(no fine-tuning) on the scoring images, divided by the mean over layers), {cfg.pruning.finetune_epochs} fine-tuning epochs ({cfg.train.optimizer}, "
             f"{'cosine LR from ' if cfg.train.cosine else 'constant LR '}{cfg.train.lr:g} in each phase); accuracy mean ± std over seeds "
             f"{', '.join(str(s) for s in args.seeds)}. Budgets are device estimates: latency = host ms / compute_speed; "
             f"the allocators aim latency at {100 * (1 - cfg.pruning.latency_margin):.0f}% of the budget (margin for the table's error). "
@@ -245,18 +249,20 @@ def render(lut: dict | None, per_seed: list[dict] | None, cfg, args, n_test: int
                 lines.append(f"| {prof} | {btxt} | {LABELS[method]} | {100 * np.mean([r['channel_sparsity'] for r in rows]):.0f}% | "
                              f"{fmt_mean_std(r['accuracy'] for r in rows)} | {100 * (m - ref_m):+.1f} | {cost} | {sum(checks)}/{len(checks)} |")
         lines += ["", "### Targets", ""]
-        aware = [b["ok"] for r in per_seed for k, v in r.items() if k.endswith("/budget") for b in v["budgets"].values()]
-        lines.append(f"- Budget-aware allocation meets {sum(aware)}/{len(aware)} budgets as measured after extraction "
-                     f"(target 100%: {'met' if all(aware) else 'NOT met'}).")
-        for prof in profiles:
-            a, _ = mean_std(r[f"{prof}/budget"]["accuracy"] for r in per_seed)
-            u, _ = mean_std(r[f"{prof}/budget_uniform"]["accuracy"] for r in per_seed)
-            diffs = [100 * (r[f"{prof}/budget"]["accuracy"] - r[f"{prof}/budget_uniform"]["accuracy"]) for r in per_seed]
-            d_m, d_s = mean_std(diffs)
-            lines.append(f"- {prof}: budget-aware {100 * a:.1f}% vs uniform sparsity {100 * u:.1f}% at the same budget "
-                         f"({d_m:+.2f} ± {d_s:.2f} points, paired per seed: {', '.join(f'{d:+.1f}' for d in diffs)}; "
-                         f"target ≥ 0: {'met' if a >= u else 'NOT met'}"
-                         + (", within the seeds' spread" if a < u <= a + d_s / 100 else "") + ").")
+        for method in ("budget", "budget_sensitivity"):
+            aware = [b["ok"] for r in per_seed for k, v in r.items() if k.endswith(f"/{method}") for b in v["budgets"].values()]
+            lines.append(f"- {LABELS[method]}: meets {sum(aware)}/{len(aware)} budgets as measured after extraction "
+                         f"(target 100%: {'met' if all(aware) else 'NOT met'}).")
+        for method in ("budget", "budget_sensitivity"):
+            for prof in profiles:
+                a, _ = mean_std(r[f"{prof}/{method}"]["accuracy"] for r in per_seed)
+                u, _ = mean_std(r[f"{prof}/budget_uniform"]["accuracy"] for r in per_seed)
+                diffs = [100 * (r[f"{prof}/{method}"]["accuracy"] - r[f"{prof}/budget_uniform"]["accuracy"]) for r in per_seed]
+                d_m, d_s = mean_std(diffs)
+                lines.append(f"- {prof}, {LABELS[method]}: {100 * a:.1f}% vs uniform sparsity {100 * u:.1f}% at the same budget "
+                             f"({d_m:+.2f} ± {d_s:.2f} points, paired per seed: {', '.join(f'{d:+.1f}' for d in diffs)}; "
+                             f"target ≥ 0: {'met' if a >= u else 'NOT met'}"
+                             + (", within the seeds' spread" if a < u <= a + d_s / 100 else "") + ").")
         lines.append("")
     return "\n".join(lines)
 

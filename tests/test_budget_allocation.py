@@ -10,6 +10,7 @@ from fedprune.allocation import (
     allocate,
     budget_allocate,
     constant_cost_allocate,
+    importance_weights,
     nested_budget_masks,
 )
 from fedprune.cost import AnalyticCostModel, LatencyLUT, LatencyCalibration, LayerTable, budget_constraints, evaluate_budgets, measure_peak_activation_bytes
@@ -205,6 +206,58 @@ def test_objectives_keep_budget_and_nesting(resnet, objective) -> None:
     for f, mask in zip((0.7, 0.4, 0.2), masks):
         assert analytic.macs(mask.kept_counts) <= f * dense
     assert masks[1].is_subset_of(masks[0]) and masks[2].is_subset_of(masks[1])
+
+
+def test_importance_weights_from_sensitivity() -> None:
+    sens = {"a": 3.0, "b": 1.0, "c": 0.0, "d": -0.5}  # mean of the floored values: 1
+    assert importance_weights(sens) == pytest.approx({"a": 3.0, "b": 1.0, "c": 0.05, "d": 0.05})
+    assert importance_weights(sens, power=0.5) == pytest.approx({"a": 3.0 ** 0.5, "b": 1.0, "c": 0.05, "d": 0.05})
+    assert importance_weights(sens, power=0.0) == {"a": 1.0, "b": 1.0, "c": 1.0, "d": 1.0}
+    assert importance_weights({"a": 0.0, "b": 0.0}) == {"a": 1.0, "b": 1.0}
+    with pytest.raises(ValueError, match=r"finite.*'a': nan"):
+        importance_weights({"a": float("nan"), "b": 1.0})
+    with pytest.raises(ValueError, match=r"power must be in \[0, 4\], got -1"):
+        importance_weights(sens, power=-1)
+
+
+@pytest.mark.parametrize("objective", ["sum", "log"])
+def test_group_weights_shift_pruning(seed, objective) -> None:
+    """Equal weights change nothing; a heavily weighted group keeps more; the budget still holds."""
+    _, groups, analytic, scores = seed
+    budget = 0.4 * analytic.macs(groups.sizes)
+    plain = budget_allocate(groups, scores, analytic.macs, budget, round_to=8, objective=objective)
+    same = budget_allocate(groups, scores, analytic.macs, budget, round_to=8, objective=objective, group_weights={g.name: 2.5 for g in groups})
+    assert same == plain
+    pruned = [g.name for g in groups if plain[g.name] < g.size]
+    heavy = pruned[0]
+    weighted = budget_allocate(groups, scores, analytic.macs, budget, round_to=8, objective=objective,
+                               group_weights={g.name: 20.0 if g.name == heavy else 1.0 for g in groups})
+    _check_counts(groups, weighted, round_to=8)
+    assert analytic.macs(weighted) <= budget
+    assert weighted[heavy] > plain[heavy]
+
+
+def test_group_weights_keep_masks_nested(resnet) -> None:
+    _, groups, analytic, scores = resnet
+    dense = analytic.macs(groups.sizes)
+    rng = np.random.default_rng(3)
+    weights = importance_weights({g.name: float(rng.gamma(1.0)) for g in groups})
+    masks = nested_budget_masks(groups, scores, [(analytic.macs, f * dense) for f in (0.7, 0.4, 0.2)], group_weights=weights)
+    for f, mask in zip((0.7, 0.4, 0.2), masks):
+        assert analytic.macs(mask.kept_counts) <= f * dense
+    assert masks[1].is_subset_of(masks[0]) and masks[2].is_subset_of(masks[1])
+
+
+@pytest.mark.parametrize("weights, message", [
+    ({"features.0": 1.0}, r"missing groups \['features.4'"),
+    ("negative", r"finite numbers > 0; got \{'features.0': -1.0\}"),
+])
+def test_bad_group_weights(seed, weights, message) -> None:
+    _, groups, analytic, scores = seed
+    if weights == "negative":
+        weights = {g.name: -1.0 if i == 0 else 1.0 for i, g in enumerate(groups)}
+    with pytest.raises(ValueError, match=message):
+        budget_allocate(groups, scores, analytic.macs, analytic.macs(groups.sizes), group_weights=weights)
 
 
 def test_unknown_objective(seed) -> None:

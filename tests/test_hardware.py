@@ -47,6 +47,7 @@ def seed_hw():
     ("pruning.latency_margin=0.7", ["pruning.latency_margin", "0.7"]),
     ("pruning.allocation='knapsack'", ["pruning.allocation", "'knapsack'", "budget_uniform"]),
     ("pruning.budget_objective='max'", ["pruning.budget_objective", "'max'", "'log', 'sum'"]),
+    ("pruning.budget_sensitivity=5", ["pruning.budget_sensitivity", "5"]),
 ])
 def test_bad_budget_configs(override, fragments) -> None:
     with pytest.raises(ConfigError) as err:
@@ -61,6 +62,27 @@ def test_budget_allocation_needs_budgets_for_every_profile_in_use() -> None:
     # a profile with no clients needs none
     load_config(None, ["pruning.allocation='budget'", "profiles.edge_gpu.budgets={}",
                        "federated.proportions={edge_gpu=0.0, mobile_cpu=0.5, microcontroller=0.5}"])
+
+
+def test_sensitivity_weighted_budget_allocation_measures_sensitivity(seed_hw) -> None:
+    """pruning.budget_sensitivity > 0 weights the budget allocation by layer sensitivity: clients must measure it."""
+    from fedprune.task import budget_group_weights, profile_budget_masks
+
+    assert load_config(None, BUDGETS + ["pruning.allocation='budget'"]).federated.sensitivity is False  # off by default
+    cfg = load_config(None, BUDGETS + ["pruning.allocation='budget'", "pruning.budget_sensitivity=1"])
+    assert cfg.pruning.budget_sensitivity == 1.0 and cfg.federated.sensitivity is True
+    assert load_config(None, BUDGETS + ["pruning.allocation='budget_uniform'"]).federated.sensitivity is False
+    _, groups, hw, scores = seed_hw
+    with pytest.raises(ValueError, match=r"pruning.budget_sensitivity = 1 weights .* none was measured"):
+        profile_budget_masks(cfg, hw, scores, ["mobile_cpu"])
+    sens = {g.name: float(i + 1) for i, g in enumerate(groups)}
+    assert budget_group_weights(cfg, sens) == pytest.approx({g.name: (i + 1) / 2.5 for i, g in enumerate(groups)})
+    plain = load_config(None, BUDGETS + ["pruning.allocation='budget'", "pruning.budget_sensitivity=0"])
+    assert budget_group_weights(plain, sens) is None
+    (weighted,) = profile_budget_masks(cfg, hw, scores, ["mobile_cpu"], sensitivity=sens)
+    (unweighted,) = profile_budget_masks(plain, hw, scores, ["mobile_cpu"])
+    last = groups.names[-1]  # the most sensitive group keeps at least as many channels when weighted
+    assert weighted.kept_counts[last] >= unweighted.kept_counts[last]
 
 
 def test_default_profiles_carry_budgets_and_overrides_replace_them() -> None:
@@ -206,10 +228,14 @@ def test_report_measures_the_extracted_model(seed_hw) -> None:
 
 # ---------------------------------------------------------------- runs
 def test_federated_budget_run_meets_every_budget(tmp_path) -> None:
-    cfg = load_config(None, TINY + BUDGETS + ["pruning.allocation='budget'"])
+    cfg = load_config(None, TINY + BUDGETS + ["pruning.allocation='budget'", "pruning.budget_sensitivity=1"])
     res = simulate(cfg, tmp_path, engine="inprocess")
     assert res["consensus"]["nested"] is True
     assert res["consensus"]["allocation"] == "budget"
+    # clients measured layer sensitivity; the allocation weighted each group's importance by it
+    sens, weights = res["consensus"]["layer_sensitivity"], res["consensus"]["budget_group_weights"]
+    assert set(sens) == set(weights) == set(res["consensus"]["kept_channels"]["edge_gpu"])
+    assert all(w > 0 for w in weights.values())
     for name, entry in res["profiles"].items():
         assert entry["budgets_ok"] is True, (name, entry["budgets"])
         for b in entry["budgets"].values():
@@ -242,7 +268,7 @@ def test_centralized_budget_prune(tmp_path) -> None:
     cfg = load_config(None, ["data.dataset='synthetic'", "data.synthetic_train=200", "data.synthetic_test=64", "train.epochs=1",
                              "pruning.finetune_epochs=1", "pruning.num_batches=1", "eval.latency=false", "train.threads=1",
                              "pruning.allocation='budget'", "pruning.budget_profile='microcontroller'", "pruning.schedule='progressive'",
-                             "pruning.stages=2", BUDGETS[2]])
+                             "pruning.stages=2", "pruning.budget_sensitivity=1", BUDGETS[2]])
     res = prune_experiment(cfg, train_dense(cfg))["pruned"]
     assert res["budget_profile"] == "microcontroller"
     assert all(b["ok"] for b in res["budgets"].values())
