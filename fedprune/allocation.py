@@ -18,7 +18,8 @@ Budget-constrained allocation (:func:`budget_allocate`,
 :func:`nested_budget_masks`) instead removes channels greedily, cheapest
 importance per unit of cost saved first, until hardware cost functions
 (MACs, bytes, ms; see :mod:`fedprune.cost`) meet their budgets (importance
-lost is measured as in :data:`BUDGET_OBJECTIVES`);
+lost is measured as in :data:`BUDGET_OBJECTIVES`, optionally weighted per
+group by layer sensitivity: :func:`importance_weights`);
 :func:`constant_cost_allocate` is the baseline where every channel costs the
 same.
 """
@@ -26,11 +27,12 @@ same.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from fedprune.config import BUDGET_ALLOCATIONS, BUDGET_OBJECTIVES, SPARSITY_ALLOCATIONS
+from fedprune.config import BUDGET_ALLOCATIONS, BUDGET_OBJECTIVES, MAX_BUDGET_SENSITIVITY, SPARSITY_ALLOCATIONS
 from fedprune.groups import ChannelGroups
 from fedprune.masks import StructuredMask, round_keep_count
 
@@ -93,21 +95,28 @@ def sensitivity_weights(sensitivity: Mapping[str, float], eps: float = 1e-3) -> 
     return {k: v / mean for k, v in inv.items()}
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
 def importance_weights(sensitivity: Mapping[str, float], power: float = 1.0, floor: float = 0.05) -> dict[str, float]:
     """Per group: how much its lost importance counts in the budget allocation, from layer sensitivity.
 
     ``sensitivity`` is one number per group (e.g. :meth:`fedprune.sensitivity.LayerSensitivity.score`,
-    the mean loss increase when the group alone is pruned). The weight is
-    ``(sensitivity / mean sensitivity) ** power``, at least ``floor`` (a
-    group measured as insensitive still costs something to thin); all 1
-    when ``power`` is 0 or every sensitivity is 0. Compare
-    :func:`sensitivity_weights`, its inverse for the sparsity allocation.
+    the mean loss increase when the group alone is pruned); negative values
+    count as 0. The weight is ``(sensitivity / mean over groups) ** power``,
+    at least ``floor`` (a group measured as insensitive still costs
+    something to thin); all 1 when ``power`` is 0 or every sensitivity is 0.
+    ``power`` is in [0, :data:`MAX_BUDGET_SENSITIVITY`], ``floor`` in (0, 1].
+    Compare :func:`sensitivity_weights`, its inverse for the sparsity allocation.
     """
-    bad = {k: v for k, v in sensitivity.items() if not math.isfinite(float(v))}
+    bad = {k: v for k, v in sensitivity.items() if not _is_number(v)}
     if bad:
         raise ValueError(f"layer sensitivities must be finite numbers; got {bad}")
-    if not 0.0 <= power <= 4.0:
-        raise ValueError(f"sensitivity power must be in [0, 4], got {power!r}")
+    if not (_is_number(power) and 0.0 <= power <= MAX_BUDGET_SENSITIVITY):
+        raise ValueError(f"sensitivity power must be a number in [0, {MAX_BUDGET_SENSITIVITY:g}], got {power!r}")
+    if not (_is_number(floor) and 0.0 < floor <= 1.0):
+        raise ValueError(f"weight floor must be a number in (0, 1], got {floor!r}")
     values = {k: max(float(v), 0.0) for k, v in sensitivity.items()}
     mean = float(np.mean(list(values.values()))) if values else 0.0
     if mean <= 0.0 or power == 0.0:
@@ -116,13 +125,14 @@ def importance_weights(sensitivity: Mapping[str, float], power: float = 1.0, flo
 
 
 def _check_group_weights(groups: ChannelGroups, weights: Mapping[str, float] | None) -> dict[str, float]:
-    """``weights`` for every group of ``groups`` (all 1 when None); each must be a finite number > 0."""
+    """``weights`` for exactly the groups of ``groups`` (all 1 when None); each a finite number > 0."""
     if weights is None:
         return {g.name: 1.0 for g in groups}
     missing = [g.name for g in groups if g.name not in weights]
-    if missing:
-        raise ValueError(f"group weights are missing groups {missing}")
-    bad = {k: v for k, v in weights.items() if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0)}
+    unknown = sorted(set(weights) - set(groups.names))
+    if missing or unknown:
+        raise ValueError(f"group weights must name every group once; missing {missing}, unknown {unknown}")
+    bad = {k: v for k, v in weights.items() if not (_is_number(v) and v > 0)}
     if bad:
         raise ValueError(f"group weights must be finite numbers > 0; got {bad}")
     return {g.name: float(weights[g.name]) for g in groups}
@@ -592,13 +602,16 @@ def budget_masks(
     """Nested masks, one per profile (loosest first), that meet each profile's ``(cost_fn, limit)`` list.
 
     ``method`` is one of :data:`BUDGET_ALLOCATIONS`; ``objective`` (one of
-    :data:`BUDGET_OBJECTIVES`) applies to ``budget``. ``budget`` and
+    :data:`BUDGET_OBJECTIVES`) and ``group_weights`` (see :func:`budget_allocate`)
+    apply to ``budget`` only; giving weights to another method is an error. ``budget`` and
     ``budget_uniform`` meet every budget by construction (as predicted by the
     cost functions); ``constant_cost`` does not look at the real cost beyond
     the dense value and may miss or overshoot -- it is the baseline.
     """
     if method not in BUDGET_ALLOCATIONS:
         raise ValueError(f"unknown budget allocation {method!r}; allowed: {list(BUDGET_ALLOCATIONS)}")
+    if group_weights is not None and method != "budget":
+        raise ValueError(f"group weights apply to budget allocation 'budget' only, not {method!r}")
     profiles = [_as_constraints(c) for c in constraints]
     if method == "budget":
         return nested_budget_masks(groups, scores, profiles, min_channels, round_to, max_group_sparsity=max_group_sparsity, objective=objective,

@@ -25,7 +25,7 @@ from fedprune.masks import extract_submodel
 from fedprune.metrics import model_costs, param_sparsity
 from fedprune.reporting import write_json
 from fedprune.schedules import PruneSpec, lottery_ticket, one_shot, progressive
-from fedprune.task import (budget_round_to, build_model, hardware_model, load_data, make_train_fn, model_groups, profile_budget_masks,
+from fedprune.task import (budget_group_weights, budget_round_to, build_model, hardware_model, load_data, make_train_fn, model_groups, profile_budget_masks,
                            profile_constraints, train_config)
 from fedprune.training import evaluate, set_seed, train
 
@@ -102,11 +102,12 @@ def prune_experiment(cfg: ExperimentConfig, dense: DenseRun, data=None) -> dict:
                 f"(one of {sorted(n for n, pr in cfg.profiles.items() if pr.budgets)})"
             )
         hardware = hardware_model(cfg, dense.model)
-        budget = lambda scale, scores, sens: profile_budget_masks(cfg, hardware, scores, [p.budget_profile], scale, sens)[0]  # noqa: E731
+        budget = lambda scale, scores, sens: profile_budget_masks(  # noqa: E731
+            cfg, hardware, scores, [p.budget_profile], scale, budget_group_weights(cfg, sens))[0]
         check_feasible(groups, profile_constraints(cfg, hardware, [p.budget_profile]), p.min_channels, budget_round_to(cfg))  # before any fine-tuning
     round_to = budget_round_to(cfg) if budget is not None else p.round_to or None
     spec = PruneSpec(p.criterion, p.sparsity, p.allocation, p.num_batches, p.min_channels, round_to, tuple(p.sensitivity_ratios), budget,
-                     budget_sensitivity=p.needs_sensitivity and budget is not None)
+                     budget_needs_sensitivity=p.budget_weighted)
     model = copy.deepcopy(dense.model)
     train_fn = make_train_fn(train_loader, train_config(cfg), progress=f"{p.schedule}:{p.criterion}")
     evaluate_fn = lambda m: evaluate(m, test_loader)  # noqa: E731

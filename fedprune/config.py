@@ -69,6 +69,8 @@ ALLOCATIONS = SPARSITY_ALLOCATIONS + BUDGET_ALLOCATIONS
 #: so no layer is emptied to save a little cost (the default); ``sum`` -- the summed
 #: normalised importance kept (linear, as HALP's knapsack), which can starve one layer.
 BUDGET_OBJECTIVES = ("log", "sum")
+#: Largest ``pruning.budget_sensitivity``: the power on the layer-sensitivity weights.
+MAX_BUDGET_SENSITIVITY = 4.0
 #: Allowed profile budget keys -> (what is limited, unit). Latencies are device estimates:
 #: host ms / the profile's compute_speed (see fedprune.cost.device_factor).
 BUDGET_KEYS: dict[str, str] = {
@@ -139,13 +141,18 @@ class PruningConfig:
                                   "and accept a timed sub-network up to limit x (1 - margin / 2)")
     budget_objective: str = _spec("log", choices=BUDGET_OBJECTIVES, doc="allocation 'budget': 'log' keeps the most of "
                                   "sum(log share of each group's importance kept), 'sum' of the summed importance kept")
-    budget_sensitivity: float = _spec(0.0, lo=0.0, hi=4.0, doc="allocation 'budget': each group's lost importance is weighted by "
+    budget_sensitivity: float = _spec(0.0, lo=0.0, hi=MAX_BUDGET_SENSITIVITY, doc="allocation 'budget': each group's lost importance is weighted by "
                                       "(layer sensitivity / mean) ** this power; 0 = unweighted (no sensitivity measured)")
+
+    @property
+    def budget_weighted(self) -> bool:
+        """Whether allocation ``budget`` weights each group's lost importance by layer sensitivity."""
+        return self.allocation == "budget" and self.budget_sensitivity > 0
 
     @property
     def needs_sensitivity(self) -> bool:
         """Whether the allocation uses layer sensitivity (measured with the importance)."""
-        return self.allocation == "sensitivity" or (self.allocation == "budget" and self.budget_sensitivity > 0)
+        return self.allocation == "sensitivity" or self.budget_weighted
 
 
 @dataclass
@@ -164,7 +171,8 @@ class FederatedConfig:
     adversarial_mode: str = _spec("inverted", choices=ADVERSARIAL_MODES, doc="'inverted' (ranking reversed), 'random' (uniform noise "
                                   "in the honest range), 'scaled' (inverted, own bottom half x adversarial_scale)")
     adversarial_scale: float = _spec(100.0, lo=0.0, lo_open=True, doc="boost factor of the 'scaled' mode")
-    sensitivity: bool = _spec(False, doc="clients also measure layer sensitivity (needed for allocation='sensitivity')")
+    sensitivity: bool = _spec(False, doc="clients also measure layer sensitivity (turned on for allocation='sensitivity' and for "
+                              "allocation='budget' with pruning.budget_sensitivity > 0)")
     profiles_file: str = _spec("", doc="'' = configs/profiles.toml")
     proportions: dict = _spec({"edge_gpu": 0.3, "mobile_cpu": 0.4, "microcontroller": 0.3})
     num_cpus_per_client: float = _spec(1.0, lo=0.0, lo_open=True)
@@ -411,6 +419,9 @@ def _check_cross_field(cfg: ExperimentConfig) -> None:
     for r in cfg.pruning.sensitivity_ratios:
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < 1:
             raise ConfigError(f"config key 'pruning.sensitivity_ratios' holds {r!r}; each ratio must be in (0, 1)")
+    if cfg.pruning.budget_sensitivity > 0 and cfg.pruning.allocation != "budget":
+        raise ConfigError(f"config key 'pruning.budget_sensitivity' = {cfg.pruning.budget_sensitivity:g} applies to "
+                          f"pruning.allocation = 'budget' only, not {cfg.pruning.allocation!r}; set it to 0")
     if cfg.pruning.needs_sensitivity and not cfg.federated.sensitivity:
         cfg.federated.sensitivity = True  # the allocation cannot work without it
     if cfg.pruning.allocation in BUDGET_ALLOCATIONS:

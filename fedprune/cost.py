@@ -737,8 +737,8 @@ class LatencyLUT:
     elements, which shrink with the channels. By default (``calibrate=True``)
     it is fitted (relative least squares, non-negative terms) to whole-model
     timings of the sub-networks of :func:`calibration_widths` (dense, uniform
-    75/50/25% and four random widths), each timed as runs time a sub-network
-    (:func:`fedprune.metrics.host_latency_ms`, median of 3 passes). Fitting
+    75/50/25% and four random widths), each timed alone as runs time a sub-network
+    (:func:`fedprune.metrics.host_latency_ms`; median of 3 passes, where runs report 5). Fitting
     to several whole models right after the layers were timed keeps the
     table honest when the host's speed drifts between the layer and the
     whole-model timings: on the 2-core benchmark VM a table calibrated on
@@ -806,7 +806,7 @@ class LatencyLUT:
         widths = calibration_widths(groups) if calibrate else {"dense": dict(groups.sizes)}
         first_k = {n: StructuredMask({g: np.arange(groups[g].size) < k for g, k in kept.items()}) for n, kept in widths.items()}
         models = {n: model if n == "dense" else extract_submodel(model, mask, groups) for n, mask in first_k.items()}
-        # Whole models are timed as runs time a sub-network (host_latency_ms), median of 3 passes.
+        # Whole models are timed alone as runs time a sub-network (host_latency_ms), median of 3 passes.
         measured = median_host_latency_ms(models, batch_size, threads, max(repeats, WHOLE_MODEL_REPEATS))
         if calibrate:
             points = [(kept, lut.layers_ms(kept), measured[n]) for n, kept in widths.items()]

@@ -213,6 +213,8 @@ class FederatedPruning:
         self.out_dir = Path(out_dir) if out_dir else None
         self.mask_source = mask_source
         self.groups = model_groups(self.cfg)
+        #: Clients measure layer sensitivity with the importance (asked for, or needed by the allocation).
+        self.measure_sensitivity = self.cfg.federated.sensitivity or self.cfg.pruning.needs_sensitivity
         set_seed(self.cfg.seed)
         self.model = build_model(self.cfg)
         self.state = {k: v.clone() for k, v in self.model.state_dict().items()}
@@ -578,7 +580,7 @@ class FederatedPruning:
         eval_bytes = (sum(r.bytes_down for r in eval_replies), sum(r.bytes_up for r in eval_replies))
 
         def request(n, with_model):
-            conf = self._config(round=round_num, criterion=pr.criterion, sensitivity=fed.sensitivity,
+            conf = self._config(round=round_num, criterion=pr.criterion, sensitivity=self.measure_sensitivity,
                                 ratios=[float(r) for r in pr.sensitivity_ratios],
                                 **{"num-batches": pr.num_batches, "model-version": self.model_version}, **_attempt_key(attempt))
             content = {"config": conf}
@@ -597,7 +599,7 @@ class FederatedPruning:
         scores, weights, sens, owners = [], [], [], []
         for r in ok:
             try:
-                imp = parse_importance_reply(r.content, self.groups, self.nodes[r.node_id].num_train, fed.sensitivity)
+                imp = parse_importance_reply(r.content, self.groups, self.nodes[r.node_id].num_train, self.measure_sensitivity)
             except InvalidReply as exc:
                 self._fail(failed, r.node_id, what, str(exc), attempt)
                 continue
@@ -618,15 +620,16 @@ class FederatedPruning:
         adversarial = adversarial_partitions(fed.num_clients, fed.adversarial_fraction, self.cfg.seed)
         pids = [self.nodes[n].partition_id for n in owners]
         sens_agg = None
-        if sens:
-            w = np.asarray(weights[: len(sens)], dtype=np.float64)
-            sens_agg = {k: float(np.dot(w, [s[k] for s in sens]) / w.sum()) for k in self.groups.names}
+        if sens:  # every valid reply carries it when asked for; screened-out clients do not count
+            w = np.asarray([weights[i] for i in kept], dtype=np.float64)
+            sens_agg = {k: float(np.dot(w, [sens[i][k] for i in kept]) / w.sum()) for k in self.groups.names}
+        group_weights = budget_group_weights(self.cfg, sens_agg)
         ranking = consensus
         if self.mask_source == "random":
             rng = np.random.default_rng([self.cfg.seed, 31337])
             ranking = {g.name: rng.random(g.size) for g in self.groups}
         if pr.allocation in BUDGET_ALLOCATIONS:
-            masks = profile_budget_masks(self.cfg, self.hardware, ranking, self.profiles, sparsity_scale, sens_agg)
+            masks = profile_budget_masks(self.cfg, self.hardware, ranking, self.profiles, sparsity_scale, group_weights)
         else:
             sparsities = [self.cfg.profiles[p].sparsity * sparsity_scale for p in self.profiles]
             masks = nested_masks(self.groups, ranking, sparsities, pr.allocation, sens_agg, pr.min_channels, pr.round_to or None)
@@ -660,7 +663,7 @@ class FederatedPruning:
                           for a in self.profiles for b in self.profiles),
             "kept_channels": {p: m.kept_counts for p, m in self.profile_masks.items()},
             "layer_sensitivity": sens_agg,  # sample-weighted mean of the clients' (None when not measured)
-            "budget_group_weights": budget_group_weights(self.cfg, sens_agg) if pr.allocation in BUDGET_ALLOCATIONS else None,
+            "budget_group_weights": group_weights,
         })
         log.info("[consensus] %s/%s over %d clients; agreement (mean Jaccard) %s", pr.criterion, fed.aggregation, len(scores),
                  ", ".join(f"{p}={a:.2f}" for p, a in agreement.items()))

@@ -46,11 +46,11 @@ class PruneSpec:
     #: ``(scale, scores, sensitivity) -> StructuredMask``, the mask of a stage that goes
     #: ``scale`` (in (0, 1]) of the way from dense to the budget (e.g. a partial of
     #: :func:`fedprune.task.profile_budget_masks`); ``sensitivity`` is one number per
-    #: group (:meth:`LayerSensitivity.score`) when ``budget_sensitivity``, else None.
+    #: group (:meth:`LayerSensitivity.score`) when ``budget_needs_sensitivity``, else None.
     #: ``sparsity`` then only sets the stage fractions (stage sparsity / ``sparsity``).
     budget: Callable[[float, Mapping[str, np.ndarray], Mapping[str, float] | None], StructuredMask] | None = None
     #: Measure layer sensitivity for ``budget`` (e.g. ``pruning.budget_sensitivity`` > 0).
-    budget_sensitivity: bool = False
+    budget_needs_sensitivity: bool = False
 
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity)
@@ -88,7 +88,7 @@ def select_mask(
         for k in ranked:
             ranked[k][~within.keep[k]] = -np.inf
     sens = None
-    if spec.allocation == "sensitivity" or (spec.allocation in BUDGET_ALLOCATIONS and spec.budget_sensitivity):
+    if spec.allocation == "sensitivity" or (spec.allocation in BUDGET_ALLOCATIONS and spec.budget_needs_sensitivity):
         if sensitivity_loader is None:
             raise ValueError(f"allocation {spec.allocation!r} with layer sensitivity needs a sensitivity loader")
         sens = measure_sensitivity(model, groups, scores.scores, sensitivity_loader, spec.sensitivity_ratios, within)

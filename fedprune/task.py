@@ -329,7 +329,7 @@ def budget_group_weights(cfg: ExperimentConfig, sensitivity) -> dict[str, float]
     from fedprune.allocation import importance_weights
 
     pr = cfg.pruning
-    if pr.allocation != "budget" or pr.budget_sensitivity == 0:
+    if not pr.budget_weighted:
         return None
     if sensitivity is None:
         raise ValueError(f"pruning.budget_sensitivity = {pr.budget_sensitivity:g} weights the budget allocation by layer sensitivity, "
@@ -337,11 +337,11 @@ def budget_group_weights(cfg: ExperimentConfig, sensitivity) -> dict[str, float]
     return importance_weights(sensitivity, pr.budget_sensitivity)
 
 
-def profile_budget_masks(cfg: ExperimentConfig, hardware, scores, names, scale: float = 1.0, sensitivity=None):
+def profile_budget_masks(cfg: ExperimentConfig, hardware, scores, names, scale: float = 1.0, group_weights=None):
     """Nested masks for ``names`` (most capable first) by ``cfg.pruning.allocation`` (a budget allocation).
 
-    ``sensitivity`` (one number per group, see :func:`budget_group_weights`) weights each
-    group's lost importance in allocation ``budget`` when ``pruning.budget_sensitivity`` > 0.
+    ``group_weights`` (allocation ``budget`` only; from :func:`budget_group_weights`) weight
+    each group's lost importance.
 
     For the final budgets (``scale`` 1) of ``budget`` and ``budget_uniform`` the loop is closed on
     measurement: each profile's sub-network with a latency budget is timed on this host
@@ -353,12 +353,11 @@ def profile_budget_masks(cfg: ExperimentConfig, hardware, scores, names, scale: 
     from fedprune.allocation import budget_masks
 
     pr = cfg.pruning
-    weights = budget_group_weights(cfg, sensitivity)
     fallback = None
     for _ in range(LATENCY_REFITS + 1):
         constraints = profile_constraints(cfg, hardware, names, scale)
         masks = budget_masks(pr.allocation, hardware.groups, scores, constraints, pr.min_channels, budget_round_to(cfg),
-                             objective=pr.budget_objective, group_weights=weights)
+                             objective=pr.budget_objective, group_weights=group_weights)
         if scale < 1.0 or pr.allocation == "constant_cost":
             return masks
         # "ok" without timing anything for profiles that have no latency budget

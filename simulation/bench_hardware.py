@@ -56,9 +56,11 @@ log = logging.getLogger("bench_hardware")
 LUT_PASSES = 3
 #: Independent table builds (each with its own timing of every width) in the latency-table comparison.
 LUT_BUILDS = 3
-#: row key -> pruning config overrides (the rest as configured: budget_objective 'log', budget_sensitivity 0)
-METHODS = {"budget": {"allocation": "budget"}, "budget_sensitivity": {"allocation": "budget", "budget_sensitivity": 1.0},
-           "budget_uniform": {"allocation": "budget_uniform"}, "constant_cost": {"allocation": "constant_cost"}}
+#: row key -> pruning config overrides
+METHODS = {"budget": {"allocation": "budget", "budget_objective": "log", "budget_sensitivity": 0.0},
+           "budget_sensitivity": {"allocation": "budget", "budget_objective": "log", "budget_sensitivity": 1.0},
+           "budget_uniform": {"allocation": "budget_uniform", "budget_sensitivity": 0.0},
+           "constant_cost": {"allocation": "constant_cost", "budget_sensitivity": 0.0}}
 LABELS = {"budget": "budget-aware (greedy, log importance kept / cost)",
           "budget_sensitivity": "budget-aware, layers weighted by sensitivity (option)",
           "budget_uniform": "uniform sparsity meeting the budget", "constant_cost": "constant cost per channel (notebook)"}
@@ -223,9 +225,10 @@ def render(lut: dict | None, per_seed: list[dict] | None, cfg, args, n_test: int
             "",
             f"{cfg.model.name} on the CIFAR-10 subset ({n_test} test images; one accuracy point = {n_test / 100:.1f} images); "
             f"{cfg.train.epochs} dense epochs, {cfg.pruning.criterion} importance, one-shot pruning to each profile's budgets "
-            f"(configs/profiles.toml; 'layers weighted by sensitivity': each layer's lost log-share of importance times its "
-            f"sensitivity, the mean loss increase when it alone is pruned {'/'.join(f'{100 * r:.0f}' for r in cfg.pruning.sensitivity_ratios)}% "
-            f"(no fine-tuning) on the scoring images, divided by the mean over layers), {cfg.pruning.finetune_epochs} fine-tuning epochs ({cfg.train.optimizer}, "
+            f"(configs/profiles.toml; 'layers weighted by sensitivity': each layer's lost log-share of importance times "
+            f"(its sensitivity / the mean over layers) ** {METHODS['budget_sensitivity']['budget_sensitivity']:g}, at least 0.05, where "
+            f"sensitivity is the mean loss increase when the layer alone is pruned "
+            f"{'/'.join(f'{100 * r:.0f}' for r in cfg.pruning.sensitivity_ratios)}% (no fine-tuning) on the scoring images), {cfg.pruning.finetune_epochs} fine-tuning epochs ({cfg.train.optimizer}, "
             f"{'cosine LR from ' if cfg.train.cosine else 'constant LR '}{cfg.train.lr:g} in each phase); accuracy mean ± std over seeds "
             f"{', '.join(str(s) for s in args.seeds)}. Budgets are device estimates: latency = host ms / compute_speed; "
             f"the allocators aim latency at {100 * (1 - cfg.pruning.latency_margin):.0f}% of the budget (margin for the table's error). "

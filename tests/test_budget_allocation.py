@@ -216,8 +216,10 @@ def test_importance_weights_from_sensitivity() -> None:
     assert importance_weights({"a": 0.0, "b": 0.0}) == {"a": 1.0, "b": 1.0}
     with pytest.raises(ValueError, match=r"finite.*'a': nan"):
         importance_weights({"a": float("nan"), "b": 1.0})
-    with pytest.raises(ValueError, match=r"power must be in \[0, 4\], got -1"):
+    with pytest.raises(ValueError, match=r"power must be a number in \[0, 4\], got -1"):
         importance_weights(sens, power=-1)
+    with pytest.raises(ValueError, match=r"floor must be a number in \(0, 1\], got 0"):
+        importance_weights(sens, floor=0)
 
 
 @pytest.mark.parametrize("objective", ["sum", "log"])
@@ -248,16 +250,26 @@ def test_group_weights_keep_masks_nested(resnet) -> None:
     assert masks[1].is_subset_of(masks[0]) and masks[2].is_subset_of(masks[1])
 
 
-@pytest.mark.parametrize("weights, message", [
-    ({"features.0": 1.0}, r"missing groups \['features.4'"),
-    ("negative", r"finite numbers > 0; got \{'features.0': -1.0\}"),
+@pytest.mark.parametrize("change, message", [
+    ({"features.4": None, "features.8": None, "features.12": None}, r"missing \['features.4', 'features.8', 'features.12'\], unknown \[\]"),
+    ({"conv9": 1.0}, r"missing \[\], unknown \['conv9'\]"),
+    ({"features.0": -1.0}, r"finite numbers > 0; got \{'features.0': -1.0\}"),
+    ({"features.0": True}, r"finite numbers > 0; got \{'features.0': True\}"),
 ])
-def test_bad_group_weights(seed, weights, message) -> None:
+def test_bad_group_weights(seed, change, message) -> None:
     _, groups, analytic, scores = seed
-    if weights == "negative":
-        weights = {g.name: -1.0 if i == 0 else 1.0 for i, g in enumerate(groups)}
+    weights = {**{g.name: np.float32(1.5) for g in groups}, **change}  # numpy numbers are fine
+    weights = {k: v for k, v in weights.items() if v is not None}
     with pytest.raises(ValueError, match=message):
         budget_allocate(groups, scores, analytic.macs, analytic.macs(groups.sizes), group_weights=weights)
+
+
+def test_group_weights_only_for_greedy_budget(seed) -> None:
+    from fedprune.allocation import budget_masks
+
+    _, groups, analytic, scores = seed
+    with pytest.raises(ValueError, match=r"group weights apply to budget allocation 'budget' only, not 'budget_uniform'"):
+        budget_masks("budget_uniform", groups, scores, [[(analytic.macs, analytic.macs(groups.sizes))]], group_weights={g.name: 1.0 for g in groups})
 
 
 def test_unknown_objective(seed) -> None:

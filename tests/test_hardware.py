@@ -70,19 +70,22 @@ def test_sensitivity_weighted_budget_allocation_measures_sensitivity(seed_hw) ->
 
     assert load_config(None, BUDGETS + ["pruning.allocation='budget'"]).federated.sensitivity is False  # off by default
     cfg = load_config(None, BUDGETS + ["pruning.allocation='budget'", "pruning.budget_sensitivity=1"])
-    assert cfg.pruning.budget_sensitivity == 1.0 and cfg.federated.sensitivity is True
-    assert load_config(None, BUDGETS + ["pruning.allocation='budget_uniform'"]).federated.sensitivity is False
-    _, groups, hw, scores = seed_hw
+    assert cfg.pruning.budget_weighted and cfg.federated.sensitivity is True
+    with pytest.raises(ConfigError, match=r"'pruning.budget_sensitivity' = 1 applies to pruning.allocation = 'budget' only, not 'budget_uniform'"):
+        load_config(None, BUDGETS + ["pruning.allocation='budget_uniform'", "pruning.budget_sensitivity=1"])
     with pytest.raises(ValueError, match=r"pruning.budget_sensitivity = 1 weights .* none was measured"):
-        profile_budget_masks(cfg, hw, scores, ["mobile_cpu"])
+        budget_group_weights(cfg, None)
+    _, groups, hw, scores = seed_hw
     sens = {g.name: float(i + 1) for i, g in enumerate(groups)}
-    assert budget_group_weights(cfg, sens) == pytest.approx({g.name: (i + 1) / 2.5 for i, g in enumerate(groups)})
-    plain = load_config(None, BUDGETS + ["pruning.allocation='budget'", "pruning.budget_sensitivity=0"])
+    weights = budget_group_weights(cfg, sens)
+    assert weights == pytest.approx({g.name: (i + 1) / 2.5 for i, g in enumerate(groups)})
+    plain = load_config(None, BUDGETS + ["pruning.allocation='budget'"])
     assert budget_group_weights(plain, sens) is None
-    (weighted,) = profile_budget_masks(cfg, hw, scores, ["mobile_cpu"], sensitivity=sens)
+    (weighted,) = profile_budget_masks(cfg, hw, scores, ["mobile_cpu"], group_weights=weights)
     (unweighted,) = profile_budget_masks(plain, hw, scores, ["mobile_cpu"])
-    last = groups.names[-1]  # the most sensitive group keeps at least as many channels when weighted
-    assert weighted.kept_counts[last] >= unweighted.kept_counts[last]
+    assert weighted.kept_counts != unweighted.kept_counts
+    first, last = groups.names[0], groups.names[-1]  # the least / most sensitive group
+    assert weighted.kept_counts[last] >= unweighted.kept_counts[last] and weighted.kept_counts[first] <= unweighted.kept_counts[first]
 
 
 def test_default_profiles_carry_budgets_and_overrides_replace_them() -> None:
@@ -227,15 +230,18 @@ def test_report_measures_the_extracted_model(seed_hw) -> None:
 
 
 # ---------------------------------------------------------------- runs
-def test_federated_budget_run_meets_every_budget(tmp_path) -> None:
-    cfg = load_config(None, TINY + BUDGETS + ["pruning.allocation='budget'", "pruning.budget_sensitivity=1"])
+@pytest.mark.parametrize("power", [0, 1])
+def test_federated_budget_run_meets_every_budget(tmp_path, power) -> None:
+    cfg = load_config(None, TINY + BUDGETS + ["pruning.allocation='budget'", f"pruning.budget_sensitivity={power}"])
     res = simulate(cfg, tmp_path, engine="inprocess")
     assert res["consensus"]["nested"] is True
     assert res["consensus"]["allocation"] == "budget"
-    # clients measured layer sensitivity; the allocation weighted each group's importance by it
     sens, weights = res["consensus"]["layer_sensitivity"], res["consensus"]["budget_group_weights"]
-    assert set(sens) == set(weights) == set(res["consensus"]["kept_channels"]["edge_gpu"])
-    assert all(w > 0 for w in weights.values())
+    if power:  # clients measured layer sensitivity; the allocation weighted each group's importance by it
+        assert set(sens) == set(weights) == set(res["consensus"]["kept_channels"]["edge_gpu"])
+        assert all(w > 0 for w in weights.values())
+    else:
+        assert sens is None and weights is None
     for name, entry in res["profiles"].items():
         assert entry["budgets_ok"] is True, (name, entry["budgets"])
         for b in entry["budgets"].values():
@@ -262,13 +268,14 @@ def test_infeasible_budget_fails_before_training(tmp_path, capsys) -> None:
     assert not (tmp_path / "run" / "results.json").exists()
 
 
-def test_centralized_budget_prune(tmp_path) -> None:
+@pytest.mark.parametrize("power", [0, 1])
+def test_centralized_budget_prune(tmp_path, power) -> None:
     from fedprune.centralized import prune_experiment, train_dense
 
     cfg = load_config(None, ["data.dataset='synthetic'", "data.synthetic_train=200", "data.synthetic_test=64", "train.epochs=1",
                              "pruning.finetune_epochs=1", "pruning.num_batches=1", "eval.latency=false", "train.threads=1",
                              "pruning.allocation='budget'", "pruning.budget_profile='microcontroller'", "pruning.schedule='progressive'",
-                             "pruning.stages=2", "pruning.budget_sensitivity=1", BUDGETS[2]])
+                             "pruning.stages=2", f"pruning.budget_sensitivity={power}", BUDGETS[2]])
     res = prune_experiment(cfg, train_dense(cfg))["pruned"]
     assert res["budget_profile"] == "microcontroller"
     assert all(b["ok"] for b in res["budgets"].values())
