@@ -69,6 +69,8 @@ ALLOCATIONS = SPARSITY_ALLOCATIONS + BUDGET_ALLOCATIONS
 #: so no layer is emptied to save a little cost (the default); ``sum`` -- the summed
 #: normalised importance kept (linear, as HALP's knapsack), which can starve one layer.
 BUDGET_OBJECTIVES = ("log", "sum")
+#: Dynamic per-input pruning (fedprune.dynamic): FBS-style channel gates, or adaptive width (early-exit cascade).
+DYNAMIC_METHODS = ("gates", "widths")
 #: Largest ``pruning.budget_sensitivity``: the power on the layer-sensitivity weights.
 MAX_BUDGET_SENSITIVITY = 4.0
 #: Allowed profile budget keys -> (what is limited, unit). Latencies are device estimates:
@@ -206,8 +208,13 @@ class EvalConfig:
 class DynamicConfig:
     """Dynamic per-input channel gates (fedprune.dynamic), trained by clients during fine-tuning."""
 
-    enabled: bool = _spec(False, doc="train FBS-style gates on each profile's sub-network and report dynamic inference")
-    epochs: int = _spec(1, lo=0, doc="local gate-training epochs per fine-tune round (static sub-network frozen)")
+    enabled: bool = _spec(False, doc="dynamic per-input pruning on each profile's sub-network (dynamic.method), reported per profile")
+    method: str = _spec("gates", choices=DYNAMIC_METHODS, doc="'gates': FBS-style per-channel gates at fixed budgets; 'widths': adaptive "
+                        "width per input, an early-exit cascade over nested widths that clients train during fine-tuning")
+    widths: list = _spec([0.5, 1.0], doc="method 'widths': the cascade's widths (fraction of each conv layer's channels), ascending, the last 1")
+    thresholds: list = _spec([0.5, 0.7, 0.9], doc="method 'widths': exit thresholds (top softmax probability) reported per profile")
+    latency_inputs: int = _spec(64, lo=1, doc="method 'widths': test images timed per variant for the cascade's mean batch-1 latency")
+    epochs: int = _spec(1, lo=0, doc="method 'gates': local gate-training epochs per fine-tune round (static sub-network frozen)")
     lr: float = _spec(1e-3, lo=0.0, lo_open=True)
     distill: float = _spec(1.0, lo=0.0, doc="weight of distillation from the full-budget sub-network")
     train_budgets: list = _spec([0.5, 0.75], doc="budgets cycled over the gate-training steps, each in (0, 1]")
@@ -435,10 +442,17 @@ def _check_cross_field(cfg: ExperimentConfig) -> None:
         values = getattr(cfg.dynamic, key)
         if not values or any(isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 1 for b in values):
             raise ConfigError(f"config key 'dynamic.{key}' = {values!r} must be a non-empty list of budgets in (0, 1]")
+    widths = cfg.dynamic.widths
+    if (not widths or any(isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w <= 1 for w in widths)
+            or list(widths) != sorted(set(widths)) or widths[-1] != 1):
+        raise ConfigError(f"config key 'dynamic.widths' = {widths!r} must be distinct widths in (0, 1], ascending, the last 1")
+    thresholds = cfg.dynamic.thresholds
+    if not thresholds or any(isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1 for t in thresholds):
+        raise ConfigError(f"config key 'dynamic.thresholds' = {thresholds!r} must be a non-empty list of probabilities in [0, 1]")
     if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in cfg.dynamic.gated_layers):
         raise ConfigError(f"config key 'dynamic.gated_layers' = {cfg.dynamic.gated_layers!r} must list conv block indices >= 0")
     if cfg.dynamic.enabled and cfg.model.name != "seed_cnn":
-        raise ConfigError(f"config key 'dynamic.enabled' = true needs model.name = 'seed_cnn' (conv-stack gates); got {cfg.model.name!r}")
+        raise ConfigError(f"config key 'dynamic.enabled' = true needs model.name = 'seed_cnn' (a plain conv stack); got {cfg.model.name!r}")
     bp = cfg.pruning.budget_profile
     if bp and bp not in cfg.profiles:
         raise ConfigError(f"config key 'pruning.budget_profile' = {bp!r} is not a profile; allowed: {sorted(cfg.profiles)}")

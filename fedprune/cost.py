@@ -804,7 +804,7 @@ class LatencyLUT:
         key = dict(key) if key is not None else {"batch_size": batch_size, "threads": threads}
         lut = cls(key, tables, 0.0, 0.0)
         widths = calibration_widths(groups) if calibrate else {"dense": dict(groups.sizes)}
-        first_k = {n: StructuredMask({g: np.arange(groups[g].size) < k for g, k in kept.items()}) for n, kept in widths.items()}
+        first_k = {n: StructuredMask.prefix(groups, kept) for n, kept in widths.items()}
         models = {n: model if n == "dense" else extract_submodel(model, mask, groups) for n, mask in first_k.items()}
         # Whole models are timed alone as runs time a sub-network (host_latency_ms), median of 3 passes.
         measured = median_host_latency_ms(models, batch_size, threads, max(repeats, WHOLE_MODEL_REPEATS))

@@ -1,4 +1,4 @@
-"""Dynamic per-input channel pruning at inference, in the style of Feature Boosting and Suppression.
+"""Dynamic per-input pruning at inference: FBS-style channel gates and adaptive width (early exit).
 
 A :class:`GatedCNN` wraps a plain conv stack (``seed_cnn`` or a sub-network
 extracted from it) and puts a :class:`ChannelGate` on its conv layers (by
@@ -21,25 +21,39 @@ Two ways to run it, with the same outputs:
   the previous layer's kept channels (weights indexed per input, BatchNorm
   folded into the convs), and the classifier reads only the kept features.
 
-:meth:`GatedCNN.executed_macs` counts the multiply-accumulates an input
-actually executes, gate predictors included.
+:meth:`GatedCNN.forward_sliced` also counts the multiply-accumulates an
+input actually executes, gate predictors included (:class:`GatedStats`).
+
+Adaptive width per input is the second mechanism: a :class:`NestedWidthCNN`
+shares one sub-network's weights among nested widths (the first ``w`` of
+each conv layer's channels in a given order), :func:`train_widths` trains
+them all at once (sandwich rule), and a :class:`WidthCascade` runs an input
+at the narrowest width first and only goes wider when the answer is not
+confident (early exit). Each width is extracted as a physically smaller
+network, so no per-input gather is needed; :func:`cascade_outcome` and
+:func:`cascade_latency_ms` measure accuracy, executed MACs and latency.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import re
 import statistics
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fedprune.training import TrainConfig, train
+from fedprune.training import TrainConfig, recalibrate_bn, train
 
-__all__ = ["ChannelGate", "GatedCNN", "GatedStats", "keep_count", "train_gates", "evaluate_gated", "gated_latency_ms"]
+__all__ = ["ChannelGate", "GatedCNN", "GatedStats", "keep_count", "train_gates", "evaluate_gated", "gated_latency_ms",
+           "NestedWidthCNN", "train_widths", "WidthCascade", "stage_logits", "cascade_outcome", "threshold_for_macs",
+           "cascade_latency_ms"]
 
 
 class ChannelGate(nn.Module):
@@ -98,6 +112,55 @@ class GatedStats:
     macs: int
 
 
+Block = tuple[nn.Conv2d, nn.BatchNorm2d, "nn.Module | None"]
+
+
+def conv_blocks(model: nn.Module) -> list[Block]:
+    """The ``(conv, bn, pool or None)`` blocks of a seed_cnn-like model, checked.
+
+    ``model`` needs ``features`` made of Conv2d-BatchNorm2d-ReLU[-MaxPool2d]
+    blocks, an ``AdaptiveAvgPool2d`` ``pool`` and a ``classifier`` with two
+    Linear layers (:class:`fedprune.models.SeedCNN` at any widths, e.g. an
+    extracted sub-network); anything else is a ``NotImplementedError``.
+    """
+    if not all(isinstance(getattr(model, a, None), nn.Module) for a in ("features", "pool", "classifier")):
+        raise NotImplementedError(f"needs Conv2d-BatchNorm2d-ReLU[-MaxPool2d] blocks in 'features' (seed_cnn), got {type(model).__name__}")
+    layers = list(model.features)
+    blocks: list[Block] = []
+    i = 0
+    while i < len(layers):
+        conv, bn, act = (layers[i : i + 3] + [None, None])[:3]
+        if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and isinstance(act, nn.ReLU)) or conv.groups != 1:
+            raise NotImplementedError(
+                f"needs Conv2d-BatchNorm2d-ReLU[-MaxPool2d] blocks (seed_cnn); found {type(layers[i]).__name__} at features.{i}"
+            )
+        i += 3
+        pool = None
+        if i < len(layers) and isinstance(layers[i], nn.MaxPool2d):
+            pool, i = layers[i], i + 1
+        blocks.append((conv, bn, pool))
+    if not isinstance(model.pool, nn.AdaptiveAvgPool2d) or len(_linears(model)) != 2:
+        raise NotImplementedError("needs an AdaptiveAvgPool2d and a two-layer Linear classifier (seed_cnn)")
+    return blocks
+
+
+def _linears(model: nn.Module) -> list[nn.Linear]:
+    return [m for m in model.classifier if isinstance(m, nn.Linear)]
+
+
+def _pooled(model: nn.Module) -> int:
+    """Spatial positions per channel after ``model.pool`` (the classifier reads channel-major features)."""
+    side = model.pool.output_size
+    return side * side if isinstance(side, int) else side[0] * side[1]
+
+
+def channel_prior(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """Static importance of each output channel: L2 norm of its BN-scaled weights, divided by the mean."""
+    with torch.no_grad():
+        w = conv.weight.flatten(1).norm(dim=1) * bn.weight.abs() / torch.sqrt(bn.running_var + bn.eps)
+        return w / w.mean().clamp_min(1e-12)
+
+
 class GatedCNN(nn.Module):
     """A conv stack (``features`` of Conv-BN-ReLU[-MaxPool] blocks, ``pool``, ``classifier``) with channel gates.
 
@@ -111,27 +174,9 @@ class GatedCNN(nn.Module):
             raise ValueError(f"round_to must be >= 1, got {round_to!r}")
         #: Kept counts go to multiples of this (see :func:`keep_count`).
         self.round_to = int(round_to)
-        if not all(isinstance(getattr(model, a, None), nn.Module) for a in ("features", "pool", "classifier")):
-            raise NotImplementedError(f"GatedCNN needs Conv2d-BatchNorm2d-ReLU[-MaxPool2d] blocks in 'features' (seed_cnn), got {type(model).__name__}")
-        layers = list(model.features)
-        self.blocks: list[tuple[nn.Conv2d, nn.BatchNorm2d, nn.Module | None]] = []
-        i = 0
-        while i < len(layers):
-            conv, bn, act = layers[i : i + 3]
-            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and isinstance(act, nn.ReLU)) or conv.groups != 1:
-                raise NotImplementedError(
-                    f"GatedCNN needs Conv2d-BatchNorm2d-ReLU[-MaxPool2d] blocks (seed_cnn); found {type(conv).__name__} at features.{i}"
-                )
-            i += 3
-            pool = None
-            if i < len(layers) and isinstance(layers[i], nn.MaxPool2d):
-                pool, i = layers[i], i + 1
-            self.blocks.append((conv, bn, pool))
-        fcs = [m for m in model.classifier if isinstance(m, nn.Linear)]
-        if not isinstance(model.pool, nn.AdaptiveAvgPool2d) or len(fcs) != 2:
-            raise NotImplementedError("GatedCNN needs an AdaptiveAvgPool2d and a two-layer Linear classifier (seed_cnn)")
+        self.blocks = conv_blocks(model)
         self.features, self.pool, self.classifier = model.features, model.pool, model.classifier
-        self.gates = nn.ModuleList(ChannelGate(c.in_channels, c.out_channels, self._prior(c, b)) for c, b, _ in self.blocks)
+        self.gates = nn.ModuleList(ChannelGate(c.in_channels, c.out_channels, channel_prior(c, b)) for c, b, _ in self.blocks)
         #: Indices of the conv blocks whose channels are gated; the others always compute every channel.
         #: By default every block but the last: at its small spatial size (4x4 in seed_cnn) indexing its
         #: weights and the classifier's per input costs more time than the skipped MACs save.
@@ -139,18 +184,11 @@ class GatedCNN(nn.Module):
         bad = [i for i in self.gated_layers if not 0 <= i < len(self.blocks)]
         if bad:
             raise ValueError(f"gated_layers {bad} out of range: the model has conv blocks 0..{len(self.blocks) - 1}")
-        side = model.pool.output_size
-        self.pooled = side * side if isinstance(side, int) else side[0] * side[1]
+        self.pooled = _pooled(model)
         self._folded: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def _keep(self, layer: int, budget: float, channels: int) -> int:
         return keep_count(budget, channels, self.round_to) if layer in self.gated_layers else channels
-
-    @staticmethod
-    def _prior(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
-        with torch.no_grad():
-            w = conv.weight.flatten(1).norm(dim=1) * bn.weight.abs() / torch.sqrt(bn.running_var + bn.eps)
-            return w / w.mean().clamp_min(1e-12)
 
     # --------------------------------------------------------- masked path
     def forward(self, x: torch.Tensor, budget: float = 1.0) -> torch.Tensor:
@@ -210,7 +248,7 @@ class GatedCNN(nn.Module):
             idx = out
             kept.append(x.shape[1])
         x = self.pool(x).flatten(1)
-        fc1, fc2 = [m for m in self.classifier if isinstance(m, nn.Linear)]
+        fc1, fc2 = _linears(self)
         w1 = fc1.weight
         if idx is not None:
             cols = (idx[:, None] * self.pooled + torch.arange(self.pooled)).flatten()
@@ -221,6 +259,12 @@ class GatedCNN(nn.Module):
 
 
 # ------------------------------------------------------------------ training
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+    """``T^2 x KL(softmax(teacher / T) || softmax(logits / T))`` per example (the teacher is detached)."""
+    teacher = F.softmax(teacher_logits.detach() / temperature, dim=1)
+    return temperature**2 * F.kl_div(F.log_softmax(logits / temperature, dim=1), teacher, reduction="batchmean")
+
+
 def train_gates(
     gated: GatedCNN,
     loader,
@@ -260,8 +304,7 @@ def train_gates(
         if joint:
             loss = loss + F.cross_entropy(full, y)
         if distill:
-            teacher = F.softmax(full.detach() / temperature, dim=1)
-            loss = loss + distill * temperature**2 * F.kl_div(F.log_softmax(logits / temperature, dim=1), teacher, reduction="batchmean")
+            loss = loss + distill * distillation_loss(logits, full, temperature)
         return loss
 
     for p in frozen:
@@ -338,3 +381,366 @@ def gated_latency_ms(gated: GatedCNN, budgets: Sequence[float], threads: int | N
                 fn(x)
                 times[name].append((time.perf_counter() - t0) * 1e3)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+# ==================================================================== #
+# Adaptive width per input: an early-exit cascade over nested widths   #
+# ==================================================================== #
+#: Keys of a width's BatchNorm statistics in :meth:`NestedWidthCNN.dynamic_state`.
+_BN_KEY = re.compile(r"^bn\[([^\]]+)\]\.(\d+)\.(mean|var)$")
+
+
+def _check_width(width: float) -> float:
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0.0 < width <= 1.0:
+        raise ValueError(f"width must be a number in (0, 1], got {width!r}")
+    return float(width)
+
+
+class NestedWidthCNN(nn.Module):
+    """Nested sub-networks of one seed_cnn-like conv stack that share its weights (slimmable-network style).
+
+    Each conv block has a channel order (``orders``: one index tensor per
+    block, most important channel first; by default :func:`channel_prior`
+    order, or e.g. the federated consensus ranking). Width ``w`` in (0, 1]
+    keeps the first :func:`keep_count` ``(w, C, round_to)`` channels of every
+    block's order, the last block too, and the classifier reads only the kept
+    features; width 1 is ``model`` itself. Narrower widths are thus nested
+    (each contains the next narrower one). Train with :func:`train_widths`
+    so that every width works on its own.
+
+    BatchNorm: in train mode a narrower width normalises with its batch
+    statistics and leaves the running statistics (the full width's) alone.
+    In eval mode it uses statistics of its own (:attr:`bn_stats`), measured
+    by :meth:`calibrate_bn` (a narrower layer sums fewer inputs, so the full
+    width's statistics do not fit it; this is the BN calibration of
+    universally slimmable networks). :meth:`extract` gives a width as a
+    plain, physically smaller network with the same outputs.
+    """
+
+    def __init__(self, model: nn.Module, orders: Sequence[torch.Tensor] | None = None, round_to: int = 8):
+        super().__init__()
+        if round_to < 1:
+            raise ValueError(f"round_to must be >= 1, got {round_to!r}")
+        self.round_to = int(round_to)
+        self.model = model
+        self.blocks = conv_blocks(model)
+        self.fc1, self.pooled = _linears(model)[0], _pooled(model)
+        if orders is None:
+            orders = [torch.argsort(channel_prior(conv, bn), descending=True, stable=True) for conv, bn, _ in self.blocks]
+        self.orders = [torch.as_tensor(o, dtype=torch.long) for o in orders]
+        sizes = [conv.out_channels for conv, _, _ in self.blocks]
+        if len(self.orders) != len(sizes) or any(not torch.equal(o.sort().values, torch.arange(n)) for o, n in zip(self.orders, sizes)):
+            raise ValueError(f"orders must hold one permutation of each conv block's channels {sizes}, "
+                             f"got lengths {[len(o) for o in self.orders]}")
+        #: width -> per conv block ``(running_mean, running_var)`` of that width's kept channels (see :meth:`calibrate_bn`).
+        self.bn_stats: dict[float, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._groups = None
+
+    def counts(self, width: float) -> list[int]:
+        """Kept output channels of each conv block at ``width``."""
+        width = _check_width(width)
+        return [keep_count(width, conv.out_channels, self.round_to) for conv, _, _ in self.blocks]
+
+    def kept(self, width: float) -> list[torch.Tensor]:
+        """Kept channel indices of each conv block at ``width``, in the block's order."""
+        return [o[:k] for o, k in zip(self.orders, self.counts(width))]
+
+    def is_full(self, width: float) -> bool:
+        """Whether ``width`` keeps every channel (it then is the model itself)."""
+        return self.counts(width) == [conv.out_channels for conv, _, _ in self.blocks]
+
+    def _stats(self, width: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        stats = self.bn_stats.get(float(width))
+        if stats is None:
+            raise RuntimeError(f"width {width:g} has no BatchNorm statistics of its own: call calibrate_bn(loader, [{width:g}]) "
+                               f"after training (calibrated widths: {sorted(self.bn_stats)})")
+        return stats
+
+    def forward(self, x: torch.Tensor, width: float = 1.0) -> torch.Tensor:
+        """Logits of the width-``width`` network (any batch size, trainable)."""
+        if self.is_full(width):
+            return self.model(x)
+        stats = None if self.training else self._stats(width)
+        prev = None  # kept input channels of the current block (None = all)
+        for j, ((conv, bn, pool), idx) in enumerate(zip(self.blocks, self.kept(width))):
+            w = conv.weight.index_select(0, idx)
+            if prev is not None:
+                w = w.index_select(1, prev)
+            bias = None if conv.bias is None else conv.bias.index_select(0, idx)
+            y = F.conv2d(x, w, bias, conv.stride, conv.padding, conv.dilation)
+            mean, var = stats[j] if stats is not None else (None, None)
+            y = F.batch_norm(y, mean, var, bn.weight.index_select(0, idx), bn.bias.index_select(0, idx), training=stats is None, eps=bn.eps)
+            x = F.relu(y)
+            if pool is not None:
+                x = pool(x)
+            prev = idx
+        x = self.model.pool(x)
+        cols = (prev[:, None] * self.pooled + torch.arange(self.pooled)).flatten()  # the classifier reads channel-major features
+        for m in self.model.classifier:
+            x = F.linear(x, m.weight.index_select(1, cols), m.bias) if m is self.fc1 else m(x)
+        return x
+
+    def _slice(self, width: float) -> tuple[nn.Module, list[torch.Tensor]]:
+        """Physically smaller copy holding the width's channels (torch-pruning; kept channels in ascending index
+        order, BatchNorm statistics as in ``model``) and, per block, where its channels sit in the block's order."""
+        from fedprune.groups import discover_groups
+        from fedprune.masks import StructuredMask, extract_submodel
+
+        with torch.enable_grad():  # torch-pruning traces with autograd
+            if self._groups is None:
+                self._groups = discover_groups(self.model)
+            names = {m: n for n, m in self.model.named_modules()}
+            keep = {}
+            for (conv, _, _), idx in zip(self.blocks, self.kept(width)):
+                vec = np.zeros(conv.out_channels, dtype=bool)
+                vec[idx.numpy()] = True
+                keep[names[conv]] = vec
+            sub = extract_submodel(self.model, StructuredMask({**{g.name: np.ones(g.size, dtype=bool) for g in self._groups}, **keep}),
+                                   self._groups).eval()
+        return sub, [idx.sort().indices for idx in self.kept(width)]
+
+    def extract(self, width: float) -> nn.Module:
+        """The width-``width`` network as a plain, physically smaller copy in eval mode (outputs equal ``self.eval()(x, width)``)."""
+        if self.is_full(width):
+            return copy.deepcopy(self.model).eval()
+        stats = self._stats(width)
+        sub, where = self._slice(width)
+        with torch.no_grad():
+            for (_, bn, _), (mean, var), pos in zip(conv_blocks(sub), stats, where):
+                bn.running_mean.copy_(mean[pos])
+                bn.running_var.copy_(var[pos])
+        return sub
+
+    # ------------------------------------------------ what a federated round carries
+    def dynamic_state(self, widths: Sequence[float]) -> dict[str, torch.Tensor]:
+        """Channel orders and the narrower widths' BatchNorm statistics as flat tensors.
+
+        Keys: ``order.<block>`` (int64, the block's channel order) and
+        ``bn[<width>].<block>.mean`` / ``.var`` for each narrower width of
+        ``widths`` (mean 0 and variance 1 while a width is not calibrated).
+        A federated server keeps one such state per sub-network, sends it
+        with the fine-tuning message and averages the returned statistics
+        (the orders are its own). :meth:`from_dynamic_state` rebuilds the network.
+        """
+        state = {f"order.{j}": o.clone() for j, o in enumerate(self.orders)}
+        for w in sorted({_check_width(w) for w in widths}):
+            if self.is_full(w):
+                continue
+            stats = self.bn_stats.get(w) or [(torch.zeros(k), torch.ones(k)) for k in self.counts(w)]
+            for j, (mean, var) in enumerate(stats):
+                state[f"bn[{w:g}].{j}.mean"], state[f"bn[{w:g}].{j}.var"] = mean.detach().clone(), var.detach().clone()
+        return state
+
+    @classmethod
+    def from_dynamic_state(cls, model: nn.Module, state: dict[str, torch.Tensor], round_to: int = 8) -> "NestedWidthCNN":
+        """A :class:`NestedWidthCNN` around ``model`` with the orders and BatchNorm statistics of :meth:`dynamic_state`."""
+        blocks = len(conv_blocks(model))
+        missing = [f"order.{j}" for j in range(blocks) if f"order.{j}" not in state]
+        if missing:
+            raise ValueError(f"dynamic state lacks the channel orders {missing}")
+        net = cls(model, [state[f"order.{j}"] for j in range(blocks)], round_to)
+        for w in sorted({float(m.group(1)) for k in state if (m := _BN_KEY.match(k))}):
+            net.bn_stats[w] = [(state[f"bn[{w:g}].{j}.mean"], state[f"bn[{w:g}].{j}.var"]) for j in range(blocks)]
+        return net
+
+    @torch.no_grad()
+    def calibrate_bn(self, loader, widths: Sequence[float], max_batches: int | None = None) -> None:
+        """Measure each narrower width's own BatchNorm statistics over ``loader`` (exact averages, as
+        :func:`fedprune.training.recalibrate_bn`; use a loader without augmentation)."""
+        for w in sorted({_check_width(w) for w in widths}):
+            if self.is_full(w):
+                continue
+            sub, where = self._slice(w)
+            recalibrate_bn(sub, loader, max_batches)
+            stats = []
+            for (_, bn, _), pos in zip(conv_blocks(sub), where):
+                mean, var = torch.empty_like(bn.running_mean), torch.empty_like(bn.running_var)
+                mean[pos], var[pos] = bn.running_mean, bn.running_var  # back to the block's order
+                stats.append((mean, var))
+            self.bn_stats[w] = stats
+
+
+def train_widths(
+    net: NestedWidthCNN,
+    loader,
+    cfg: TrainConfig,
+    widths: Sequence[float],
+    distill: float = 1.0,
+    temperature: float = 2.0,
+) -> dict[str, float | int]:
+    """Train the shared weights so that every width of ``widths`` works (the sandwich rule of slimmable networks).
+
+    Each step: cross-entropy of the full width (its BatchNorm in train mode,
+    updating the running statistics, exactly as plain fine-tuning does), plus
+    for each narrower width its cross-entropy and ``distill`` x the
+    distillation loss to the full width's detached outputs (in-place
+    distillation). Calibrated statistics of narrower widths no longer fit
+    the new weights and are dropped: call :meth:`NestedWidthCNN.calibrate_bn`
+    afterwards. The loop is :func:`fedprune.training.train`. Returns
+    ``{"loss": mean loss of the last epoch, "steps", "examples"}``.
+    """
+    if not widths:
+        raise ValueError("train_widths needs at least one width")
+    narrower = sorted({_check_width(w) for w in widths if not net.is_full(w)})
+
+    def loss_fn(model: NestedWidthCNN, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+        full = model(x)
+        loss = F.cross_entropy(full, y)
+        for w in narrower:
+            logits = model(x, w)
+            loss = loss + F.cross_entropy(logits, y)
+            if distill:
+                loss = loss + distill * distillation_loss(logits, full, temperature)
+        return loss
+
+    net.bn_stats.clear()
+    return train(net, loader, cfg, loss_fn=loss_fn)
+
+
+class WidthCascade:
+    """Per-input adaptive width: an early-exit cascade over static networks of growing width.
+
+    An input runs the first (narrowest) stage; if its top softmax
+    probability reaches ``threshold`` that answer stands, else the next stage
+    runs, and the last stage always answers. Easy inputs thus stop at a
+    fraction of the channels, hard ones get the whole sub-network. Each stage
+    is a plain, physically smaller network (e.g. :meth:`NestedWidthCNN.extract`),
+    so nothing is gathered per input and a stage runs as fast as any pruned
+    network; an input's executed MACs are the sum of the stages it ran
+    (:attr:`stage_macs`, batch-1 multiply-accumulates; the softmax is not counted).
+    """
+
+    def __init__(self, stages: Sequence[nn.Module], threshold: float, stage_macs: Sequence[int] | None = None):
+        from fedprune.metrics import count_macs
+
+        if not stages:
+            raise ValueError("a cascade needs at least one stage")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) or threshold < 0:
+            raise ValueError(f"threshold must be a finite number >= 0 (a softmax probability; above 1 = always the last stage), got {threshold!r}")
+        self.stages = [m.eval() for m in stages]
+        self.threshold = float(threshold)
+        self.stage_macs = [int(m) for m in stage_macs] if stage_macs is not None else [count_macs(m) for m in self.stages]
+
+    def deployed(self) -> "WidthCascade":
+        """The same cascade with every stage in deployment form (BN folded, channels_last), for timing."""
+        from fedprune.metrics import deployment_form
+
+        return WidthCascade([deployment_form(m) for m in self.stages], self.threshold, self.stage_macs)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Logits for one input (batch 1) and the index of the stage that answered."""
+        if x.shape[0] != 1:
+            raise ValueError(f"a cascade runs one input at a time, got a batch of {x.shape[0]}")
+        last = len(self.stages) - 1
+        for i, stage in enumerate(self.stages):
+            logits = stage(x)
+            if i == last or float(torch.softmax(logits, dim=1).max()) >= self.threshold:
+                return logits, i
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+@torch.no_grad()
+def stage_logits(stages: Sequence[nn.Module], loader) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Every stage's logits ``(N, classes)`` on all of ``loader`` (batched, eval mode) and the labels ``(N,)``."""
+    outs: list[list[torch.Tensor]] = [[] for _ in stages]
+    labels = []
+    for x, y in loader:
+        for out, m in zip(outs, stages):
+            out.append(m.eval()(x))
+        labels.append(y)
+    return [torch.cat(o) for o in outs], torch.cat(labels)
+
+
+def _exit_stage(logits: Sequence[torch.Tensor], threshold: float) -> torch.Tensor:
+    """Per input, the stage that answers in a cascade with ``threshold`` (see :class:`WidthCascade`)."""
+    n, last = logits[0].shape[0], len(logits) - 1
+    stage = torch.full((n,), last, dtype=torch.long)
+    undecided = torch.ones(n, dtype=torch.bool)
+    for i in range(last):
+        take = undecided & (torch.softmax(logits[i], dim=1).amax(dim=1) >= threshold)
+        stage[take] = i
+        undecided &= ~take
+    return stage
+
+
+def cascade_outcome(logits: Sequence[torch.Tensor], labels: torch.Tensor, stage_macs: Sequence[int], threshold: float) -> dict:
+    """What a :class:`WidthCascade` with ``threshold`` does on inputs whose per-stage logits are ``logits``.
+
+    Returns ``accuracy``, ``macs`` (mean executed per input), ``exits`` (fraction
+    of inputs answered by each stage). The decisions equal running the
+    cascade input by input.
+    """
+    stage = _exit_stage(logits, threshold)
+    stacked = torch.stack([l.argmax(dim=1) for l in logits])  # (stages, N)
+    pred = stacked.gather(0, stage[None]).squeeze(0)
+    cost = torch.tensor(stage_macs, dtype=torch.float64).cumsum(0)[stage]
+    return {
+        "threshold": float(threshold),
+        "accuracy": float((pred == labels).double().mean()),
+        "macs": float(cost.mean()),
+        "exits": [float((stage == i).double().mean()) for i in range(len(logits))],
+    }
+
+
+def threshold_for_macs(logits: Sequence[torch.Tensor], stage_macs: Sequence[int], target_macs: float) -> float:
+    """The largest threshold whose mean executed MACs on these inputs stay within ``target_macs`` (MACs per input).
+
+    A higher threshold sends more inputs to wider stages, so MACs never fall
+    as it grows; the largest one within the target is the most accurate
+    choice. Raises ``ValueError`` when even stopping every input at the first
+    stage costs more than ``target_macs``.
+    """
+    if len(logits) < 2:
+        return 0.0
+    floor = float(stage_macs[0])
+    if target_macs < floor:
+        raise ValueError(f"target of {target_macs:.4g} MACs per input is below the first stage's {floor:.4g} MACs")
+    conf = torch.unique(torch.cat([torch.softmax(l, dim=1).amax(dim=1) for l in logits[:-1]]).double())
+    candidates = [0.0] + conf.tolist() + [math.inf]
+    macs = lambda t: float(torch.tensor(stage_macs, dtype=torch.float64).cumsum(0)[_exit_stage(logits, t)].mean())  # noqa: E731
+    lo, hi = 0, len(candidates) - 1  # macs(candidates[lo]) <= target always (lo = 0: every input stops at stage 0)
+    if macs(candidates[hi]) <= target_macs:
+        return candidates[hi] if math.isfinite(candidates[hi]) else 1.0 + 1e-6
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if macs(candidates[mid]) <= target_macs:
+            lo = mid
+        else:
+            hi = mid
+    return candidates[lo]
+
+
+@torch.no_grad()
+def cascade_latency_ms(
+    static: nn.Module,
+    cascades: dict[str, WidthCascade],
+    inputs: Sequence[torch.Tensor],
+    threads: int | None = 1,
+    passes: int = 5,
+    warmup: int = 2,
+) -> dict[str, float]:
+    """Mean batch-1 latency (ms per input) over ``inputs`` of ``static`` (deployment form) and of each cascade (stages deployed).
+
+    The inputs should be real images: a cascade's cost depends on where each
+    one exits. Every input is timed on every variant round-robin, ``passes``
+    times; per input the median pass counts, and the result is the mean over
+    inputs. Keys: ``"static"`` and the names of ``cascades``.
+    """
+    from fedprune.metrics import deployment_form, torch_threads
+
+    runs: dict[str, Callable[[torch.Tensor], Any]] = {"static": deployment_form(static)}
+    runs.update({name: c.deployed() for name, c in cascades.items()})
+    times: dict[str, list[list[float]]] = {k: [[] for _ in inputs] for k in runs}
+    with torch_threads(threads):
+        for _ in range(warmup):
+            for x in inputs[:8]:
+                for fn in runs.values():
+                    fn(x)
+        for _ in range(passes):
+            for j, x in enumerate(inputs):
+                for name, fn in runs.items():
+                    t0 = time.perf_counter()
+                    fn(x)
+                    times[name][j].append((time.perf_counter() - t0) * 1e3)
+    return {k: float(statistics.fmean(statistics.median(t) for t in v)) for k, v in times.items()}

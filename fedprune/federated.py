@@ -45,7 +45,7 @@ from fedprune.records import (
     state_to_record,
 )
 from fedprune.reporting import write_csv, write_json
-from fedprune.task import budget_group_weights, budget_round_to, build_model, gate_state, gated_model, hardware_model, load_data, model_groups, profile_budget_masks, profile_constraints
+from fedprune.task import budget_group_weights, budget_round_to, build_model, gate_state, gated_model, hardware_model, initial_width_state, load_data, model_groups, profile_budget_masks, profile_constraints
 from fedprune.training import evaluate, set_seed
 from fedprune.validation import InvalidReply, parse_evaluate_reply, parse_importance_reply, parse_register_reply, parse_train_reply, state_spec
 
@@ -272,22 +272,28 @@ class FederatedPruning:
         return sub
 
     def gates_for(self, mask: StructuredMask) -> dict[str, torch.Tensor]:
-        """The sub-network's channel gates, initialised (seeded) on first use."""
+        """The sub-network's dynamic state (``dynamic.method``): channel gates, initialised (seeded) on first
+        use, or channel orders and per-width BatchNorm statistics, set at the consensus step."""
         key = mask.key()
         if key not in self.gates:
+            if self.cfg.dynamic.method == "widths":
+                raise RuntimeError("dynamic method 'widths': the sub-network has no channel order (set at the consensus step)")
             with torch.random.fork_rng():
                 torch.manual_seed(self.cfg.seed)
                 self.gates[key] = gate_state(gated_model(self.cfg, self.extracted(mask)))
         return self.gates[key]
 
     def _merge_gates(self, updates: list[tuple[dict, float, bytes]]) -> None:
-        """Sample-weighted mean of the returned gates, per sub-network."""
+        """Sample-weighted mean of the returned dynamic states, per sub-network; integer entries
+        (channel orders) stay the server's own."""
         by_mask: dict[bytes, list[tuple[dict, float]]] = {}
         for g, w, key in updates:
             by_mask.setdefault(key, []).append((g, w))
         for key, items in by_mask.items():
             total = sum(w for _, w in items)
-            self.gates[key] = {k: sum(g[k].double() * w for g, w in items).div(total).float() for k in items[0][0]}
+            own = self.gates[key]
+            self.gates[key] = {k: sum(g[k].double() * w for g, w in items).div(total).float() if own[k].is_floating_point() else own[k]
+                               for k in own}
 
     def _merge(self, updates: list[tuple[dict, dict, float, bytes]]) -> None:
         """Merge weights across all clients (HeteroFL); BN running stats only within each sub-network."""
@@ -639,6 +645,9 @@ class FederatedPruning:
             for n, s in zip(owners, scores):
                 prof = self.nodes[n].profile
                 self.node_masks[n] = StructuredMask.from_scores(s, self.profile_masks[prof].kept_counts)
+        if self.cfg.dynamic.enabled and self.cfg.dynamic.method == "widths":  # nested widths follow the consensus ranking
+            for mask in {m.key(): m for m in [*self.profile_masks.values(), *self.node_masks.values()]}.values():
+                self.gates[mask.key()] = initial_width_state(self.cfg, self.extracted(mask), mask, ranking)
         agreement = {p: float(np.mean(mask_agreement(scores, m))) for p, m in self.profile_masks.items()}
         replied = {self.nodes[n].profile for n in owners}
         without = [p for p in self.profiles if p not in replied and any(i.profile == p for i in self.nodes.values())]
@@ -876,10 +885,13 @@ class FederatedPruning:
         }
 
     def dynamic_report(self, mask: StructuredMask, model: torch.nn.Module) -> dict:
-        """``profiles.<name>.dynamic``: per budget the test accuracy, MACs executed per input and batch-1 latency."""
+        """``profiles.<name>.dynamic``: per budget (gates) or exit threshold (widths) the test accuracy,
+        MACs executed per input and batch-1 latency."""
         from fedprune.dynamic import evaluate_gated, gated_latency_ms
 
         ev, dyn = self.cfg.eval, self.cfg.dynamic
+        if dyn.method == "widths":
+            return self.cascade_report(mask, model)
         gated = gated_model(self.cfg, model, self.gates[mask.key()])
         rows = evaluate_gated(gated, self.test_loader, dyn.eval_budgets)
         out = {
@@ -892,6 +904,34 @@ class FederatedPruning:
         if ev.latency:
             lat = gated_latency_ms(gated, dyn.eval_budgets, ev.latency_threads, repeats=max(20, ev.latency_repeats))
             out["latency_ms_b1"] = {"static": lat["static"], "gated": [lat[f"gated@{b:g}"] for b in dyn.eval_budgets]}
+        return out
+
+    def cascade_report(self, mask: StructuredMask, model: torch.nn.Module) -> dict:
+        """``profiles.<name>.dynamic`` of method ``widths``: the early-exit cascade over the sub-network's nested widths."""
+        from fedprune.dynamic import NestedWidthCNN, WidthCascade, cascade_latency_ms, cascade_outcome, stage_logits
+
+        ev, dyn = self.cfg.eval, self.cfg.dynamic
+        net = NestedWidthCNN.from_dynamic_state(model, self.gates[mask.key()], dyn.round_to)
+        stages = [net.extract(w) for w in dyn.widths]
+        macs = WidthCascade(stages, 0.0).stage_macs
+        logits, labels = stage_logits(stages, self.test_loader)
+        rows = [cascade_outcome(logits, labels, macs, t) for t in dyn.thresholds]
+        out = {
+            "method": "widths",
+            "widths": list(dyn.widths),
+            "width_accuracy": [float((lg.argmax(1) == labels).double().mean()) for lg in logits],
+            "stage_macs": macs,
+            "thresholds": [r["threshold"] for r in rows],
+            "accuracy": [r["accuracy"] for r in rows],
+            "macs": [r["macs"] for r in rows],
+            "exits": [r["exits"] for r in rows],
+            "note": "an input runs the widths in turn until its top softmax probability reaches the threshold; "
+                    "MACs per input are the sum over the widths it ran; latency is the mean ms per test image",
+        }
+        if ev.latency:
+            images = [x[None] for x in torch.cat([x for x, _ in self.test_loader])[: dyn.latency_inputs]]
+            lat = cascade_latency_ms(stages[-1], {f"{t:g}": WidthCascade(stages, t) for t in dyn.thresholds}, images, ev.latency_threads)
+            out["latency_ms_b1"] = {"static": lat["static"], "cascade": [lat[f"{t:g}"] for t in dyn.thresholds]}
         return out
 
     def write(self, results: dict) -> None:

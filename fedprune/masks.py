@@ -87,6 +87,11 @@ class StructuredMask:
         return cls({g.name: np.ones(g.size, dtype=bool) for g in groups})
 
     @classmethod
+    def prefix(cls, groups: ChannelGroups, kept: Mapping[str, int]) -> "StructuredMask":
+        """Keep the first ``kept[name]`` channels of each group (every channel of groups not named)."""
+        return cls({g.name: np.arange(g.size) < kept.get(g.name, g.size) for g in groups})
+
+    @classmethod
     def from_scores(
         cls,
         scores: Mapping[str, np.ndarray],

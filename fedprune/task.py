@@ -101,7 +101,7 @@ import torch  # noqa: E402
 
 from fedprune.adversarial import maybe_poison  # noqa: E402
 from fedprune.data import ClientShard, make_client_shard, make_loader  # noqa: E402
-from fedprune.dynamic import train_gates  # noqa: E402
+from fedprune.dynamic import NestedWidthCNN, conv_blocks, train_gates, train_widths  # noqa: E402
 from fedprune.importance import compute_importance  # noqa: E402
 from fedprune.masks import StructuredMask, extract_submodel  # noqa: E402
 from fedprune.profiles import assign_profiles  # noqa: E402
@@ -218,11 +218,16 @@ def client_train(
     round_num: int,
     gates: dict | None = None,
 ) -> tuple[dict, dict, dict | None]:
-    """Fine-tune the received sub-network on the private shard; returns (state, metrics, gates).
+    """Fine-tune the received sub-network on the private shard; returns (state, metrics, dynamic state).
 
-    With ``gates`` (the sub-network's channel-gate parameters, see
-    :mod:`fedprune.dynamic`) the gates are then trained on the shard for
-    ``dynamic.epochs`` with the fine-tuned sub-network frozen, and returned.
+    ``gates`` is the sub-network's dynamic state (:mod:`fedprune.dynamic`), by
+    ``dynamic.method``: ``gates`` -- channel-gate parameters, trained on the
+    shard for ``dynamic.epochs`` after fine-tuning with the sub-network
+    frozen; ``widths`` -- channel orders and per-width BatchNorm statistics
+    (:meth:`~fedprune.dynamic.NestedWidthCNN.dynamic_state`): the fine-tuning
+    itself trains every width of ``dynamic.widths`` (sandwich rule), and each
+    narrower width's statistics are then measured on the shard. The trained
+    state is returned in the same form.
     """
     train_arrays, _ = load_data(cfg)
     shard = client_shard(cfg, partition_id, num_partitions)
@@ -230,21 +235,46 @@ def client_train(
     seed = client_seed(cfg, partition_id, round_num)
     set_seed(seed)  # after building the model: cache misses must not shift the RNG stream
     loader = make_loader(train_arrays.subset(shard.train_idx), batch_size, train=True, seed=seed)
+    dyn = cfg.dynamic
+    nested = NestedWidthCNN.from_dynamic_state(model, gates, dyn.round_to) if gates is not None and dyn.method == "widths" else None
     start = time.perf_counter()
-    out = train(model, loader, train_config(cfg, epochs=epochs, batch_size=batch_size)) if epochs > 0 else {"loss": float("nan")}
+    tc = train_config(cfg, epochs=epochs, batch_size=batch_size)
+    if epochs <= 0:
+        out = {"loss": float("nan")}
+    elif nested is not None:
+        out = train_widths(nested, loader, tc, dyn.widths, dyn.distill)
+    else:
+        out = train(model, loader, tc)
     # Static BN: exact statistics of the final weights on this shard (see recalibrate_bn).
-    recalibrate_bn(model, make_loader(train_arrays.subset(shard.train_idx), 256, train=False))
+    stats_loader = make_loader(train_arrays.subset(shard.train_idx), 256, train=False)
+    recalibrate_bn(model, stats_loader)
     metrics = {"num-examples": shard.num_train, "train-loss": float(out["loss"]), "compute-s": time.perf_counter() - start}
     trained_gates = None
-    if gates is not None:
+    if nested is not None:
+        nested.calibrate_bn(stats_loader, dyn.widths)
+        trained_gates = nested.dynamic_state(dyn.widths)
+        metrics["compute-s"] = time.perf_counter() - start
+    elif gates is not None:
         gated = gated_model(cfg, model, gates)
-        dyn = cfg.dynamic
         if dyn.epochs > 0:
             stats = train_gates(gated, loader, train_config(cfg, epochs=dyn.epochs, batch_size=batch_size, lr=dyn.lr), dyn.train_budgets, dyn.distill)
             metrics["gate-loss"] = float(stats["loss"])
             metrics["compute-s"] = time.perf_counter() - start
         trained_gates = gate_state(gated)
     return {k: v.detach() for k, v in model.state_dict().items()}, metrics, trained_gates
+
+
+def initial_width_state(cfg: ExperimentConfig, sub: nn.Module, mask: StructuredMask, ranking) -> dict:
+    """Dynamic state (method ``widths``) of the sub-network ``sub`` of ``mask``: each conv block's channels
+    ordered by ``ranking`` (scores in the original index space, e.g. the consensus; ties to the lower
+    index), BatchNorm statistics not yet measured."""
+    names = {m: n for n, m in sub.named_modules()}
+    orders = []
+    for conv, _, _ in conv_blocks(sub):
+        kept = mask.kept(names[conv])
+        scores = np.asarray(ranking[names[conv]], dtype=np.float64)[kept]
+        orders.append(torch.as_tensor(np.lexsort((np.arange(kept.size), -scores)), dtype=torch.long))
+    return NestedWidthCNN(sub, orders, cfg.dynamic.round_to).dynamic_state(cfg.dynamic.widths)
 
 
 def gated_model(cfg: ExperimentConfig, model: nn.Module, gates: dict | None = None):

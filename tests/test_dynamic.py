@@ -183,3 +183,160 @@ def test_gate_parameters_survive_the_record_round_trip(static) -> None:
     other.load_state_dict(back, strict=False)
     x = torch.randn(1, 3, 32, 32)
     assert torch.equal(other.forward_sliced(x, 0.5)[0], gated.forward_sliced(x, 0.5)[0])
+
+
+# ------------------------------------------------ adaptive width (early-exit cascade)
+@pytest.fixture(scope="module")
+def nested(static):
+    """A NestedWidthCNN over the static sub-network (prior channel order), trained one epoch and calibrated at 0.5."""
+    import copy
+
+    from fedprune.data import make_loader, make_synthetic
+    from fedprune.dynamic import NestedWidthCNN, train_widths
+    from fedprune.training import TrainConfig
+
+    torch.manual_seed(0)
+    net = NestedWidthCNN(copy.deepcopy(static))
+    data = make_synthetic(128, seed=0)
+    stats = train_widths(net, make_loader(data, 64, train=True, seed=0), TrainConfig(epochs=1, lr=1e-3, optimizer="adam"), [0.5, 1.0])
+    assert stats["steps"] == 2 and np.isfinite(stats["loss"])
+    net.calibrate_bn(make_loader(data, 64, train=False), [0.5, 1.0])
+    return net.eval()
+
+
+def test_nested_widths_follow_the_channel_order(static) -> None:
+    from fedprune.dynamic import NestedWidthCNN, channel_prior, conv_blocks
+
+    net = NestedWidthCNN(static)
+    for (conv, bn, _), order in zip(conv_blocks(static), net.orders):
+        prior = channel_prior(conv, bn)[order]
+        assert torch.all(prior[:-1] >= prior[1:])  # default: most important channel first
+    narrow, wide = net.kept(0.5), net.kept(0.75)
+    assert [len(i) for i in narrow] == net.counts(0.5) == [16, 32, 64, 128]
+    assert all(set(a.tolist()) <= set(b.tolist()) for a, b in zip(narrow, wide))  # nested
+    custom = NestedWidthCNN(static, orders=[torch.arange(c.out_channels).flip(0) for c, _, _ in conv_blocks(static)])
+    assert custom.kept(0.5)[0].tolist() == list(range(31, 15, -1))
+    with pytest.raises(ValueError, match=r"orders must hold one permutation of each conv block's channels \[32, 64, 128, 256\]"):
+        NestedWidthCNN(static, orders=[torch.zeros(32, dtype=torch.long)] * 4)
+
+
+def test_nested_width_full_is_the_model_and_extract_equals_slice(nested) -> None:
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(nested(x, 1.0), nested.model(x))
+        small = nested.extract(0.5)
+        assert [c.out_channels for c, _, _ in __import__("fedprune.dynamic", fromlist=["conv_blocks"]).conv_blocks(small)] == nested.counts(0.5)
+        assert torch.allclose(small(x), nested(x, 0.5), atol=1e-5)  # the physically smaller twin gives the same outputs
+        assert count_macs(small) < 0.35 * count_macs(nested.model)
+
+
+def test_nested_width_needs_calibrated_statistics(nested) -> None:
+    with pytest.raises(RuntimeError, match=r"width 0.75 has no BatchNorm statistics of its own: call calibrate_bn\(loader, \[0.75\]\)"):
+        nested(torch.randn(1, 3, 32, 32), 0.75)
+    with pytest.raises(ValueError, match=r"width must be a number in \(0, 1\], got 1.5"):
+        nested.counts(1.5)
+
+
+def test_train_widths_leaves_narrow_passes_out_of_the_running_statistics(static) -> None:
+    """Only the full width updates the BN running statistics (narrower widths use batch statistics)."""
+    import copy
+
+    from fedprune.dynamic import NestedWidthCNN
+
+    net = NestedWidthCNN(copy.deepcopy(static)).train()
+    before = net.model.features[1].running_mean.clone()
+    net(torch.randn(8, 3, 32, 32), 0.5)
+    assert torch.equal(net.model.features[1].running_mean, before)
+    net(torch.randn(8, 3, 32, 32), 1.0)
+    assert not torch.equal(net.model.features[1].running_mean, before)
+
+
+def test_cascade_matches_batched_outcome_and_thresholds_order_macs(nested) -> None:
+    from fedprune.data import make_loader, make_synthetic
+    from fedprune.dynamic import WidthCascade, cascade_outcome, stage_logits, threshold_for_macs
+
+    stages = [nested.extract(0.5), nested.extract(1.0)]
+    loader = make_loader(make_synthetic(48, seed=3), 16, train=False)
+    logits, labels = stage_logits(stages, loader)
+    macs = WidthCascade(stages, 0.5).stage_macs
+    confidences = torch.softmax(logits[0], 1).amax(1)
+    ranked = confidences.sort().values
+    threshold = float(ranked[23] + ranked[24]) / 2  # between two inputs: batch-vs-single rounding cannot flip one
+    out = cascade_outcome(logits, labels, macs, threshold)
+    cascade = WidthCascade(stages, threshold)
+    xs = torch.cat([x for x, _ in loader])
+    per_input = [cascade(x[None]) for x in xs]
+    assert [s for _, s in per_input] == [int(c < threshold) for c in confidences]  # stage 0 answers when confident
+    assert out["exits"][0] == pytest.approx(float((confidences >= threshold).double().mean()))
+    assert out["macs"] == pytest.approx(np.mean([sum(macs[: s + 1]) for _, s in per_input]))
+    assert out["accuracy"] == pytest.approx(np.mean([int(l.argmax()) == int(y) for (l, _), y in zip(per_input, labels)]))
+    # threshold 0: every input stops at the narrow stage; above 1: every input runs both (the static network's answer)
+    assert cascade_outcome(logits, labels, macs, 0.0)["macs"] == macs[0]
+    full = cascade_outcome(logits, labels, macs, 1.01)
+    assert full["macs"] == sum(macs) and full["accuracy"] == pytest.approx(float((logits[1].argmax(1) == labels).double().mean()))
+    # MACs never fall as the threshold grows; the chosen threshold meets its target
+    grid = [cascade_outcome(logits, labels, macs, t)["macs"] for t in np.linspace(0, 1, 11)]
+    assert all(a <= b for a, b in zip(grid, grid[1:]))
+    for target in (macs[0], macs[0] + 0.3 * macs[1], sum(macs)):
+        t = threshold_for_macs(logits, macs, target)
+        assert cascade_outcome(logits, labels, macs, t)["macs"] <= target + 1e-6
+    with pytest.raises(ValueError, match="below the first stage's"):
+        threshold_for_macs(logits, macs, macs[0] - 1)
+    with pytest.raises(ValueError, match="threshold must be a finite number >= 0"):
+        WidthCascade(stages, -0.1)
+    with pytest.raises(ValueError, match="one input at a time"):
+        cascade(xs[:2])
+
+
+def test_cascade_latency_reports_every_variant(nested) -> None:
+    from fedprune.dynamic import WidthCascade, cascade_latency_ms
+
+    stages = [nested.extract(0.5), nested.extract(1.0)]
+    xs = [torch.randn(1, 3, 32, 32) for _ in range(3)]
+    lat = cascade_latency_ms(nested.model, {"t=0": WidthCascade(stages, 0.0), "t=1.01": WidthCascade(stages, 1.01)}, xs, passes=2, warmup=1)
+    assert set(lat) == {"static", "t=0", "t=1.01"} and all(v > 0 for v in lat.values())
+
+
+def test_federated_adaptive_width_round_trip(tmp_path) -> None:
+    """Method 'widths': nested widths follow the consensus ranking, clients train them and measure their BN
+    statistics, the server averages the statistics (keeps its orders) and reports the cascade per profile."""
+    from fedprune.config import load_config
+    from fedprune.dynamic import NestedWidthCNN
+    from fedprune.federated import FederatedPruning, InProcessTransport
+
+    from conftest import TINY
+
+    cfg = load_config(None, TINY + ["dynamic.enabled=true", "dynamic.method='widths'", "dynamic.widths=[0.5, 1.0]",
+                                    "dynamic.thresholds=[0.0, 0.6, 1.0]", "federated.finetune_rounds=2", "eval.latency=true",
+                                    "eval.latency_repeats=1", "dynamic.latency_inputs=2"])
+    run = FederatedPruning(cfg, InProcessTransport(cfg.federated.num_clients), tmp_path)
+    res = run.run()
+    assert len(run.gates) == 3
+    for name, entry in res["profiles"].items():
+        dyn = entry["dynamic"]
+        assert dyn["method"] == "widths" and dyn["thresholds"] == [0.0, 0.6, 1.0]
+        small, full = dyn["stage_macs"]
+        assert small < full and full == entry["macs"]
+        assert dyn["macs"][0] == small and dyn["exits"][0][0] == 1.0  # threshold 0: every input stops at width 0.5
+        assert dyn["macs"] == sorted(dyn["macs"])  # MACs never fall as the threshold grows
+        assert dyn["accuracy"][2] == pytest.approx(entry["accuracy"]) == pytest.approx(dyn["width_accuracy"][1])  # 1.0: the sub-network
+        assert set(dyn["latency_ms_b1"]) == {"static", "cascade"} and len(dyn["latency_ms_b1"]["cascade"]) == 3
+    mask = run.profile_masks["mobile_cpu"]
+    state = run.gates[mask.key()]
+    consensus = run.consensus_log[-1]
+    assert consensus["kept_channels"]["mobile_cpu"]["features.0"] == len(state["order.0"])
+    assert not torch.equal(state["bn[0.5].0.var"], torch.ones_like(state["bn[0.5].0.var"]))  # measured by the clients
+    net = NestedWidthCNN.from_dynamic_state(run.extracted(mask), state, cfg.dynamic.round_to)
+    assert net.kept(0.5)[0].tolist() == state["order.0"][: net.counts(0.5)[0]].tolist()
+    assert all(r["failures"] == 0 for r in res["rounds"] if r["phase"] == "finetune")
+
+
+def test_dynamic_widths_config_errors() -> None:
+    from fedprune.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"'dynamic.widths' = \[0.5, 0.75\] must be distinct widths in \(0, 1\], ascending, the last 1"):
+        load_config(None, ["dynamic.widths=[0.5, 0.75]"])
+    with pytest.raises(ConfigError, match=r"'dynamic.thresholds' = \[1.5\] must be a non-empty list of probabilities"):
+        load_config(None, ["dynamic.thresholds=[1.5]"])
+    with pytest.raises(ConfigError, match=r"dynamic.method"):
+        load_config(None, ["dynamic.method='early'"])
