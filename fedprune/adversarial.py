@@ -46,6 +46,7 @@ from typing import Mapping
 import numpy as np
 
 from fedprune.config import ADVERSARIAL_MODES
+from fedprune.masks import descending_order
 
 __all__ = ["ADVERSARIAL_MODES", "adversarial_partitions", "poison_scores", "poison_rng", "maybe_poison"]
 
@@ -106,7 +107,7 @@ def poison_scores(
         inv = hi + lo - s
         if mode == "scaled":
             # The client's own bottom half (ties towards the higher index, as masks keep lower indices).
-            order = np.lexsort((np.arange(s.size), -s))  # best first
+            order = descending_order(s)  # best first
             inv[order[s.size - s.size // 2:]] *= scale
         out[name] = inv
     return out

@@ -34,7 +34,7 @@ import numpy as np
 
 from fedprune.config import BUDGET_ALLOCATIONS, BUDGET_OBJECTIVES, MAX_BUDGET_SENSITIVITY, SPARSITY_ALLOCATIONS
 from fedprune.groups import ChannelGroups
-from fedprune.masks import StructuredMask, round_keep_count
+from fedprune.masks import StructuredMask, descending_order, round_keep_count
 
 __all__ = [
     "SPARSITY_ALLOCATIONS",
@@ -280,7 +280,7 @@ class _RemovalOrder:
                 raise ValueError(f"scores for group {g.name!r} have shape {s.shape}, expected ({g.size},)")
             ref = s.mean()
             norm = s / ref if ref > 0 else np.ones_like(s)
-            keep_order = np.lexsort((np.arange(g.size), -s))  # as StructuredMask.from_scores
+            keep_order = descending_order(s)  # as StructuredMask.from_scores
             self._cum[g.name] = np.concatenate([[0.0], np.cumsum(norm[keep_order[::-1]])])
             least = _min_keep(g.size, min_channels)
             if max_group_sparsity is not None:

@@ -116,7 +116,7 @@ class ModelConfig:
 @dataclass
 class TrainConfigSection:
     epochs: int = _spec(8, lo=0)
-    lr: float = _spec(1e-3, lo=0.0, lo_open=True)
+    lr: float = _spec(1e-3, lo=0.0, lo_open=True, doc="method 'gates': gate-training learning rate (widths train in the fine-tuning itself)")
     optimizer: str = _spec("adam", choices=("sgd", "adam"))
     momentum: float = _spec(0.9, lo=0.0, hi=1.0)
     weight_decay: float = _spec(0.0, lo=0.0)
@@ -206,7 +206,7 @@ class EvalConfig:
 
 @dataclass
 class DynamicConfig:
-    """Dynamic per-input channel gates (fedprune.dynamic), trained by clients during fine-tuning."""
+    """Dynamic per-input pruning (fedprune.dynamic): channel gates or adaptive width, trained by clients during fine-tuning."""
 
     enabled: bool = _spec(False, doc="dynamic per-input pruning on each profile's sub-network (dynamic.method), reported per profile")
     method: str = _spec("gates", choices=DYNAMIC_METHODS, doc="'gates': FBS-style per-channel gates at fixed budgets; 'widths': adaptive "
@@ -215,7 +215,7 @@ class DynamicConfig:
     thresholds: list = _spec([0.5, 0.7, 0.9], doc="method 'widths': exit thresholds (top softmax probability) reported per profile")
     latency_inputs: int = _spec(64, lo=1, doc="method 'widths': test images timed per variant for the cascade's mean batch-1 latency")
     epochs: int = _spec(1, lo=0, doc="method 'gates': local gate-training epochs per fine-tune round (static sub-network frozen)")
-    lr: float = _spec(1e-3, lo=0.0, lo_open=True)
+    lr: float = _spec(1e-3, lo=0.0, lo_open=True, doc="method 'gates': gate-training learning rate (widths train in the fine-tuning itself)")
     distill: float = _spec(1.0, lo=0.0, doc="weight of distillation from the full-budget sub-network")
     train_budgets: list = _spec([0.5, 0.75], doc="budgets cycled over the gate-training steps, each in (0, 1]")
     eval_budgets: list = _spec([1.0, 0.9, 0.8, 0.7, 0.6, 0.5], doc="budgets reported per profile, each in (0, 1]")
@@ -447,8 +447,9 @@ def _check_cross_field(cfg: ExperimentConfig) -> None:
             or list(widths) != sorted(set(widths)) or widths[-1] != 1):
         raise ConfigError(f"config key 'dynamic.widths' = {widths!r} must be distinct widths in (0, 1], ascending, the last 1")
     thresholds = cfg.dynamic.thresholds
-    if not thresholds or any(isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1 for t in thresholds):
-        raise ConfigError(f"config key 'dynamic.thresholds' = {thresholds!r} must be a non-empty list of probabilities in [0, 1]")
+    if (not thresholds or any(isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1 for t in thresholds)
+            or len(set(thresholds)) != len(thresholds)):
+        raise ConfigError(f"config key 'dynamic.thresholds' = {thresholds!r} must be a non-empty list of distinct probabilities in [0, 1]")
     if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in cfg.dynamic.gated_layers):
         raise ConfigError(f"config key 'dynamic.gated_layers' = {cfg.dynamic.gated_layers!r} must list conv block indices >= 0")
     if cfg.dynamic.enabled and cfg.model.name != "seed_cnn":

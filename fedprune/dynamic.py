@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from fedprune.training import TrainConfig, recalibrate_bn, train
 
 __all__ = ["ChannelGate", "GatedCNN", "GatedStats", "keep_count", "train_gates", "evaluate_gated", "gated_latency_ms",
-           "NestedWidthCNN", "train_widths", "WidthCascade", "stage_logits", "cascade_outcome", "threshold_for_macs",
+           "NestedWidthCNN", "width_state", "train_widths", "WidthCascade", "stage_logits", "cascade_outcome", "threshold_for_macs",
            "cascade_latency_ms"]
 
 
@@ -361,7 +361,7 @@ def gated_latency_ms(gated: GatedCNN, budgets: Sequence[float], threads: int | N
     All variants are timed round-robin on the same random inputs, so their
     ratios are fair. Keys: ``"static"`` and ``"gated@<budget>"``.
     """
-    from fedprune.metrics import deployment_form, torch_threads
+    from fedprune.metrics import deployment_form
 
     gated.eval()
     static = deployment_form(nn.Sequential(gated.features, gated.pool, gated.classifier))
@@ -369,18 +369,30 @@ def gated_latency_ms(gated: GatedCNN, budgets: Sequence[float], threads: int | N
     for b in budgets:
         runs[f"gated@{b:g}"] = lambda x, b=b: gated.forward_sliced(x, b)
     xs = [torch.randn(1, 3, 32, 32) for _ in range(8)]
-    times: dict[str, list[float]] = {k: [] for k in runs}
+    times = _round_robin_ms(runs, xs, math.ceil(repeats / len(xs)), warmup, threads)
+    return {k: statistics.median(t for per_input in v for t in per_input) for k, v in times.items()}
+
+
+@torch.no_grad()
+def _round_robin_ms(runs: dict[str, Callable[[torch.Tensor], Any]], inputs: Sequence[torch.Tensor], passes: int, warmup: int,
+                    threads: int | None) -> dict[str, list[list[float]]]:
+    """Times (ms) of every run on every input, ``passes`` times, round-robin (so drifts hit all runs alike):
+    ``times[name][input][pass]``, after ``warmup`` untimed passes over the first 8 inputs."""
+    from fedprune.metrics import torch_threads
+
+    times: dict[str, list[list[float]]] = {k: [[] for _ in inputs] for k in runs}
     with torch_threads(threads):
-        for i in range(warmup):
-            for fn in runs.values():
-                fn(xs[i % len(xs)])
-        for i in range(repeats):
-            x = xs[i % len(xs)]
-            for name, fn in runs.items():
-                t0 = time.perf_counter()
-                fn(x)
-                times[name].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+        for _ in range(warmup):
+            for x in inputs[:8]:
+                for fn in runs.values():
+                    fn(x)
+        for _ in range(passes):
+            for j, x in enumerate(inputs):
+                for name, fn in runs.items():
+                    t0 = time.perf_counter()
+                    fn(x)
+                    times[name][j].append((time.perf_counter() - t0) * 1e3)
+    return times
 
 
 # ==================================================================== #
@@ -495,8 +507,7 @@ class NestedWidthCNN(nn.Module):
                 vec = np.zeros(conv.out_channels, dtype=bool)
                 vec[idx.numpy()] = True
                 keep[names[conv]] = vec
-            sub = extract_submodel(self.model, StructuredMask({**{g.name: np.ones(g.size, dtype=bool) for g in self._groups}, **keep}),
-                                   self._groups).eval()
+            sub = extract_submodel(self.model, StructuredMask({**StructuredMask.dense(self._groups).keep, **keep}), self._groups).eval()
         return sub, [idx.sort().indices for idx in self.kept(width)]
 
     def extract(self, width: float) -> nn.Module:
@@ -513,34 +524,24 @@ class NestedWidthCNN(nn.Module):
 
     # ------------------------------------------------ what a federated round carries
     def dynamic_state(self, widths: Sequence[float]) -> dict[str, torch.Tensor]:
-        """Channel orders and the narrower widths' BatchNorm statistics as flat tensors.
-
-        Keys: ``order.<block>`` (int64, the block's channel order) and
-        ``bn[<width>].<block>.mean`` / ``.var`` for each narrower width of
-        ``widths`` (mean 0 and variance 1 while a width is not calibrated).
-        A federated server keeps one such state per sub-network, sends it
-        with the fine-tuning message and averages the returned statistics
-        (the orders are its own). :meth:`from_dynamic_state` rebuilds the network.
-        """
-        state = {f"order.{j}": o.clone() for j, o in enumerate(self.orders)}
-        for w in sorted({_check_width(w) for w in widths}):
-            if self.is_full(w):
-                continue
-            stats = self.bn_stats.get(w) or [(torch.zeros(k), torch.ones(k)) for k in self.counts(w)]
-            for j, (mean, var) in enumerate(stats):
-                state[f"bn[{w:g}].{j}.mean"], state[f"bn[{w:g}].{j}.var"] = mean.detach().clone(), var.detach().clone()
-        return state
+        """Channel orders and the narrower widths' BatchNorm statistics as flat tensors (see :func:`width_state`)."""
+        widths = sorted({_check_width(w) for w in widths if not self.is_full(w)})
+        calibrated = all(w in self.bn_stats for w in widths)
+        return width_state(self.orders, {w: self.bn_stats[w] if calibrated else [(torch.zeros(k), torch.ones(k)) for k in self.counts(w)]
+                                         for w in widths}, calibrated)
 
     @classmethod
     def from_dynamic_state(cls, model: nn.Module, state: dict[str, torch.Tensor], round_to: int = 8) -> "NestedWidthCNN":
-        """A :class:`NestedWidthCNN` around ``model`` with the orders and BatchNorm statistics of :meth:`dynamic_state`."""
+        """A :class:`NestedWidthCNN` around ``model`` with the orders of :func:`width_state` and, once
+        calibrated, its BatchNorm statistics (before that, narrower widths cannot run in eval mode)."""
         blocks = len(conv_blocks(model))
         missing = [f"order.{j}" for j in range(blocks) if f"order.{j}" not in state]
         if missing:
             raise ValueError(f"dynamic state lacks the channel orders {missing}")
         net = cls(model, [state[f"order.{j}"] for j in range(blocks)], round_to)
-        for w in sorted({float(m.group(1)) for k in state if (m := _BN_KEY.match(k))}):
-            net.bn_stats[w] = [(state[f"bn[{w:g}].{j}.mean"], state[f"bn[{w:g}].{j}.var"]) for j in range(blocks)]
+        if float(state.get("calibrated", torch.tensor(0.0))) > 0:
+            for key in sorted({m.group(1) for k in state if (m := _BN_KEY.match(k))}):
+                net.bn_stats[float(key)] = [(state[f"bn[{key}].{j}.mean"], state[f"bn[{key}].{j}.var"]) for j in range(blocks)]
         return net
 
     @torch.no_grad()
@@ -558,6 +559,26 @@ class NestedWidthCNN(nn.Module):
                 mean[pos], var[pos] = bn.running_mean, bn.running_var  # back to the block's order
                 stats.append((mean, var))
             self.bn_stats[w] = stats
+
+
+def width_state(orders: Sequence[torch.Tensor], stats: dict[float, Sequence[tuple[torch.Tensor, torch.Tensor]]],
+                calibrated: bool) -> dict[str, torch.Tensor]:
+    """The flat tensors a federated round carries for a :class:`NestedWidthCNN` (the server keeps one per sub-network).
+
+    Keys: ``order.<block>`` (int64, the block's channel order, most important
+    first), ``bn[<width>].<block>.mean`` / ``.var`` (float, per narrower width,
+    in the block's order; mean 0 and variance 1 before calibration; the width
+    written as ``repr(float)``, so it reads back exactly) and ``calibrated``
+    (1.0 once the statistics were measured, else 0.0). The server sends it
+    with the fine-tuning message, averages the floats that clients return by
+    samples and keeps its own orders.
+    """
+    state = {f"order.{j}": torch.as_tensor(o, dtype=torch.long).clone() for j, o in enumerate(orders)}
+    for w, per_block in sorted(stats.items()):
+        for j, (mean, var) in enumerate(per_block):
+            state[f"bn[{float(w)!r}].{j}.mean"], state[f"bn[{float(w)!r}].{j}.var"] = mean.detach().clone(), var.detach().clone()
+    state["calibrated"] = torch.tensor(1.0 if calibrated else 0.0)
+    return state
 
 
 def train_widths(
@@ -667,8 +688,8 @@ def _exit_stage(logits: Sequence[torch.Tensor], threshold: float) -> torch.Tenso
 def cascade_outcome(logits: Sequence[torch.Tensor], labels: torch.Tensor, stage_macs: Sequence[int], threshold: float) -> dict:
     """What a :class:`WidthCascade` with ``threshold`` does on inputs whose per-stage logits are ``logits``.
 
-    Returns ``accuracy``, ``macs`` (mean executed per input), ``exits`` (fraction
-    of inputs answered by each stage). The decisions equal running the
+    Returns ``threshold``, ``accuracy``, ``macs`` (mean executed per input) and
+    ``exits`` (fraction of inputs answered by each stage). The decisions equal running the
     cascade input by input.
     """
     stage = _exit_stage(logits, threshold)
@@ -684,31 +705,34 @@ def cascade_outcome(logits: Sequence[torch.Tensor], labels: torch.Tensor, stage_
 
 
 def threshold_for_macs(logits: Sequence[torch.Tensor], stage_macs: Sequence[int], target_macs: float) -> float:
-    """The largest threshold whose mean executed MACs on these inputs stay within ``target_macs`` (MACs per input).
+    """A threshold whose mean executed MACs on these inputs stay within ``target_macs`` (MACs per input), sending as
+    many inputs to wider stages as the target allows.
 
     A higher threshold sends more inputs to wider stages, so MACs never fall
-    as it grows; the largest one within the target is the most accurate
-    choice. Raises ``ValueError`` when even stopping every input at the first
-    stage costs more than ``target_macs``.
+    as it grows (accuracy usually rises, but need not). The result lies
+    midway between two inputs' confidences, so float rounding in a deployed
+    network does not flip an input across it. Raises ``ValueError`` when
+    even stopping every input at the first stage costs more than ``target_macs``.
     """
-    if len(logits) < 2:
-        return 0.0
     floor = float(stage_macs[0])
     if target_macs < floor:
         raise ValueError(f"target of {target_macs:.4g} MACs per input is below the first stage's {floor:.4g} MACs")
-    conf = torch.unique(torch.cat([torch.softmax(l, dim=1).amax(dim=1) for l in logits[:-1]]).double())
-    candidates = [0.0] + conf.tolist() + [math.inf]
-    macs = lambda t: float(torch.tensor(stage_macs, dtype=torch.float64).cumsum(0)[_exit_stage(logits, t)].mean())  # noqa: E731
-    lo, hi = 0, len(candidates) - 1  # macs(candidates[lo]) <= target always (lo = 0: every input stops at stage 0)
+    if len(logits) < 2:
+        return 0.0
+    cum = torch.tensor(stage_macs, dtype=torch.float64).cumsum(0)
+    macs = lambda t: float(cum[_exit_stage(logits, t)].mean())  # noqa: E731
+    conf = torch.unique(torch.cat([torch.softmax(lg, dim=1).amax(dim=1) for lg in logits[:-1]]).double()).tolist()
+    candidates = [0.0] + conf + [1.0 + 1e-6]  # 0: every input stops at the first stage; above 1: none does
+    lo, hi = 0, len(candidates) - 1  # invariant: macs(candidates[lo]) <= target < macs(candidates[hi])
     if macs(candidates[hi]) <= target_macs:
-        return candidates[hi] if math.isfinite(candidates[hi]) else 1.0 + 1e-6
+        return candidates[hi]
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if macs(candidates[mid]) <= target_macs:
             lo = mid
         else:
             hi = mid
-    return candidates[lo]
+    return candidates[lo] if lo == 0 else (candidates[lo - 1] + candidates[lo]) / 2
 
 
 @torch.no_grad()
@@ -727,20 +751,9 @@ def cascade_latency_ms(
     times; per input the median pass counts, and the result is the mean over
     inputs. Keys: ``"static"`` and the names of ``cascades``.
     """
-    from fedprune.metrics import deployment_form, torch_threads
+    from fedprune.metrics import deployment_form
 
     runs: dict[str, Callable[[torch.Tensor], Any]] = {"static": deployment_form(static)}
     runs.update({name: c.deployed() for name, c in cascades.items()})
-    times: dict[str, list[list[float]]] = {k: [[] for _ in inputs] for k in runs}
-    with torch_threads(threads):
-        for _ in range(warmup):
-            for x in inputs[:8]:
-                for fn in runs.values():
-                    fn(x)
-        for _ in range(passes):
-            for j, x in enumerate(inputs):
-                for name, fn in runs.items():
-                    t0 = time.perf_counter()
-                    fn(x)
-                    times[name][j].append((time.perf_counter() - t0) * 1e3)
+    times = _round_robin_ms(runs, inputs, passes, warmup, threads)
     return {k: float(statistics.fmean(statistics.median(t) for t in v)) for k, v in times.items()}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -645,9 +646,12 @@ class FederatedPruning:
             for n, s in zip(owners, scores):
                 prof = self.nodes[n].profile
                 self.node_masks[n] = StructuredMask.from_scores(s, self.profile_masks[prof].kept_counts)
-        if self.cfg.dynamic.enabled and self.cfg.dynamic.method == "widths":  # nested widths follow the consensus ranking
-            for mask in {m.key(): m for m in [*self.profile_masks.values(), *self.node_masks.values()]}.values():
-                self.gates[mask.key()] = initial_width_state(self.cfg, self.extracted(mask), mask, ranking)
+        in_use = {m.key(): m for m in [*self.profile_masks.values(), *self.node_masks.values()]}
+        self.gates = {k: v for k, v in self.gates.items() if k in in_use}  # sub-networks no longer in use
+        if self.cfg.dynamic.enabled and self.cfg.dynamic.method == "widths":  # nested widths follow the ranking of the masks
+            for key, mask in in_use.items():
+                if key not in self.gates:  # an unchanged sub-network keeps its trained widths
+                    self.gates[key] = initial_width_state(self.cfg, self.model, mask, ranking)
         agreement = {p: float(np.mean(mask_agreement(scores, m))) for p, m in self.profile_masks.items()}
         replied = {self.nodes[n].profile for n in owners}
         without = [p for p in self.profiles if p not in replied and any(i.profile == p for i in self.nodes.values())]
@@ -911,13 +915,17 @@ class FederatedPruning:
         from fedprune.dynamic import NestedWidthCNN, WidthCascade, cascade_latency_ms, cascade_outcome, stage_logits
 
         ev, dyn = self.cfg.eval, self.cfg.dynamic
-        net = NestedWidthCNN.from_dynamic_state(model, self.gates[mask.key()], dyn.round_to)
+        state = self.gates[mask.key()]
+        if float(state["calibrated"]) <= 0:  # no fine-tuning round trained it (e.g. finetune_rounds = 0)
+            return {"method": "widths", "calibrated": False, "note": "no client trained this sub-network's widths: nothing to report"}
+        net = NestedWidthCNN.from_dynamic_state(model, state, dyn.round_to)
         stages = [net.extract(w) for w in dyn.widths]
         macs = WidthCascade(stages, 0.0).stage_macs
         logits, labels = stage_logits(stages, self.test_loader)
         rows = [cascade_outcome(logits, labels, macs, t) for t in dyn.thresholds]
         out = {
             "method": "widths",
+            "calibrated": True,
             "widths": list(dyn.widths),
             "width_accuracy": [float((lg.argmax(1) == labels).double().mean()) for lg in logits],
             "stage_macs": macs,
@@ -929,7 +937,7 @@ class FederatedPruning:
                     "MACs per input are the sum over the widths it ran; latency is the mean ms per test image",
         }
         if ev.latency:
-            images = [x[None] for x in torch.cat([x for x, _ in self.test_loader])[: dyn.latency_inputs]]
+            images = list(itertools.islice((x[None] for batch, _ in self.test_loader for x in batch), dyn.latency_inputs))
             lat = cascade_latency_ms(stages[-1], {f"{t:g}": WidthCascade(stages, t) for t in dyn.thresholds}, images, ev.latency_threads)
             out["latency_ms_b1"] = {"static": lat["static"], "cascade": [lat[f"{t:g}"] for t in dyn.thresholds]}
         return out

@@ -54,6 +54,12 @@ def round_keep_count(count: int, size: int, round_to: int | None) -> int:
     return count
 
 
+def descending_order(scores) -> np.ndarray:
+    """Indices of ``scores`` from the highest to the lowest, ties broken towards the lower index."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return np.lexsort((np.arange(scores.size), -scores))
+
+
 @dataclass(frozen=True)
 class StructuredMask:
     """Per-group boolean keep-vectors in the original channel index space.
@@ -107,7 +113,7 @@ class StructuredMask:
         for name, score in scores.items():
             score = np.asarray(score, dtype=np.float64)
             k = round_keep_count(keep_counts[name], score.size, round_to)
-            order = np.lexsort((np.arange(score.size), -score))  # by score desc, then index asc
+            order = descending_order(score)
             vec = np.zeros(score.size, dtype=bool)
             vec[order[:k]] = True
             keep[name] = vec

@@ -101,9 +101,9 @@ import torch  # noqa: E402
 
 from fedprune.adversarial import maybe_poison  # noqa: E402
 from fedprune.data import ClientShard, make_client_shard, make_loader  # noqa: E402
-from fedprune.dynamic import NestedWidthCNN, conv_blocks, train_gates, train_widths  # noqa: E402
+from fedprune.dynamic import NestedWidthCNN, conv_blocks, keep_count, train_gates, train_widths, width_state  # noqa: E402
 from fedprune.importance import compute_importance  # noqa: E402
-from fedprune.masks import StructuredMask, extract_submodel  # noqa: E402
+from fedprune.masks import StructuredMask, descending_order, extract_submodel  # noqa: E402
 from fedprune.profiles import assign_profiles  # noqa: E402
 from fedprune.sensitivity import measure_sensitivity  # noqa: E402
 from fedprune.training import evaluate, recalibrate_bn, set_seed  # noqa: E402
@@ -264,17 +264,19 @@ def client_train(
     return {k: v.detach() for k, v in model.state_dict().items()}, metrics, trained_gates
 
 
-def initial_width_state(cfg: ExperimentConfig, sub: nn.Module, mask: StructuredMask, ranking) -> dict:
-    """Dynamic state (method ``widths``) of the sub-network ``sub`` of ``mask``: each conv block's channels
-    ordered by ``ranking`` (scores in the original index space, e.g. the consensus; ties to the lower
-    index), BatchNorm statistics not yet measured."""
-    names = {m: n for n, m in sub.named_modules()}
-    orders = []
-    for conv, _, _ in conv_blocks(sub):
-        kept = mask.kept(names[conv])
-        scores = np.asarray(ranking[names[conv]], dtype=np.float64)[kept]
-        orders.append(torch.as_tensor(np.lexsort((np.arange(kept.size), -scores)), dtype=torch.long))
-    return NestedWidthCNN(sub, orders, cfg.dynamic.round_to).dynamic_state(cfg.dynamic.widths)
+def initial_width_state(cfg: ExperimentConfig, model: nn.Module, mask: StructuredMask, ranking) -> dict:
+    """Dynamic state (method ``widths``, :func:`fedprune.dynamic.width_state`) of the sub-network of ``mask``
+    in ``model`` (dense or any width with the mask's groups): each conv block's kept channels ordered by
+    ``ranking`` (scores in the original index space, e.g. the consensus; ties to the lower index), BatchNorm
+    statistics not yet measured."""
+    dyn = cfg.dynamic
+    names = {m: n for n, m in model.named_modules()}
+    kept = [mask.kept(names[conv]) for conv, _, _ in conv_blocks(model)]
+    orders = [torch.as_tensor(descending_order(np.asarray(ranking[names[conv]], dtype=np.float64)[k]), dtype=torch.long)
+              for (conv, _, _), k in zip(conv_blocks(model), kept)]
+    widths = [w for w in dyn.widths if [keep_count(w, k.size, dyn.round_to) for k in kept] != [k.size for k in kept]]
+    stats = {w: [(torch.zeros(keep_count(w, k.size, dyn.round_to)), torch.ones(keep_count(w, k.size, dyn.round_to))) for k in kept] for w in widths}
+    return width_state(orders, stats, calibrated=False)
 
 
 def gated_model(cfg: ExperimentConfig, model: nn.Module, gates: dict | None = None):

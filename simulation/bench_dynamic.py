@@ -74,7 +74,7 @@ def run_seed(cfg, seed: int, data, args) -> dict:
     make_train_fn(train_loader, train_config(c))(longer, args.gate_epochs, SoftMaskHook(res["mask"], model_groups(c)))
     static_same_budget = evaluate(longer, test_loader)["accuracy"]
     set_seed(seed + 6)
-    gated = GatedCNN(static, args.gated_layers, args.round_to).eval()
+    gated = GatedCNN(copy.deepcopy(static), args.gated_layers, args.round_to).eval()  # joint training changes its network
     stats = train_gates(gated, train_loader, train_config(c, epochs=args.gate_epochs, lr=args.gate_lr), args.train_budgets, args.distill,
                         joint=not args.frozen)
     rows = evaluate_gated(gated, test_loader, args.budgets, mac_inputs=64)

@@ -336,7 +336,27 @@ def test_dynamic_widths_config_errors() -> None:
 
     with pytest.raises(ConfigError, match=r"'dynamic.widths' = \[0.5, 0.75\] must be distinct widths in \(0, 1\], ascending, the last 1"):
         load_config(None, ["dynamic.widths=[0.5, 0.75]"])
-    with pytest.raises(ConfigError, match=r"'dynamic.thresholds' = \[1.5\] must be a non-empty list of probabilities"):
+    with pytest.raises(ConfigError, match=r"'dynamic.thresholds' = \[1.5\] must be a non-empty list of distinct probabilities"):
         load_config(None, ["dynamic.thresholds=[1.5]"])
     with pytest.raises(ConfigError, match=r"dynamic.method"):
         load_config(None, ["dynamic.method='early'"])
+
+
+def test_width_state_round_trip_and_uncalibrated_state(nested, static) -> None:
+    import copy
+
+    from fedprune.dynamic import NestedWidthCNN
+
+    state = nested.dynamic_state([0.5, 1.0])
+    assert float(state["calibrated"]) == 1.0 and state["order.0"].dtype == torch.long
+    back = NestedWidthCNN.from_dynamic_state(copy.deepcopy(nested.model), state)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(back.eval()(x, 0.5), nested(x, 0.5))
+    fresh = NestedWidthCNN(copy.deepcopy(static)).dynamic_state([0.5, 1.0])  # placeholders: mean 0, variance 1
+    assert float(fresh["calibrated"]) == 0.0 and set(fresh) == set(state)
+    with pytest.raises(RuntimeError, match="width 0.5 has no BatchNorm statistics"):
+        NestedWidthCNN.from_dynamic_state(copy.deepcopy(static), fresh).eval()(x, 0.5)
+    odd = NestedWidthCNN(copy.deepcopy(static), round_to=1)
+    odd.bn_stats[1 / 3] = [(torch.zeros(k), torch.ones(k)) for k in odd.counts(1 / 3)]
+    assert 1 / 3 in NestedWidthCNN.from_dynamic_state(copy.deepcopy(static), odd.dynamic_state([1 / 3, 1.0]), round_to=1).bn_stats
