@@ -220,7 +220,7 @@ def plot(per_seed: list[dict], lat: dict, args, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = benchmark_parser(__doc__)
+    parser = benchmark_parser(__doc__, seeds=(0, 1, 2, 3, 4))
     parser.add_argument("--gate-epochs", type=int, default=3)
     parser.add_argument("--gate-lr", type=float, default=1e-3)
     parser.add_argument("--distill", type=float, default=1.0)
@@ -233,7 +233,7 @@ def main(argv=None) -> int:
     parser.add_argument("--train-threads", type=int, default=2)
     parser.add_argument("--latency-repeats", type=int, default=100)
     parser.add_argument("--widths", type=float, nargs="+", default=[0.5, 1.0], help="cascade widths, narrowest first, the last 1")
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9, 0.95], help="cascade exit thresholds")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], help="cascade exit thresholds")
     parser.add_argument("--latency-inputs", type=int, default=200, help="test images timed per variant for the cascade latency")
     parser.add_argument("--latency-passes", type=int, default=5)
     args = parser.parse_args(argv)
