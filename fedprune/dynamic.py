@@ -588,14 +588,15 @@ def train_widths(
     widths: Sequence[float],
     distill: float = 1.0,
     temperature: float = 2.0,
+    narrow_ce: float = 1.0,
 ) -> dict[str, float | int]:
     """Train the shared weights so that every width of ``widths`` works (the sandwich rule of slimmable networks).
 
     Each step: cross-entropy of the full width (its BatchNorm in train mode,
     updating the running statistics, exactly as plain fine-tuning does), plus
-    for each narrower width its cross-entropy and ``distill`` x the
-    distillation loss to the full width's detached outputs (in-place
-    distillation). Calibrated statistics of narrower widths no longer fit
+    for each narrower width ``narrow_ce`` x its cross-entropy and ``distill``
+    x the distillation loss to the full width's detached outputs (in-place
+    distillation; ``narrow_ce = 0`` is distillation alone, as in US-Nets). Calibrated statistics of narrower widths no longer fit
     the new weights and are dropped: call :meth:`NestedWidthCNN.calibrate_bn`
     afterwards. The loop is :func:`fedprune.training.train`. Returns
     ``{"loss": mean loss of the last epoch, "steps", "examples"}``.
@@ -609,7 +610,8 @@ def train_widths(
         loss = F.cross_entropy(full, y)
         for w in narrower:
             logits = model(x, w)
-            loss = loss + F.cross_entropy(logits, y)
+            if narrow_ce:
+                loss = loss + narrow_ce * F.cross_entropy(logits, y)
             if distill:
                 loss = loss + distill * distillation_loss(logits, full, temperature)
         return loss

@@ -101,7 +101,7 @@ def width_cascade(c, seed: int, static, train_loader, calib_loader, test_loader,
     """Adaptive width: order the static sub-network's channels, train its widths G epochs, then run the cascade per threshold."""
     set_seed(seed + 7)
     net = NestedWidthCNN(copy.deepcopy(static), round_to=args.round_to)
-    stats = train_widths(net, train_loader, train_config(c, epochs=args.gate_epochs), args.widths, args.distill)
+    stats = train_widths(net, train_loader, train_config(c, epochs=args.gate_epochs), args.widths, args.distill, narrow_ce=args.narrow_ce)
     net.calibrate_bn(calib_loader, args.widths)  # each narrower width's own BatchNorm statistics, on the training images
     stages = [net.extract(w) for w in args.widths]
     macs = WidthCascade(stages, 0.0).stage_macs
@@ -165,7 +165,8 @@ def render(per_seed: list[dict], lat: dict, args, cfg, n_test: int) -> str:
         "",
         f"The static sub-network's channels ranked per layer by BN-scaled weight norm, then trained {args.gate_epochs} epochs so that the top "
         f"{', '.join(f'{100 * w:g}%' for w in widths)} of every conv layer's channels work on their own (sandwich rule: every step the full "
-        f"width with cross-entropy plus each narrower width with cross-entropy and distillation from the full width, weight {args.distill}; "
+        f"width with cross-entropy plus each narrower width with cross-entropy (weight {args.narrow_ce:g}) and distillation from the full width "
+        f"(weight {args.distill:g}); "
         f"narrower widths normalise with batch statistics in training and with their own BatchNorm statistics, measured on the training "
         f"images, at inference). An input runs width {widths[0]:g} first and stops when its top softmax probability reaches the threshold; "
         f"otherwise it runs the next width from the start (no reuse), so its MACs are the sum of the widths it ran "
@@ -234,6 +235,7 @@ def main(argv=None) -> int:
     parser.add_argument("--latency-repeats", type=int, default=100)
     parser.add_argument("--widths", type=float, nargs="+", default=[0.5, 1.0], help="cascade widths, narrowest first, the last 1")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], help="cascade exit thresholds")
+    parser.add_argument("--narrow-ce", type=float, default=1.0, help="weight of the narrower widths' cross-entropy (0: distillation alone)")
     parser.add_argument("--latency-inputs", type=int, default=200, help="test images timed per variant for the cascade latency")
     parser.add_argument("--latency-passes", type=int, default=5)
     args = parser.parse_args(argv)

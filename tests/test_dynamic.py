@@ -360,3 +360,19 @@ def test_width_state_round_trip_and_uncalibrated_state(nested, static) -> None:
     odd = NestedWidthCNN(copy.deepcopy(static), round_to=1)
     odd.bn_stats[1 / 3] = [(torch.zeros(k), torch.ones(k)) for k in odd.counts(1 / 3)]
     assert 1 / 3 in NestedWidthCNN.from_dynamic_state(copy.deepcopy(static), odd.dynamic_state([1 / 3, 1.0]), round_to=1).bn_stats
+
+
+def test_train_widths_by_distillation_alone(static) -> None:
+    """narrow_ce = 0: narrower widths learn from the full width's outputs only (US-Nets' in-place distillation)."""
+    import copy
+
+    from fedprune.data import make_loader, make_synthetic
+    from fedprune.dynamic import NestedWidthCNN, train_widths
+    from fedprune.training import TrainConfig
+
+    net = NestedWidthCNN(copy.deepcopy(static))
+    before = net.model.features[0].weight.detach().clone()
+    stats = train_widths(net, make_loader(make_synthetic(64, seed=0), 32, train=True, seed=0), TrainConfig(epochs=1, lr=1e-3, optimizer="adam"),
+                         [0.5, 1.0], distill=1.0, narrow_ce=0.0)
+    assert stats["steps"] == 2 and np.isfinite(stats["loss"])
+    assert not torch.equal(net.model.features[0].weight, before)
