@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from fedprune.training import TrainConfig, recalibrate_bn, train
 
 __all__ = ["ChannelGate", "GatedCNN", "GatedStats", "keep_count", "train_gates", "evaluate_gated", "gated_latency_ms",
-           "NestedWidthCNN", "width_state", "train_widths", "WidthCascade", "stage_logits", "cascade_outcome", "threshold_for_macs",
+           "NestedWidthCNN", "width_state", "train_widths", "WidthCascade", "stage_logits", "cascade_outcome", "evaluate_cascade", "threshold_for_macs",
            "cascade_latency_ms"]
 
 
@@ -703,6 +703,27 @@ def cascade_outcome(logits: Sequence[torch.Tensor], labels: torch.Tensor, stage_
         "accuracy": float((pred == labels).double().mean()),
         "macs": float(cost.mean()),
         "exits": [float((stage == i).double().mean()) for i in range(len(logits))],
+    }
+
+
+def evaluate_cascade(net: NestedWidthCNN, widths: Sequence[float], loader, thresholds: Sequence[float]) -> dict:
+    """Each width of ``net`` extracted, run on ``loader``, and the cascade over them at each threshold.
+
+    Returns ``widths``, ``stage_macs`` (per width, batch-1 MACs), ``width_accuracy``
+    (each width alone), ``rows`` (:func:`cascade_outcome` per threshold) and
+    ``stages`` (the extracted networks, e.g. for :func:`cascade_latency_ms`).
+    """
+    from fedprune.metrics import count_macs
+
+    stages = [net.extract(w) for w in widths]
+    macs = [count_macs(m) for m in stages]
+    logits, labels = stage_logits(stages, loader)
+    return {
+        "widths": [float(w) for w in widths],
+        "stage_macs": macs,
+        "width_accuracy": [float((lg.argmax(1) == labels).double().mean()) for lg in logits],
+        "rows": [cascade_outcome(logits, labels, macs, t) for t in thresholds],
+        "stages": stages,
     }
 
 

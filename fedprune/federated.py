@@ -912,23 +912,20 @@ class FederatedPruning:
 
     def cascade_report(self, mask: StructuredMask, model: torch.nn.Module) -> dict:
         """``profiles.<name>.dynamic`` of method ``widths``: the early-exit cascade over the sub-network's nested widths."""
-        from fedprune.dynamic import NestedWidthCNN, WidthCascade, cascade_latency_ms, cascade_outcome, stage_logits
+        from fedprune.dynamic import NestedWidthCNN, WidthCascade, cascade_latency_ms, evaluate_cascade
 
         ev, dyn = self.cfg.eval, self.cfg.dynamic
         state = self.gates[mask.key()]
         if float(state["calibrated"]) <= 0:  # no fine-tuning round trained it (e.g. finetune_rounds = 0)
             return {"method": "widths", "calibrated": False, "note": "no client trained this sub-network's widths: nothing to report"}
-        net = NestedWidthCNN.from_dynamic_state(model, state, dyn.round_to)
-        stages = [net.extract(w) for w in dyn.widths]
-        macs = WidthCascade(stages, 0.0).stage_macs
-        logits, labels = stage_logits(stages, self.test_loader)
-        rows = [cascade_outcome(logits, labels, macs, t) for t in dyn.thresholds]
+        res = evaluate_cascade(NestedWidthCNN.from_dynamic_state(model, state, dyn.round_to), dyn.widths, self.test_loader, dyn.thresholds)
+        stages, rows = res["stages"], res["rows"]
         out = {
             "method": "widths",
             "calibrated": True,
-            "widths": list(dyn.widths),
-            "width_accuracy": [float((lg.argmax(1) == labels).double().mean()) for lg in logits],
-            "stage_macs": macs,
+            "widths": res["widths"],
+            "width_accuracy": res["width_accuracy"],
+            "stage_macs": res["stage_macs"],
             "thresholds": [r["threshold"] for r in rows],
             "accuracy": [r["accuracy"] for r in rows],
             "macs": [r["macs"] for r in rows],

@@ -47,8 +47,8 @@ sys.path.insert(0, str(ROOT))
 from fedprune.centralized import prune_experiment, train_dense  # noqa: E402
 from fedprune.config import load_config  # noqa: E402
 from fedprune.data import make_loader  # noqa: E402
-from fedprune.dynamic import (GatedCNN, NestedWidthCNN, WidthCascade, cascade_latency_ms, cascade_outcome, evaluate_gated,  # noqa: E402
-                              gated_latency_ms, stage_logits, train_gates, train_widths)
+from fedprune.dynamic import (GatedCNN, NestedWidthCNN, WidthCascade, cascade_latency_ms, evaluate_cascade, evaluate_gated,  # noqa: E402
+                              gated_latency_ms, train_gates, train_widths)
 from fedprune.masks import SoftMaskHook  # noqa: E402
 from fedprune.metrics import count_macs  # noqa: E402
 from fedprune.plots import finish  # noqa: E402
@@ -103,17 +103,8 @@ def width_cascade(c, seed: int, static, train_loader, calib_loader, test_loader,
     net = NestedWidthCNN(copy.deepcopy(static), round_to=args.round_to)
     stats = train_widths(net, train_loader, train_config(c, epochs=args.gate_epochs), args.widths, args.distill, narrow_ce=args.narrow_ce)
     net.calibrate_bn(calib_loader, args.widths)  # each narrower width's own BatchNorm statistics, on the training images
-    stages = [net.extract(w) for w in args.widths]
-    macs = WidthCascade(stages, 0.0).stage_macs
-    logits, labels = stage_logits(stages, test_loader)
-    return {
-        "widths": list(args.widths),
-        "stage_macs": macs,
-        "width_accuracy": [float((l.argmax(1) == labels).double().mean()) for l in logits],
-        "train": stats,
-        "rows": [cascade_outcome(logits, labels, macs, t) for t in args.thresholds],
-        "_stages": stages,
-    }
+    out = evaluate_cascade(net, args.widths, test_loader, args.thresholds)
+    return {**{k: v for k, v in out.items() if k != "stages"}, "train": stats, "_stages": out["stages"]}
 
 
 def render(per_seed: list[dict], lat: dict, args, cfg, n_test: int) -> str:
