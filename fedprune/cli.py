@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     out = p.add_mutually_exclusive_group(required=True)
     out.add_argument("--out", help="output directory (the server checkpoints there after every round)")
     out.add_argument("--resume", metavar="DIR", help="continue the killed run in DIR from its last complete round (config from its checkpoint)")
+    p.add_argument("--warm-start", metavar="DIR", help="start after the dense warm-up of the run in DIR (same config but for "
+                   "pruning, fine-tuning and evaluation keys) instead of training it again")
     p.add_argument("--engine", choices=["ray", "inprocess"], default="ray", help="ray: Flower Simulation Engine; inprocess: same apps without Flower/Ray (debugging, baselines)")
     return parser
 
@@ -83,6 +85,8 @@ def _cmd_prune(args) -> int:
 def _cmd_simulate(args) -> int:
     from fedprune.federated import resume_config, simulate
 
+    if args.resume and args.warm_start:
+        raise ConfigError("--resume continues a run that already has its warm-up; drop --warm-start")
     if args.resume:
         given = [flag for flag, v in (("--config", args.config), ("--set", args.overrides), ("--data-dir", args.data_dir),
                                       ("--dataset", args.dataset), ("--seed", args.seed)) if v not in (None, [])]
@@ -91,7 +95,7 @@ def _cmd_simulate(args) -> int:
         cfg, mask_source = resume_config(args.resume)
         res = simulate(cfg, out_dir=args.resume, engine=args.engine, mask_source=mask_source, resume=True)
     else:
-        res = simulate(_load(args, default_config="configs/quick.toml"), out_dir=args.out, engine=args.engine)
+        res = simulate(_load(args, default_config="configs/quick.toml"), out_dir=args.out, engine=args.engine, warm_start=args.warm_start)
     print(res["summary"])
     return 0
 

@@ -6,7 +6,9 @@ Message types (the server sends the resolved experiment config in every
 * ``query.register``   -> profile, shard sizes, label histogram
 * ``query.importance`` -> per-group channel importance (+ layer sensitivity)
                           and the number of samples used; no weights
-* ``train``            -> fine-tune the received sub-network, return it
+* ``train``            -> fine-tune the received sub-network, return it (with
+                          ``inner-mask.<i>`` records: also train those nested
+                          sub-networks, see :mod:`fedprune.nested`)
 * ``evaluate``         -> accuracy of the received sub-network on local val
 
 ``train`` and ``query.importance`` may fail on purpose, deterministically from the
@@ -107,6 +109,11 @@ def importance(msg: Message, context: Context) -> Message:
     return Message(RecordDict(content), reply_to=msg)
 
 
+def _inner_index(key: str) -> int:
+    """Order of the ``inner-mask.<i>`` records (nested training): as the server numbered them."""
+    return int(key.rsplit(".", 1)[1]) if key.startswith("inner-mask.") else -1
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     conf = msg.content["config"]
@@ -115,10 +122,11 @@ def train(msg: Message, context: Context) -> Message:
         return failure
     mask = record_to_mask(msg.content["mask"], model_groups(cfg))
     gates = record_to_state(msg.content["gates"]) if "gates" in msg.content else None
+    inner = [record_to_mask(msg.content[k], model_groups(cfg)) for k in sorted(msg.content.keys(), key=_inner_index) if k.startswith("inner-mask.")]
     received = record_to_state(msg.content["arrays"])
     state, metrics, gates = client_train(
         cfg, *_partition(context), mask, received,
-        int(conf["epochs"]), int(conf["batch-size"]), int(conf["round"]), gates,
+        int(conf["epochs"]), int(conf["batch-size"]), int(conf["round"]), gates, inner,
     )
     # Send back exactly the arrays received (the server checks names, shapes and dtypes);
     # integer buffers such as num_batches_tracked never travel.

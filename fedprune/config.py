@@ -193,6 +193,9 @@ class FederatedConfig:
     failure_modes: list = _spec(["crash", "drop"], doc="how a client fails with its profile's failure_prob: 'crash' (the ClientApp "
                                 "raises), 'drop' (node-unavailable error reply), 'hang' (no reply before reply_timeout_s; needs it > 0)")
     eval_every: int = _spec(1, lo=0, doc="evaluate the global model every k rounds; 0 = only at the end")
+    nested_training: bool = _spec(False, doc="fine-tuning trains each client's sub-network together with the narrower profiles' "
+                                  "sub-networks nested in it (FjORD-style; fedprune/nested.py)")
+    nested_distill: float = _spec(1.0, lo=0.0, doc="nested training: weight of distillation from the client's own sub-network")
     final_eval_clients: int = _spec(100, lo=0, doc="the final local-validation accuracy (profiles.NAME.local_val_accuracy) "
                                     "comes from a seeded sample of at most this many clients (plus one per profile it misses); 0 = all")
 
@@ -429,6 +432,9 @@ def _check_cross_field(cfg: ExperimentConfig) -> None:
     if cfg.pruning.budget_sensitivity > 0 and cfg.pruning.allocation != "budget":
         raise ConfigError(f"config key 'pruning.budget_sensitivity' = {cfg.pruning.budget_sensitivity:g} applies to "
                           f"pruning.allocation = 'budget' only, not {cfg.pruning.allocation!r}; set it to 0")
+    if cfg.federated.nested_training and cfg.dynamic.enabled and cfg.dynamic.method == "widths":
+        raise ConfigError("config key 'federated.nested_training' = true cannot be combined with dynamic.method = 'widths', whose "
+                          "fine-tuning already trains nested widths; turn one of them off")
     if cfg.pruning.needs_sensitivity and not cfg.federated.sensitivity:
         cfg.federated.sensitivity = True  # the allocation cannot work without it
     if cfg.pruning.allocation in BUDGET_ALLOCATIONS:

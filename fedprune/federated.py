@@ -340,6 +340,14 @@ class FederatedPruning:
                 seen.add(self.nodes[n].profile)
         return sorted(picked)
 
+    def inner_masks(self, mask: StructuredMask) -> list[StructuredMask]:
+        """The profiles' sub-networks strictly nested in ``mask``, widest first (nested training).
+
+        With consensus or random masks these are the narrower profiles' masks; a client's own
+        mask (mask source "local") usually contains none, and then trains alone."""
+        inner = {m.key(): m for m in self.profile_masks.values() if m != mask and m.is_subset_of(mask)}
+        return sorted(inner.values(), key=lambda m: -sum(m.kept_counts.values()))
+
     def _mask_for(self, node: int) -> StructuredMask:
         return self.node_masks.get(node) or StructuredMask.dense(self.groups)
 
@@ -457,6 +465,9 @@ class FederatedPruning:
                 "mask": mask_to_record(mask),
                 "config": self._config(round=round_num, epochs=prof.local_epochs, **{"batch-size": prof.batch_size}, **_attempt_key(attempt)),
             })
+            if phase == "finetune" and self.cfg.federated.nested_training:
+                for i, inner in enumerate(self.inner_masks(mask)):
+                    content[f"inner-mask.{i}"] = mask_to_record(inner)
             gate_spec = None
             if phase == "finetune" and self.cfg.dynamic.enabled:
                 gates = self.gates_for(mask)
@@ -747,21 +758,29 @@ class FederatedPruning:
         self.rounds.append(rec)
         self._log_round(rec, total)
 
-    def run(self, resume: bool = False) -> dict:
+    def run(self, resume: bool = False, warm_start: str | Path | None = None) -> dict:
         """Run every step of :meth:`plan`, checkpointing after each when there is an output directory.
 
         With ``resume`` the server state is restored from ``out_dir``'s checkpoint and the run
         continues after its last complete step; the results equal those of an uninterrupted run.
+        With ``warm_start`` (another run's directory) the run starts after that run's dense
+        warm-up (:meth:`warm_start`), with the same results as if it had trained the warm-up itself.
         """
         start = time.perf_counter()
         self.check_budgets()
         self.register()
         steps = self.plan()
         done, elapsed = 0, 0.0
+        if resume and warm_start:
+            raise ValueError("resume and warm_start exclude each other: a resumed run already has its warm-up")
         if resume:
             done, elapsed = self.restore(load_checkpoint(self.out_dir))
             log.info("[resume] %s: %d of %d steps were complete; continuing", self.out_dir, done, len(steps))
-        elif self.out_dir:  # a fresh run never leaves another run's checkpoint behind
+        elif warm_start:
+            done, elapsed = self.warm_start(load_checkpoint(warm_start))
+            log.info("[warm start] %s: its %d dense warm-up round(s) are this run's first %d of %d steps; continuing",
+                     warm_start, len(self.rounds), done, len(steps))
+        if not resume and self.out_dir:  # a fresh run never leaves another run's checkpoint behind
             (self.out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
         for i in range(done, len(steps)):
             self.run_step(*steps[i])
@@ -816,6 +835,46 @@ class FederatedPruning:
         self.model_version, self.dense_acc = ckpt["model_version"], ckpt["dense_acc"]
         restore_rng_states(ckpt["rng"])
         return int(ckpt["steps_done"]), float(ckpt["wall_s"])
+
+    def warm_start(self, ckpt: dict) -> tuple[int, float]:
+        """Take over the dense warm-up of another run's checkpoint (after :meth:`register`); returns
+        (steps done, wall seconds of the warm-up).
+
+        The checkpoint's run must have the same config except for keys that only act after the
+        warm-up (:func:`warmup_config`: pruning, fine-tuning, dynamic, evaluation...), and its
+        completed steps must be dense rounds that begin this run's plan (followed at most by the
+        evaluation of the dense model). Criteria, mask sources and fine-tuning methods can so be
+        compared from one warm-up, e.g. one ``mask_source="none"`` run with ``finetune_rounds = 0``.
+        """
+        ours, theirs = warmup_config(config_to_dict(self.cfg)), warmup_config(ckpt["config"])
+        if ours != theirs:
+            diff = sorted(_config_diff(ours, theirs))
+            raise CheckpointError(f"cannot warm-start: the checkpoint's run differs in keys that shape the dense warm-up: {', '.join(diff[:6])}")
+        profiles = {i.partition_id: i.profile for i in self.nodes.values()}
+        if profiles != ckpt["partition_profiles"]:
+            raise CheckpointError(f"cannot warm-start: the registered clients {sorted(profiles)} differ from the checkpoint's")
+        dense_kinds = {"dense": "warmup", "warmup": "warmup"}
+
+        def norm(step):
+            kind, r, scale = step
+            return (dense_kinds.get(kind, kind), r, scale)
+
+        done_steps, plan = [tuple(x) for x in ckpt["plan"][: ckpt["steps_done"]]], self.plan()
+        k = 0
+        while k < min(len(done_steps), len(plan)) and norm(done_steps[k]) == norm(plan[k]) and norm(plan[k])[0] in ("warmup", "dense_eval"):
+            k += 1
+        rest = done_steps[k:]
+        if k == 0 or any(kind != "dense_eval" for kind, *_ in rest):
+            raise CheckpointError("cannot warm-start: the checkpoint's completed steps "
+                                  f"({', '.join(f'{kind} {r}' for kind, r, _ in done_steps[:4])}{'...' if len(done_steps) > 4 else ''}) "
+                                  "are not dense rounds that begin this run")
+        kinds = {r: kind for kind, r, _ in plan[:k] if kind != "dense_eval"}
+        self.state, self.bn_stats = ckpt["state"], ckpt["bn_stats"]
+        self.rounds = [{**rec, "phase": kinds[rec["round"]]} for rec in ckpt["rounds"]]
+        self.model_version = ckpt["model_version"]
+        self.dense_acc = ckpt["dense_acc"] if any(kind == "dense_eval" for kind, *_ in plan[:k]) else None
+        restore_rng_states(ckpt["rng"])
+        return k, float(ckpt["wall_s"])
 
     def final_results(self, dense_acc: float, dense_costs: dict, wall_s: float) -> dict:
         ev = self.cfg.eval
@@ -970,7 +1029,48 @@ def _flat_round(rec: dict) -> dict:
 
 
 # -------------------------------------------------------------- entry point
-def make_server_app(cfg: ExperimentConfig, out_dir: str | Path | None, mask_source: str = "consensus", resume: bool = False):
+#: Config keys that act only after the dense warm-up (whole sections, or keys of a section); runs that
+#: differ only in these can share one warm-up (:meth:`FederatedPruning.warm_start`).
+AFTER_WARMUP_KEYS: dict[str, tuple[str, ...] | None] = {
+    "pruning": None,
+    "dynamic": None,
+    "eval": None,
+    "federated": ("finetune_rounds", "repeat_every", "aggregation", "trim_fraction", "screen_clients", "adversarial_fraction",
+                  "adversarial_mode", "adversarial_scale", "sensitivity", "nested_training", "nested_distill", "final_eval_clients"),
+}
+#: Keys of each profile that act only after the warm-up.
+AFTER_WARMUP_PROFILE_KEYS = ("sparsity", "budgets")
+
+
+def warmup_config(config: dict) -> dict:
+    """The part of a config dict (:func:`~fedprune.config.config_to_dict`) that shapes the dense warm-up."""
+    out = copy.deepcopy(config)
+    for section, keys in AFTER_WARMUP_KEYS.items():
+        if keys is None:
+            out.pop(section, None)
+        else:
+            for k in keys:
+                out.get(section, {}).pop(k, None)
+    for prof in out.get("profiles", {}).values():
+        for k in AFTER_WARMUP_PROFILE_KEYS:
+            prof.pop(k, None)
+    return out
+
+
+def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = set(a) | set(b)
+    out = []
+    for k in keys:
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _config_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k} ({vb!r} there, {va!r} here)")
+    return out
+
+
+def make_server_app(cfg: ExperimentConfig, out_dir: str | Path | None, mask_source: str = "consensus", resume: bool = False,
+                    warm_start: str | Path | None = None):
     """A ServerApp bound to one resolved config (used by ``fedprune simulate``)."""
     from flwr.serverapp import ServerApp
 
@@ -978,7 +1078,7 @@ def make_server_app(cfg: ExperimentConfig, out_dir: str | Path | None, mask_sour
 
     @app.main()
     def main(grid, context) -> None:  # noqa: ARG001
-        FederatedPruning(cfg, GridTransport(grid), out_dir, mask_source).run(resume=resume)
+        FederatedPruning(cfg, GridTransport(grid), out_dir, mask_source).run(resume=resume, warm_start=warm_start)
 
     return app
 
@@ -1014,7 +1114,8 @@ def ray_init_args(fed) -> dict:
     return {**args, "address": address}
 
 
-def simulate(cfg: ExperimentConfig, out_dir: str | Path, engine: str = "ray", mask_source: str = "consensus", resume: bool = False) -> dict:
+def simulate(cfg: ExperimentConfig, out_dir: str | Path, engine: str = "ray", mask_source: str = "consensus", resume: bool = False,
+             warm_start: str | Path | None = None) -> dict:
     """Run one federated experiment and return its results (also written to ``out_dir``).
 
     ``engine="ray"`` uses Flower's Simulation Engine (Ray backend) with
@@ -1023,6 +1124,8 @@ def simulate(cfg: ExperimentConfig, out_dir: str | Path, engine: str = "ray", ma
     the same ClientApp sequentially in this process. The server checkpoints
     ``out_dir/checkpoint.pt`` after every round; ``resume=True`` continues from
     it (``cfg`` must be the checkpoint's config, see :func:`resume_config`).
+    ``warm_start`` names another run's directory whose dense warm-up this run takes
+    over instead of training it (:meth:`FederatedPruning.warm_start`).
     """
     _quiet_env()
     cfg = resolve_data_dir(cfg)
@@ -1031,8 +1134,10 @@ def simulate(cfg: ExperimentConfig, out_dir: str | Path, engine: str = "ray", ma
     fed = cfg.federated
     if resume:
         load_checkpoint(out)  # fail early with a clear message
+    if warm_start:
+        load_checkpoint(warm_start)
     if engine == "inprocess":
-        return FederatedPruning(cfg, InProcessTransport(fed.num_clients), out, mask_source).run(resume=resume)
+        return FederatedPruning(cfg, InProcessTransport(fed.num_clients), out, mask_source).run(resume=resume, warm_start=warm_start)
     if engine != "ray":
         raise ValueError(f"unknown engine {engine!r}; allowed: ['ray', 'inprocess']")
     from flwr.simulation import run_simulation
@@ -1046,7 +1151,7 @@ def simulate(cfg: ExperimentConfig, out_dir: str | Path, engine: str = "ray", ma
     }
     if "num_cpus" not in backend_config["init_args"]:
         log.info("Simulation Engine: connecting to the Ray cluster at %s", backend_config["init_args"]["address"])
-    run_simulation(make_server_app(cfg, out, mask_source, resume), client_app, num_supernodes=fed.num_clients, backend_name="ray", backend_config=backend_config)
+    run_simulation(make_server_app(cfg, out, mask_source, resume, warm_start), client_app, num_supernodes=fed.num_clients, backend_name="ray", backend_config=backend_config)
     path = out / "results.json"
     if not path.is_file():
         raise RuntimeError(f"the simulation ended without writing {path}; see the log above for the server error")

@@ -104,6 +104,7 @@ from fedprune.data import ClientShard, make_client_shard, make_loader  # noqa: E
 from fedprune.dynamic import NestedWidthCNN, conv_blocks, keep_count, train_gates, train_widths, width_state  # noqa: E402
 from fedprune.importance import compute_importance  # noqa: E402
 from fedprune.masks import StructuredMask, descending_order, extract_submodel  # noqa: E402
+from fedprune.nested import inner_channel_masks, train_nested  # noqa: E402
 from fedprune.profiles import assign_profiles  # noqa: E402
 from fedprune.sensitivity import measure_sensitivity  # noqa: E402
 from fedprune.training import evaluate, recalibrate_bn, set_seed  # noqa: E402
@@ -217,8 +218,14 @@ def client_train(
     batch_size: int,
     round_num: int,
     gates: dict | None = None,
+    inner_masks: list[StructuredMask] | None = None,
 ) -> tuple[dict, dict, dict | None]:
     """Fine-tune the received sub-network on the private shard; returns (state, metrics, dynamic state).
+
+    ``inner_masks`` (original index space, each a subset of ``mask``): the
+    narrower sub-networks nested in this one (``federated.nested_training``);
+    every step also trains them, with distillation from this sub-network's
+    outputs (:func:`fedprune.nested.train_nested`).
 
     ``gates`` is the sub-network's dynamic state (:mod:`fedprune.dynamic`), by
     ``dynamic.method``: ``gates`` -- channel-gate parameters, trained on the
@@ -243,6 +250,10 @@ def client_train(
         out = {"loss": float("nan")}
     elif nested is not None:
         out = train_widths(nested, loader, tc, dyn.widths, dyn.distill)
+    elif inner_masks:
+        groups = model_groups(cfg)
+        local = [inner_channel_masks(mask, m, groups) for m in inner_masks]
+        out = train_nested(model, groups, local, loader, tc, cfg.federated.nested_distill)
     else:
         out = train(model, loader, tc)
     # Static BN: exact statistics of the final weights on this shard (see recalibrate_bn).

@@ -2,10 +2,11 @@
 
     python simulation/bench_federated.py --data-dir ../shared/data/cifar10-subset
 
-On the same shards, seeds and round budget (R1 dense warm-up + R2 fine-tune rounds):
+On the same shards, seeds and round budget (R1 dense warm-up + R2 fine-tune rounds; per seed one
+warm-up run that every other run continues from, see ``FederatedPruning.warm_start``):
 
 * dense FedAvg for R1 + R2 rounds (the fair dense reference);
-* federated consensus pruning with magnitude (L2), Taylor and Fisher importance;
+* federated consensus pruning with magnitude (L2), Taylor, Fisher and BN-scale (network slimming's |gamma|) importance;
 * local-only masks (each client its own top-k, no consensus) and random masks;
 * centralized pruning with the same budget (R1 dense epochs, prune, R2 epochs).
 
@@ -47,6 +48,7 @@ FEDERATED = [
     ("consensus magnitude", "consensus", "l2"),
     ("consensus Taylor", "consensus", "taylor"),
     ("consensus Fisher", "consensus", "fisher"),
+    ("consensus BN scale", "consensus", "bn_gamma"),
     ("local-only masks", "local", "taylor"),
     ("random masks", "random", "taylor"),
 ]
@@ -77,19 +79,28 @@ class PeakRSS:
 
 # ---------------------------------------------------------------- the runs
 def federated_runs(cfg, seeds, out: Path) -> dict:
+    """Per seed: one dense warm-up of R1 rounds, then every method (and dense FedAvg's remaining R2
+    rounds) continues from it (``warm_start``): the same results as separate runs, R1 rounds cheaper each."""
     rows: dict[str, list[dict]] = {}
     for seed in seeds:
         c = copy.deepcopy(cfg)
         c.seed = seed
+        warm = copy.deepcopy(c)
+        warm.federated = dataclasses.replace(warm.federated, finetune_rounds=0)
+        warm.eval.latency = False
+        log.info("seed %d: shared dense warm-up, %d rounds", seed, c.federated.warmup_rounds)
+        simulate(warm, out / f"warmup_s{seed}", engine="ray", mask_source="none")
         dense = c.federated.warmup_rounds + c.federated.finetune_rounds
         log.info("seed %d: dense FedAvg, %d rounds", seed, dense)
-        rows.setdefault("dense FedAvg", []).append(simulate(c, out / f"dense_s{seed}", engine="ray", mask_source="none"))
+        rows.setdefault("dense FedAvg", []).append(
+            simulate(c, out / f"dense_s{seed}", engine="ray", mask_source="none", warm_start=out / f"warmup_s{seed}"))
         for label, source, criterion in FEDERATED:
             c2 = copy.deepcopy(c)
             c2.pruning = dataclasses.replace(c2.pruning, criterion=criterion)
             log.info("seed %d: %s", seed, label)
             tag = label.replace(" ", "_").replace("-", "_")
-            rows.setdefault(label, []).append(simulate(c2, out / f"{tag}_s{seed}", engine="ray", mask_source=source))
+            rows.setdefault(label, []).append(
+                simulate(c2, out / f"{tag}_s{seed}", engine="ray", mask_source=source, warm_start=out / f"warmup_s{seed}"))
     return rows
 
 
@@ -156,8 +167,11 @@ def render(rows, central, cost, scale, args, cfg) -> str:
         "# Federated consensus pruning benchmark",
         "",
         f"seed_cnn, CIFAR-10 subset ({args.data_dir}), {fed.num_clients} clients ({fed.proportions}), "
-        f"{cfg.data.partition} shards, {fed.warmup_rounds} dense warm-up + {fed.finetune_rounds} fine-tune rounds, "
-        f"aggregation `{fed.aggregation}`, allocation `{cfg.pruning.allocation}`. Test accuracy (%) on {n_test} images "
+        f"{cfg.data.partition} shards, {fed.warmup_rounds} dense warm-up + {fed.finetune_rounds} fine-tune rounds "
+        f"(one warm-up per seed, shared by every row), aggregation `{fed.aggregation}`, allocation `{cfg.pruning.allocation}`, "
+        + ("nested training of the profiles' sub-networks in fine-tuning (`federated.nested_training`; local-only masks are not nested, so those "
+           "clients train alone)" if fed.nested_training else "HeteroFL fine-tuning (each client trains its own sub-network only)")
+        + f". Test accuracy (%) on {n_test} images "
         f"(one point ≈ {n_test / 100:.0f} images), mean ± std over seeds {args.seeds}. Profiles: "
         + ", ".join(f"{p} {100 * cfg.profiles[p].sparsity:.0f}% channels pruned, {cfg.profiles[p].local_epochs} local epoch(s)" for p in PROFILES)
         + ".",
@@ -260,8 +274,9 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared/data/cifar10-subset"))
     parser.add_argument("--config", default=str(ROOT / "configs/quick.toml"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--warmup-rounds", type=int, default=6)
-    parser.add_argument("--finetune-rounds", type=int, default=4)
+    parser.add_argument("--warmup-rounds", type=int, default=30)
+    parser.add_argument("--finetune-rounds", type=int, default=20)
+    parser.add_argument("--no-nested", action="store_true", help="HeteroFL fine-tuning without nested training of the narrower profiles")
     parser.add_argument("--scale-clients", type=int, nargs="+", default=[10, 50, 100])
     parser.add_argument("--skip", nargs="*", default=[], choices=["accuracy", "cost", "scale"])
     parser.add_argument("--runs-dir", default=str(ROOT / "runs/bench_federated"))
@@ -270,7 +285,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     data = {"data": {"data_dir": args.data_dir}}
     quick = load_config(args.config, data)
-    cfg = load_config(args.config, {**data, "federated": {"warmup_rounds": args.warmup_rounds, "finetune_rounds": args.finetune_rounds}})
+    cfg = load_config(args.config, {**data, "federated": {"warmup_rounds": args.warmup_rounds, "finetune_rounds": args.finetune_rounds,
+                                                          "nested_training": not args.no_nested}})
     runs = Path(args.runs_dir)
     out = Path(args.out)
     state_path = out / "federated.json"

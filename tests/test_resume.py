@@ -120,3 +120,49 @@ def test_state_survives_round_trip(tiny_cfg, tmp_path):
     server.restore(ckpt)
     assert all(torch.equal(server.state[k], ckpt["state"][k]) for k in ckpt["state"])
     assert set(server.profile_masks) == {"edge_gpu", "mobile_cpu", "microcontroller"}
+
+
+# ------------------------------------------------------------ warm start
+def test_warm_start_equals_a_run_that_trains_its_own_warmup(tmp_path) -> None:
+    """One dense warm-up (mask source "none", no fine-tune rounds) serves a consensus run and a longer
+    dense run; both give exactly the results of runs that trained the warm-up themselves."""
+    from fedprune.config import load_config
+    from fedprune.federated import simulate
+
+    from conftest import TINY
+
+    cfg = load_config(None, TINY)
+    warm = load_config(None, TINY + ["federated.finetune_rounds=0", "pruning.criterion='l2'", "federated.nested_training=true"])
+    simulate(warm, tmp_path / "warm", engine="inprocess", mask_source="none")
+    for source in ("consensus", "none"):
+        scratch = simulate(cfg, tmp_path / f"scratch_{source}", engine="inprocess", mask_source=source)
+        forked = simulate(cfg, tmp_path / f"forked_{source}", engine="inprocess", mask_source=source, warm_start=tmp_path / "warm")
+        assert forked["dense"]["accuracy"] == scratch["dense"]["accuracy"]
+        assert [(r["round"], r["phase"], r.get("accuracy")) for r in forked["rounds"]] == \
+               [(r["round"], r["phase"], r.get("accuracy")) for r in scratch["rounds"]]
+        assert {p: e["accuracy"] for p, e in forked["profiles"].items()} == {p: e["accuracy"] for p, e in scratch["profiles"].items()}
+
+
+def test_warm_start_refuses_other_warmups(tmp_path) -> None:
+    from fedprune.checkpoint import CheckpointError
+    from fedprune.config import load_config
+    from fedprune.federated import simulate
+
+    from conftest import TINY
+
+    warm = load_config(None, TINY + ["federated.finetune_rounds=0"])
+    simulate(warm, tmp_path / "warm", engine="inprocess", mask_source="none")
+    other = load_config(None, TINY + ["train.lr=0.01"])
+    with pytest.raises(CheckpointError, match=r"differs in keys that shape the dense warm-up: train.lr"):
+        simulate(other, tmp_path / "a", engine="inprocess", warm_start=tmp_path / "warm")
+    longer = load_config(None, TINY + ["federated.warmup_rounds=0"])
+    with pytest.raises(CheckpointError, match="warmup_rounds"):
+        simulate(longer, tmp_path / "b", engine="inprocess", warm_start=tmp_path / "warm")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        simulate(load_config(None, TINY), tmp_path / "c", engine="inprocess", warm_start=tmp_path / "nowhere")
+    # a consensus run's checkpoint has pruned already: no dense warm-up to take over beyond its first steps
+    done = simulate(load_config(None, TINY), tmp_path / "full", engine="inprocess")
+    assert done["profiles"]
+    fine = load_config(None, TINY + ["federated.finetune_rounds=2"])
+    with pytest.raises(CheckpointError, match="are not dense rounds that begin this run"):
+        simulate(fine, tmp_path / "d", engine="inprocess", warm_start=tmp_path / "full")
