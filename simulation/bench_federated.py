@@ -157,7 +157,26 @@ def _acc(runs: list[dict], profile: str) -> list[float]:
     return [r["profiles"][profile]["accuracy"] for r in runs]
 
 
-def render(rows, central, cost, scale, args, cfg) -> str:
+def criterion_row(label: str, rows, central) -> str:
+    mob = "mobile_cpu"
+    runs, dense = rows[label], rows["dense FedAvg"]
+    pairs = [100 * (r["profiles"][mob]["accuracy"] - d["dense"]["accuracy"]) for r, d in zip(runs, dense)]
+    vs_central = [100 * (r["profiles"][mob]["accuracy"] - c[mob]) for r, c in zip(runs, central)]
+    margins = []
+    for p in PROFILES:
+        best = max(mean_std(_acc(rows["local-only masks"], p))[0], mean_std(_acc(rows["random masks"], p))[0])
+        margins.append(100 * (mean_std(_acc(runs, p))[0] - best))
+    return (f"| {label} | {sum(pairs) / len(pairs):+.1f} [{', '.join(f'{x:+.1f}' for x in pairs)}] | "
+            f"{sum(vs_central) / len(vs_central):+.1f} [{', '.join(f'{x:+.1f}' for x in vs_central)}] | "
+            + " / ".join(f"{m:+.1f}" for m in margins) + " |")
+
+
+def render(rows, central, cost, scale, args, cfg, ran: dict | None = None) -> str:
+    ran = ran or {}
+
+    def when(part: str) -> str:
+        return f"Run {ran[part]}." if part in ran else "From an earlier run of this script (not timed in this one)."
+
     largest = max(scale, key=int)
     fed = cfg.federated
     dense_runs = rows["dense FedAvg"]
@@ -172,7 +191,7 @@ def render(rows, central, cost, scale, args, cfg) -> str:
         + ("nested training of the profiles' sub-networks in fine-tuning (`federated.nested_training`; local-only masks are not nested, so those "
            "clients train alone)" if fed.nested_training else "HeteroFL fine-tuning (each client trains its own sub-network only)")
         + f". Test accuracy (%) on {n_test} images "
-        f"(one point ≈ {n_test / 100:.0f} images), mean ± std over seeds {args.seeds}. Profiles: "
+        f"(one point ≈ {n_test / 100:.0f} images), mean ± std over seeds {args.seeds}. {when('accuracy')} Profiles: "
         + ", ".join(f"{p} {100 * cfg.profiles[p].sparsity:.0f}% channels pruned, {cfg.profiles[p].local_epochs} local epoch(s)" for p in PROFILES)
         + ".",
         "",
@@ -216,9 +235,11 @@ def render(rows, central, cost, scale, args, cfg) -> str:
         f"vs {warm['bytes_down'] / 1e6:.1f} MB for a dense round: sub-networks are physically smaller.",
         f"- Agreement of clients' own top-k sets with the consensus (mean Jaccard over profiles): "
         + ", ".join(f"{k}: {v:.2f}" for k, v in agreement.items())
-        + " (weight-only magnitude scores are identical on every client, hence 1.00).",
+        + " (weight-only scores, magnitude and BN scale, are identical on every client, hence 1.00).",
         "",
         "## Framework cost",
+        "",
+        f"{when('cost')} Scale rows: {when('scale')[0].lower()}{when('scale')[1:]}",
         "",
         f"- configs/quick.toml: Flower + Ray {cost['ray']['wall_s']:.0f} s vs plain in-process loop {cost['inprocess']['wall_s']:.0f} s "
         f"= **{ratio:.2f}x** (peak RSS of the process tree {cost['ray']['peak_rss_gb']:.2f} vs {cost['inprocess']['peak_rss_gb']:.2f} GiB).",
@@ -241,6 +262,14 @@ def render(rows, central, cost, scale, args, cfg) -> str:
         "Ray's start-up of ~10-20 s is included; Ray runs two clients at a time on the 2 cores, the plain loop one after "
         "another with train.threads = 1 as quick.toml sets it).",
         f"- {largest} clients ran; peak RSS {scale[largest]['peak_rss_gb']:.2f} GiB (it depends on the clients running at once, not on those registered).",
+        "",
+        "Every consensus criterion against the same targets (points, mean over seeds; per-seed pairs in brackets, "
+        "each run against dense FedAvg of its own seed):",
+        "",
+        "| consensus criterion | mobile_cpu vs dense FedAvg | mobile_cpu vs centralized | vs best of local-only / random: "
+        + " / ".join(PROFILES) + " |",
+        "|---|---|---|---|",
+    ] + [criterion_row(lab, rows, central) for lab, src, _ in FEDERATED if src == "consensus"] + [
         "",
         "![accuracy vs FLOPs](federated_accuracy_vs_flops.png)",
         "",
@@ -293,17 +322,25 @@ def main(argv=None) -> int:
     import json
 
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    ran = state.setdefault("ran", {})
+    stamp = lambda: time.strftime("%Y-%m-%d %H:%M")  # noqa: E731
     if "accuracy" not in args.skip:
+        start = stamp()
         state["rows"] = federated_runs(cfg, args.seeds, runs)
         state["central"] = centralized_runs(cfg, args.seeds)
+        ran["accuracy"] = f"{start} to {stamp()}"
     if "cost" not in args.skip:
+        start = stamp()
         state["cost"] = framework_cost(quick, runs)
+        ran["cost"] = f"{start} to {stamp()}"
     if "scale" not in args.skip:
+        start = stamp()
         state["scale"] = {str(k): v for k, v in scale_runs(quick, args.scale_clients, runs).items()}
+        ran["scale"] = f"{start} to {stamp()}"
     state["args"] = vars(args)
     write_json(state_path, state)
     plot(state["rows"], state["central"], out / "federated_accuracy_vs_flops.png")
-    write_text(out / "federated.md", render(state["rows"], state["central"], state["cost"], state["scale"], args, cfg))
+    write_text(out / "federated.md", render(state["rows"], state["central"], state["cost"], state["scale"], args, cfg, ran))
     print((out / "federated.md").read_text())
     return 0
 
