@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from fedprune.training import TrainConfig, recalibrate_bn, train
 
 __all__ = ["ChannelGate", "GatedCNN", "GatedStats", "keep_count", "train_gates", "evaluate_gated", "gated_latency_ms",
-           "NestedWidthCNN", "width_state", "train_widths", "WidthCascade", "stage_logits", "cascade_outcome", "evaluate_cascade", "threshold_for_macs",
+           "NestedWidthCNN", "check_distinct_widths", "width_state", "train_widths", "WidthCascade", "stage_logits", "cascade_outcome", "evaluate_cascade", "threshold_for_macs",
            "cascade_latency_ms"]
 
 
@@ -408,6 +408,20 @@ def _check_width(width: float) -> float:
     return float(width)
 
 
+def check_distinct_widths(widths: Sequence[float], sizes: Sequence[int], round_to: int) -> list[float]:
+    """``widths`` sorted; ValueError naming two widths that keep the same channel counts of conv blocks
+    of ``sizes`` channels (after rounding to ``round_to``): they would be one cascade stage run twice."""
+    seen: dict[tuple[int, ...], float] = {}
+    out = sorted({_check_width(w) for w in widths})
+    for w in out:
+        counts = tuple(keep_count(w, n, round_to) for n in sizes)
+        if counts in seen:
+            raise ValueError(f"widths {seen[counts]:g} and {w:g} keep the same channels {list(counts)} of conv blocks "
+                             f"{list(sizes)} (round_to {round_to}); choose widths further apart")
+        seen[counts] = w
+    return out
+
+
 class NestedWidthCNN(nn.Module):
     """Nested sub-networks of one seed_cnn-like conv stack that share its weights (slimmable-network style).
 
@@ -439,14 +453,25 @@ class NestedWidthCNN(nn.Module):
         self.fc1, self.pooled = _linears(model)[0], _pooled(model)
         if orders is None:
             orders = [torch.argsort(channel_prior(conv, bn), descending=True, stable=True) for conv, bn, _ in self.blocks]
-        self.orders = [torch.as_tensor(o, dtype=torch.long) for o in orders]
+        orders = [torch.as_tensor(o, dtype=torch.long) for o in orders]
         sizes = [conv.out_channels for conv, _, _ in self.blocks]
-        if len(self.orders) != len(sizes) or any(not torch.equal(o.sort().values, torch.arange(n)) for o, n in zip(self.orders, sizes)):
+        if len(orders) != len(sizes) or any(not torch.equal(o.cpu().sort().values, torch.arange(n)) for o, n in zip(orders, sizes)):
             raise ValueError(f"orders must hold one permutation of each conv block's channels {sizes}, "
-                             f"got lengths {[len(o) for o in self.orders]}")
+                             f"got lengths {[len(o) for o in orders]}")
+        for j, o in enumerate(orders):  # buffers (not saved in state_dict): they move with .to(device)
+            self.register_buffer(f"order_{j}", o.to(conv_blocks(model)[j][0].weight.device), persistent=False)
         #: width -> per conv block ``(running_mean, running_var)`` of that width's kept channels (see :meth:`calibrate_bn`).
         self.bn_stats: dict[float, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._groups = None
+
+    @property
+    def orders(self) -> list[torch.Tensor]:
+        """Per conv block, its channel indices, most important first."""
+        return [getattr(self, f"order_{j}") for j in range(len(self.blocks))]
+
+    def check_widths(self, widths: Sequence[float]) -> list[float]:
+        """``widths`` sorted, each keeping other channel counts (:func:`check_distinct_widths`)."""
+        return check_distinct_widths(widths, [conv.out_channels for conv, _, _ in self.blocks], self.round_to)
 
     def counts(self, width: float) -> list[int]:
         """Kept output channels of each conv block at ``width``."""
@@ -603,7 +628,7 @@ def train_widths(
     """
     if not widths:
         raise ValueError("train_widths needs at least one width")
-    narrower = sorted({_check_width(w) for w in widths if not net.is_full(w)})
+    narrower = [w for w in net.check_widths(widths) if not net.is_full(w)]
 
     def loss_fn(model: NestedWidthCNN, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
         full = model(x)
@@ -715,6 +740,7 @@ def evaluate_cascade(net: NestedWidthCNN, widths: Sequence[float], loader, thres
     """
     from fedprune.metrics import count_macs
 
+    net.check_widths(widths)
     stages = [net.extract(w) for w in widths]
     macs = [count_macs(m) for m in stages]
     logits, labels = stage_logits(stages, loader)

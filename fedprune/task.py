@@ -101,7 +101,7 @@ import torch  # noqa: E402
 
 from fedprune.adversarial import maybe_poison  # noqa: E402
 from fedprune.data import ClientShard, make_client_shard, make_loader  # noqa: E402
-from fedprune.dynamic import NestedWidthCNN, conv_blocks, keep_count, train_gates, train_widths, width_state  # noqa: E402
+from fedprune.dynamic import NestedWidthCNN, check_distinct_widths, conv_blocks, keep_count, train_gates, train_widths, width_state  # noqa: E402
 from fedprune.importance import compute_importance  # noqa: E402
 from fedprune.masks import StructuredMask, descending_order, extract_submodel  # noqa: E402
 from fedprune.nested import inner_channel_masks, train_nested  # noqa: E402
@@ -285,6 +285,7 @@ def initial_width_state(cfg: ExperimentConfig, model: nn.Module, mask: Structure
     kept = [mask.kept(names[conv]) for conv, _, _ in conv_blocks(model)]
     orders = [torch.as_tensor(descending_order(np.asarray(ranking[names[conv]], dtype=np.float64)[k]), dtype=torch.long)
               for (conv, _, _), k in zip(conv_blocks(model), kept)]
+    check_distinct_widths(dyn.widths, [k.size for k in kept], dyn.round_to)
     widths = [w for w in dyn.widths if [keep_count(w, k.size, dyn.round_to) for k in kept] != [k.size for k in kept]]
     stats = {w: [(torch.zeros(keep_count(w, k.size, dyn.round_to)), torch.ones(keep_count(w, k.size, dyn.round_to))) for k in kept] for w in widths}
     return width_state(orders, stats, calibrated=False)

@@ -10,7 +10,7 @@ global model, the BN statistics, the gates or the consensus.
 What is checked:
 
 * weights and gates: the same array names as sent (none missing, none extra),
-  the same shapes and dtypes, finite values;
+  the same shapes and dtypes, finite values, BatchNorm variances not negative;
 * importance vectors: one per channel group (none missing, none extra), 1-D
   of the group's size, floating point, finite and non-negative; layer
   sensitivity (when requested): one finite value per group;
@@ -85,8 +85,13 @@ def _check_names(expected, received, what: str, missing_as: str = "missing", ext
 
 
 # ------------------------------------------------------------- single checks
+#: Array names holding BatchNorm variances (the model's running statistics; per-width statistics of
+#: :func:`fedprune.dynamic.width_state`), which must not be negative.
+VARIANCE_SUFFIXES = ("running_var", ".var")
+
+
 def check_state(expected: Mapping[str, ArraySpec], received: Mapping[str, torch.Tensor], what: str = "arrays") -> str | None:
-    """Same names, shapes and dtypes as ``expected``, and all values finite."""
+    """Same names, shapes and dtypes as ``expected``, all values finite, variances (:data:`VARIANCE_SUFFIXES`) not negative."""
     bad = _check_names(expected, received, what)
     if bad:
         return bad
@@ -100,6 +105,8 @@ def check_state(expected: Mapping[str, ArraySpec], received: Mapping[str, torch.
             return f"{what}: {k!r} has dtype {v.dtype}, sent {spec.dtype}"
         if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all()):
             return f"{what}: {k!r} holds non-finite values (NaN or inf)"
+        if k.endswith(VARIANCE_SUFFIXES) and bool((v < 0).any()):
+            return f"{what}: {k!r} holds negative variances"
     return None
 
 

@@ -376,3 +376,30 @@ def test_train_widths_by_distillation_alone(static) -> None:
                          [0.5, 1.0], distill=1.0, narrow_ce=0.0)
     assert stats["steps"] == 2 and np.isfinite(stats["loss"])
     assert not torch.equal(net.model.features[0].weight, before)
+
+
+def test_widths_that_round_to_the_same_channels_are_rejected(static) -> None:
+    import copy
+
+    from fedprune.dynamic import NestedWidthCNN, check_distinct_widths, train_widths
+    from fedprune.training import TrainConfig
+
+    net = NestedWidthCNN(copy.deepcopy(static), round_to=8)
+    assert net.check_widths([1.0, 0.5]) == [0.5, 1.0]
+    with pytest.raises(ValueError, match=r"widths 0.5 and 0.51 keep the same channels"):
+        net.check_widths([0.5, 0.51, 1.0])
+    with pytest.raises(ValueError, match="choose widths further apart"):
+        train_widths(net, [], TrainConfig(epochs=1, threads=1), [0.5, 0.51, 1.0])
+    with pytest.raises(ValueError, match="keep the same channels"):
+        check_distinct_widths([0.9, 1.0], [8, 8], 8)
+
+
+def test_channel_orders_are_buffers_outside_the_state_dict(static) -> None:
+    import copy
+
+    from fedprune.dynamic import NestedWidthCNN
+
+    net = NestedWidthCNN(copy.deepcopy(static))
+    buffers = dict(net.named_buffers())
+    assert all(torch.equal(buffers[f"order_{j}"], o) for j, o in enumerate(net.orders))
+    assert not any(k.startswith("order_") for k in net.state_dict())

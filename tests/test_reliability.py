@@ -495,6 +495,11 @@ def test_check_functions_one_job_each(cfg):
     assert check_state(spec, good) is None
     assert "missing 'n'" in check_state(spec, {"w": good["w"]}, "gates")
     assert check_state(spec, {**good, "w": torch.ones(2, 2, dtype=torch.float16)}).endswith("sent torch.float32")
+    var_spec = {"bn.running_var": ArraySpec((2,), torch.float32), "bn[0.5].0.var": ArraySpec((2,), torch.float32)}
+    assert check_state(var_spec, {k: torch.tensor([0.0, 2.0]) for k in var_spec}) is None
+    assert check_state(var_spec, {"bn.running_var": torch.tensor([1.0, -1.0]), "bn[0.5].0.var": torch.ones(2)}) == \
+        "arrays: 'bn.running_var' holds negative variances"
+    assert "'bn[0.5].0.var' holds negative variances" in check_state(var_spec, {"bn.running_var": torch.ones(2), "bn[0.5].0.var": -torch.ones(2)}, "gates")
     groups = model_groups(cfg)
     vecs = {g.name: np.ones(g.size, dtype=np.float32) for g in groups}
     assert check_importance(groups, vecs) is None
