@@ -88,10 +88,13 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
 
 
 def fmt_mean_std(values: Iterable[float], scale: float = 100.0, digits: int = 1) -> str:
-    """``"61.2 ± 0.8"`` (values scaled, e.g. accuracy fraction to percent)."""
+    """``"61.2 ± 0.8"`` (values scaled, e.g. accuracy fraction to percent); one value: ``"61.2 (1 seed)"``."""
+    values = list(values)
     m, s = mean_std(values)
     if math.isnan(m):
         return "n/a"
+    if sum(v is not None for v in values) == 1:
+        return f"{m * scale:.{digits}f} (1 seed)"
     return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -33,9 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fedprune.centralized import DenseRun, prune_experiment, train_dense  # noqa: E402
-from fedprune.config import load_config  # noqa: E402
+from fedprune.config import config_to_dict, load_config  # noqa: E402
 from fedprune.metrics import process_tree_rss  # noqa: E402
-from fedprune.federated import simulate  # noqa: E402
+from fedprune.federated import resolve_data_dir, simulate  # noqa: E402
 from fedprune.plots import save  # noqa: E402
 from fedprune.reporting import fmt_mean_std, mean_std, write_json, write_text  # noqa: E402
 from fedprune.task import load_data  # noqa: E402
@@ -78,9 +79,34 @@ class PeakRSS:
 
 
 # ---------------------------------------------------------------- the runs
+def _plain(obj):
+    return json.loads(json.dumps(obj))
+
+
+def finished(run_dir: Path, cfg, mask_source: str) -> dict | None:
+    """The results of a finished run in ``run_dir`` with this config and mask source, else None:
+    a restarted benchmark skips the runs it already has."""
+    path = run_dir / "results.json"
+    if not path.is_file():
+        return None
+    res = json.loads(path.read_text())
+    same = res.get("config") == _plain(config_to_dict(resolve_data_dir(cfg))) and res.get("mask_source") == mask_source
+    return res if same else None
+
+
+def run_or_reuse(cfg, run_dir: Path, mask_source: str, what: str, **kw) -> dict:
+    res = finished(run_dir, cfg, mask_source)
+    if res is not None:
+        log.info("%s: finished before with the same config, reusing %s", what, run_dir)
+        return res
+    log.info("%s", what)
+    return simulate(cfg, run_dir, engine="ray", mask_source=mask_source, **kw)
+
+
 def federated_runs(cfg, seeds, out: Path) -> dict:
     """Per seed: one dense warm-up of R1 rounds, then every method (and dense FedAvg's remaining R2
-    rounds) continues from it (``warm_start``): the same results as separate runs, R1 rounds cheaper each."""
+    rounds) continues from it (``warm_start``): the same results as separate runs, R1 rounds cheaper each.
+    Runs that finished before with the same config are reused (:func:`finished`)."""
     rows: dict[str, list[dict]] = {}
     for seed in seeds:
         c = copy.deepcopy(cfg)
@@ -88,24 +114,22 @@ def federated_runs(cfg, seeds, out: Path) -> dict:
         warm = copy.deepcopy(c)
         warm.federated = dataclasses.replace(warm.federated, finetune_rounds=0)
         warm.eval.latency = False
-        log.info("seed %d: shared dense warm-up, %d rounds", seed, c.federated.warmup_rounds)
-        simulate(warm, out / f"warmup_s{seed}", engine="ray", mask_source="none")
+        warm_dir = out / f"warmup_s{seed}"
+        run_or_reuse(warm, warm_dir, "none", f"seed {seed}: shared dense warm-up, {c.federated.warmup_rounds} rounds")
         dense = c.federated.warmup_rounds + c.federated.finetune_rounds
-        log.info("seed %d: dense FedAvg, %d rounds", seed, dense)
         rows.setdefault("dense FedAvg", []).append(
-            simulate(c, out / f"dense_s{seed}", engine="ray", mask_source="none", warm_start=out / f"warmup_s{seed}"))
+            run_or_reuse(c, out / f"dense_s{seed}", "none", f"seed {seed}: dense FedAvg, {dense} rounds", warm_start=warm_dir))
         for label, source, criterion in FEDERATED:
             c2 = copy.deepcopy(c)
             c2.pruning = dataclasses.replace(c2.pruning, criterion=criterion)
-            log.info("seed %d: %s", seed, label)
             tag = label.replace(" ", "_").replace("-", "_")
-            rows.setdefault(label, []).append(
-                simulate(c2, out / f"{tag}_s{seed}", engine="ray", mask_source=source, warm_start=out / f"warmup_s{seed}"))
+            rows.setdefault(label, []).append(run_or_reuse(c2, out / f"{tag}_s{seed}", source, f"seed {seed}: {label}", warm_start=warm_dir))
     return rows
 
 
-def centralized_runs(cfg, seeds) -> list[dict]:
-    """Centralized pruning with the same budget: R1 dense epochs, prune per profile (Taylor), R2 fine-tune epochs."""
+def centralized_runs(cfg, seeds, runs: Path) -> list[dict]:
+    """Centralized pruning with the same budget: R1 dense epochs, prune per profile (Taylor), R2 fine-tune epochs.
+    Each seed's accuracies are kept in ``runs/central_s<seed>.json`` with the config and reused by a restart."""
     out = []
     data = load_data(cfg)
     for seed in seeds:
@@ -113,6 +137,12 @@ def centralized_runs(cfg, seeds) -> list[dict]:
         c.seed = seed
         c.eval.latency = False
         c.train.threads = 2
+        cache = runs / f"central_s{seed}.json"
+        key = _plain(config_to_dict(c))
+        if cache.is_file() and json.loads(cache.read_text()).get("config") == key:
+            out.append(json.loads(cache.read_text())["accuracy"])
+            log.info("seed %d centralized: finished before with the same config, reusing %s", seed, cache)
+            continue
         dense = train_dense(c, epochs=c.federated.warmup_rounds, data=data)
         accs = {}
         for p in PROFILES:
@@ -121,6 +151,7 @@ def centralized_runs(cfg, seeds) -> list[dict]:
             res = prune_experiment(c, DenseRun(dense.model, dense.init_state, dense.rewind_state, dense.metrics, dense.epochs), data)
             accs[p] = res["pruned"]["accuracy"]
         out.append(accs)
+        write_json(cache, {"config": key, "accuracy": accs})
         log.info("seed %d centralized: %s", seed, accs)
     return out
 
@@ -319,15 +350,13 @@ def main(argv=None) -> int:
     runs = Path(args.runs_dir)
     out = Path(args.out)
     state_path = out / "federated.json"
-    import json
-
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     ran = state.setdefault("ran", {})
     stamp = lambda: time.strftime("%Y-%m-%d %H:%M")  # noqa: E731
     if "accuracy" not in args.skip:
         start = stamp()
         state["rows"] = federated_runs(cfg, args.seeds, runs)
-        state["central"] = centralized_runs(cfg, args.seeds)
+        state["central"] = centralized_runs(cfg, args.seeds, runs)
         ran["accuracy"] = f"{start} to {stamp()}"
     if "cost" not in args.skip:
         start = stamp()
