@@ -354,10 +354,10 @@ def main(argv=None) -> int:
     ran = state.setdefault("ran", {})
     stamp = lambda: time.strftime("%Y-%m-%d %H:%M")  # noqa: E731
     if "accuracy" not in args.skip:
-        start = stamp()
         state["rows"] = federated_runs(cfg, args.seeds, runs)
         state["central"] = centralized_runs(cfg, args.seeds, runs)
-        ran["accuracy"] = f"{start} to {stamp()}"
+        done = [p.stat().st_mtime for seed in args.seeds for p in [*runs.glob(f"*_s{seed}/results.json"), runs / f"central_s{seed}.json"]]
+        ran["accuracy"] = " to ".join(time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) for t in (min(done), max(done))) + " (runs finished)"
     if "cost" not in args.skip:
         start = stamp()
         state["cost"] = framework_cost(quick, runs)
