@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _procs import QUIET_ENV, ProcessGroup, executable, free_port, pids_matching, wait_for_port
+from _procs import QUIET_ENV, ProcessGroup, executable, free_ports, pids_matching, wait_for_port
 from conftest import TINY
 
 from fedprune.config import REPO_ROOT, load_config
@@ -71,7 +71,7 @@ def test_deployment_engine_superlink_three_supernodes_flwr_run(tmp_path):
     flwr_home.mkdir()
     out_dir = tmp_path / "out"
     env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(flwr_home), "PATH": f"{tools['flwr'].parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    link_port = free_port()
+    link_port, *node_ports = free_ports(4)
     group = ProcessGroup(tmp_path, env)
     t0 = time.monotonic()
     try:
@@ -81,7 +81,7 @@ def test_deployment_engine_superlink_three_supernodes_flwr_run(tmp_path):
         for i in range(3):
             node_config = f"partition-id={i} num-partitions=3" + (f' profile="{DECLARED[i]}"' if i in DECLARED else "")
             group.start(f"supernode{i}", [tools["flower-supernode"], "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                                          "--host", "127.0.0.1", "--port", free_port(), "--node-config", node_config])
+                                          "--host", "127.0.0.1", "--port", node_ports[i], "--node-config", node_config])
         (flwr_home / "config.toml").write_text(f'[superlink]\ndefault = "local-deploy"\n\n[superlink.local-deploy]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n')
         run_config = tmp_path / "run-config.toml"
         run_config.write_text(

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _procs import QUIET_ENV, alive, executable, free_port, pids_matching, stop_pids
+from _procs import QUIET_ENV, alive, executable, free_ports, pids_matching, stop_pids
 from conftest import TINY
 
 from fedprune.config import ConfigError, load_config
@@ -58,14 +58,14 @@ def ray_head():
     # Short private temp dir: Ray's unix socket paths must stay under ~107 characters, and
     # `ray start` writes its address file here instead of /tmp/ray/ray_current_cluster.
     temp_dir = tempfile.mkdtemp(prefix="fp-ray-", dir="/tmp")
-    port = free_port()
+    port, client_port, agent_port = free_ports(3)
     env = {**os.environ, **QUIET_ENV}
     env.pop("RAY_ADDRESS", None)
     # Free ports for the fixed-port extras too (Ray client server 10001, dashboard agent 52365), so a
     # Ray instance someone else runs here cannot collide. Ray replaces 127.0.0.1 as node IP by the
     # machine's address and its GCS listens on all interfaces; the test connects through 127.0.0.1.
-    cmd = [str(ray), "start", "--head", "--port", str(port), "--ray-client-server-port", str(free_port()),
-           "--dashboard-agent-listen-port", str(free_port()), "--num-cpus", "2",
+    cmd = [str(ray), "start", "--head", "--port", str(port), "--ray-client-server-port", str(client_port),
+           "--dashboard-agent-listen-port", str(agent_port), "--num-cpus", "2",
            "--disable-usage-stats", "--include-dashboard=false", "--temp-dir", temp_dir]
     try:
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)  # slow under load
