@@ -28,6 +28,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from fedprune.records import (
+    get_inner_masks,
     record_to_config,
     record_to_mask,
     record_to_state,
@@ -109,11 +110,6 @@ def importance(msg: Message, context: Context) -> Message:
     return Message(RecordDict(content), reply_to=msg)
 
 
-def _inner_index(key: str) -> int:
-    """Order of the ``inner-mask.<i>`` records (nested training): as the server numbered them."""
-    return int(key.rsplit(".", 1)[1]) if key.startswith("inner-mask.") else -1
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     conf = msg.content["config"]
@@ -122,7 +118,7 @@ def train(msg: Message, context: Context) -> Message:
         return failure
     mask = record_to_mask(msg.content["mask"], model_groups(cfg))
     gates = record_to_state(msg.content["gates"]) if "gates" in msg.content else None
-    inner = [record_to_mask(msg.content[k], model_groups(cfg)) for k in sorted(msg.content.keys(), key=_inner_index) if k.startswith("inner-mask.")]
+    inner = get_inner_masks(msg.content, model_groups(cfg))
     received = record_to_state(msg.content["arrays"])
     state, metrics, gates = client_train(
         cfg, *_partition(context), mask, received,

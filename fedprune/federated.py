@@ -42,6 +42,7 @@ from fedprune.profiles import profile_order, simulated_client_seconds
 from fedprune.records import (
     config_to_record,
     mask_to_record,
+    put_inner_masks,
     recorddict_nbytes,
     state_to_record,
 )
@@ -466,8 +467,7 @@ class FederatedPruning:
                 "config": self._config(round=round_num, epochs=prof.local_epochs, **{"batch-size": prof.batch_size}, **_attempt_key(attempt)),
             })
             if phase == "finetune" and self.cfg.federated.nested_training:
-                for i, inner in enumerate(self.inner_masks(mask)):
-                    content[f"inner-mask.{i}"] = mask_to_record(inner)
+                put_inner_masks(content, self.inner_masks(mask))
             gate_spec = None
             if phase == "finetune" and self.cfg.dynamic.enabled:
                 gates = self.gates_for(mask)

@@ -24,6 +24,9 @@ __all__ = [
     "record_to_vectors",
     "mask_to_record",
     "record_to_mask",
+    "INNER_MASK_KEY",
+    "put_inner_masks",
+    "get_inner_masks",
     "state_to_record",
     "record_to_state",
     "config_to_record",
@@ -47,6 +50,24 @@ def mask_to_record(mask: StructuredMask) -> ArrayRecord:
 
 def record_to_mask(record: ArrayRecord, groups=None) -> StructuredMask:
     return StructuredMask.from_arrays(record_to_vectors(record), groups)
+
+
+#: Record name of the i-th narrower mask of a train message (nested training, :mod:`fedprune.nested`).
+INNER_MASK_KEY = "inner-mask.{}"
+
+
+def put_inner_masks(content: RecordDict, masks: list[StructuredMask]) -> None:
+    """Add ``masks`` to a train message, in order, as ``inner-mask.0``, ``inner-mask.1``, ..."""
+    for i, mask in enumerate(masks):
+        content[INNER_MASK_KEY.format(i)] = mask_to_record(mask)
+
+
+def get_inner_masks(content: RecordDict, groups=None) -> list[StructuredMask]:
+    """The masks of :func:`put_inner_masks`, in their order (none: an empty list)."""
+    masks = []
+    while INNER_MASK_KEY.format(len(masks)) in content:
+        masks.append(record_to_mask(content[INNER_MASK_KEY.format(len(masks))], groups))
+    return masks
 
 
 def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
