@@ -10,6 +10,9 @@ Message types (the server sends the resolved experiment config in every
                           ``inner-mask.<i>`` records: also train those nested
                           sub-networks, see :mod:`fedprune.nested`)
 * ``evaluate``         -> accuracy of the received sub-network on local val
+* ``query.bnstats``    -> static BN after the last round: BatchNorm statistics of
+                          the received final sub-network on the training shard
+                          (forward passes only), and the number of examples
 
 ``train`` and ``query.importance`` may fail on purpose, deterministically from the
 seed, with the client profile's ``failure_prob`` (see :mod:`fedprune.reliability`).
@@ -36,7 +39,7 @@ from fedprune.records import (
     vectors_to_record,
 )
 from fedprune.reliability import SimulatedClientFailure, client_failure, simulate_hang
-from fedprune.task import client_evaluate, client_importance, client_register, client_train, model_groups
+from fedprune.task import client_bn_stats, client_evaluate, client_importance, client_register, client_train, model_groups
 
 app = ClientApp()
 
@@ -130,6 +133,14 @@ def train(msg: Message, context: Context) -> Message:
     if gates is not None:
         reply["gates"] = state_to_record(gates)
     return Message(reply, reply_to=msg)
+
+
+@app.query("bnstats")
+def bn_stats(msg: Message, context: Context) -> Message:
+    cfg = record_to_config(msg.content["config"])
+    mask = record_to_mask(msg.content["mask"], model_groups(cfg))
+    stats, seen = client_bn_stats(cfg, *_partition(context), mask, record_to_state(msg.content["arrays"]))
+    return Message(RecordDict({"arrays": state_to_record(stats), "metrics": MetricRecord({"num-examples": seen})}), reply_to=msg)
 
 
 @app.evaluate()

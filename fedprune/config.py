@@ -202,9 +202,12 @@ class FederatedConfig:
 
 @dataclass
 class EvalConfig:
-    latency: bool = True
-    latency_threads: int = _spec(1, lo=1)
-    latency_repeats: int = _spec(20, lo=1)
+    latency: bool = _spec(True, doc="measure CPU latency (batch 1 and 64, ms) of the final models")
+    latency_threads: int = _spec(1, lo=1, doc="torch threads while timing latency (ms) and building latency tables")
+    latency_repeats: int = _spec(20, lo=1, doc="timed repeats per latency measurement (median)")
+    static_bn: bool = _spec(True, doc="federated runs: after the last round the final-evaluation clients measure each final "
+                            "sub-network's BatchNorm statistics on their shards (forward passes only) and the server pools them "
+                            "(HeteroFL's static BN); false = statistics averaged from the clients' local models of the last round")
 
 
 @dataclass

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from fedprune.adversarial import adversarial_partitions
-from fedprune.aggregation import aggregate_importance, mask_agreement, merge_substates, screen_clients
+from fedprune.aggregation import aggregate_importance, mask_agreement, merge_substates, pool_bn_stats, screen_clients
 from fedprune.allocation import check_feasible, nested_masks
 from fedprune.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from fedprune.config import BUDGET_ALLOCATIONS, ExperimentConfig, config_to_dict
@@ -49,7 +49,7 @@ from fedprune.records import (
 from fedprune.reporting import write_csv, write_json
 from fedprune.task import budget_group_weights, budget_round_to, build_model, gate_state, gated_model, hardware_model, initial_width_state, load_data, model_groups, profile_budget_masks, profile_constraints
 from fedprune.training import evaluate, set_seed
-from fedprune.validation import InvalidReply, parse_evaluate_reply, parse_importance_reply, parse_register_reply, parse_train_reply, state_spec
+from fedprune.validation import InvalidReply, parse_bn_stats_reply, parse_evaluate_reply, parse_importance_reply, parse_register_reply, parse_train_reply, state_spec
 
 log = logging.getLogger("fedprune.server")
 
@@ -525,16 +525,12 @@ class FederatedPruning:
         ``clients_per_round``, so no more models are in flight than in a training round."""
         from flwr.app import RecordDict
 
-        replies = []
-        step = max(1, self.cfg.federated.clients_per_round or len(nodes))
-        for i in range(0, len(nodes), step):
-            requests = []
-            for n in nodes[i: i + step]:
-                mask = StructuredMask.dense(self.groups) if dense else self._mask_for(n)
-                sub = self.substate(mask)
-                conf = self._config(**{"cache-model": dense, "model-version": self.model_version})
-                requests.append((n, "evaluate", RecordDict({"arrays": state_to_record(sub), "mask": mask_to_record(mask), "config": conf})))
-            replies += self.transport.exchange(requests)
+        def request(n):
+            mask = StructuredMask.dense(self.groups) if dense else self._mask_for(n)
+            conf = self._config(**{"cache-model": dense, "model-version": self.model_version})
+            return (n, "evaluate", RecordDict({"arrays": state_to_record(self.substate(mask)), "mask": mask_to_record(mask), "config": conf}))
+
+        replies = self._exchange_in_batches(nodes, request)
         ok, failed = self._check_replies(replies, "evaluate")
         per_profile: dict[str, list[tuple[float, int]]] = {}
         for r in ok:
@@ -547,6 +543,67 @@ class FederatedPruning:
                 per_profile.setdefault(self.nodes[r.node_id].profile, []).append((accuracy, n_ex))
         acc = {p: sum(a * n for a, n in v) / sum(n for _, n in v) for p, v in per_profile.items()}
         return acc, replies
+
+    def _exchange_in_batches(self, nodes: list[int], request) -> list[Reply]:
+        """``request(node)`` for every node, sent in batches of at most ``clients_per_round``
+        (no more models in flight than in a training round); replies in node order."""
+        replies = []
+        step = max(1, self.cfg.federated.clients_per_round or len(nodes))
+        for i in range(0, len(nodes), step):
+            replies += self.transport.exchange([request(n) for n in nodes[i: i + step]])
+        return replies
+
+    def calibrate_bn(self, round_num: int) -> dict:
+        """Static BN (HeteroFL) after the last round: the clients of the final evaluation
+        (:meth:`final_eval_nodes`) each receive their final sub-network, measure its BatchNorm
+        statistics on their training shard (forward passes only), and the server pools them per
+        sub-network (:func:`~fedprune.aggregation.pool_bn_stats`). Without it a sub-network's
+        statistics are the mean of those its clients measured on their *local* models of the last
+        round, before averaging. A sub-network without a valid reply keeps those; returns the
+        round record (phase ``bn_calibration``)."""
+        from flwr.app import RecordDict
+
+        t0 = time.perf_counter()
+        what = "BN calibration"
+        nodes = self.final_eval_nodes()
+        sent = {}
+
+        def request(n):
+            mask = self._mask_for(n)
+            sub = self.substate(mask)
+            sent[n] = ({k: v for k, v in state_spec(sub).items() if k in self.bn_stat_keys}, mask.key())
+            return (n, "query.bnstats", RecordDict({"arrays": state_to_record(sub), "mask": mask_to_record(mask),
+                                                    "config": self._config(round=round_num)}))
+
+        replies = self._exchange_in_batches(nodes, request)
+        ok, failed = self._check_replies(replies, what)
+        by_mask: dict[bytes, list[tuple[dict, int]]] = {}
+        for r in ok:
+            spec, key = sent[r.node_id]
+            try:
+                stats, n_ex = parse_bn_stats_reply(r.content, spec, self.nodes[r.node_id].num_train)
+            except InvalidReply as exc:
+                self._fail(failed, r.node_id, what, str(exc))
+                continue
+            by_mask.setdefault(key, []).append((stats, n_ex))
+        for key, items in by_mask.items():
+            self.bn_stats[key] = pool_bn_stats([st for st, _ in items], [n for _, n in items])
+        dense_key = StructuredMask.dense(self.groups).key()
+        if dense_key in by_mask:  # the dense model keeps its statistics in the global state
+            self.state.update({k: v.clone() for k, v in self.bn_stats[dense_key].items()})
+        rec = self._round_record(round_num, "bn_calibration", t0, replies, nodes, failed, sum(len(v) for v in by_mask.values()))
+        for k in ("enough", "min_replies"):
+            rec.pop(k)
+        held = {sent[n][1] for n in nodes}
+        rec["skipped"] = not by_mask
+        rec["calibrated_subnetworks"] = len(by_mask)
+        rec["uncalibrated_subnetworks"] = len(held - set(by_mask))
+        if held - set(by_mask):
+            log.warning("[%s] %d of %d sub-networks had no valid reply; they keep the statistics averaged in the last round",
+                        what, len(held - set(by_mask)), len(held))
+        log.info("[%s] %d clients measured BatchNorm statistics of %d sub-network(s) on their shards, %.1f s",
+                 what, rec["valid_replies"], len(by_mask), rec["wall_s"])
+        return rec
 
     def importance_round(self, round_num: int, sparsity_scale: float = 1.0) -> dict:
         """Clients score channels on private data; the server builds consensus masks per profile.
@@ -786,6 +843,11 @@ class FederatedPruning:
             self.run_step(*steps[i])
             if self.out_dir:
                 save_checkpoint(self.out_dir, self.checkpoint_payload(i + 1, elapsed + time.perf_counter() - start))
+        if self.cfg.eval.static_bn:
+            fed = self.cfg.federated
+            self.rounds.append(self.calibrate_bn(fed.warmup_rounds + fed.finetune_rounds))
+            if self.mask_source == "none":  # the dense model ends the run: evaluate it with its pooled statistics
+                self.dense_acc = self.test_accuracy()
         results = self.final_results(self.dense_acc, model_costs(self.model), elapsed + time.perf_counter() - start)
         if self.out_dir:
             self.write(results)
@@ -819,7 +881,8 @@ class FederatedPruning:
 
     def restore(self, ckpt: dict) -> tuple[int, float]:
         """Load a checkpoint into this server (after :meth:`register`); returns (steps done, wall seconds so far)."""
-        if ckpt["config"] != config_to_dict(self.cfg) or ckpt["mask_source"] != self.mask_source or ckpt["plan"] != self.plan():
+        if (without_final_eval(ckpt["config"]) != without_final_eval(config_to_dict(self.cfg)) or ckpt["mask_source"] != self.mask_source
+                or ckpt["plan"] != self.plan()):
             raise CheckpointError(f"cannot resume: the checkpoint in {str(self.out_dir)!r} was written by a run with a different config or mask source")
         profiles = {i.partition_id: i.profile for i in self.nodes.values()}
         if profiles != ckpt["partition_profiles"]:
@@ -920,7 +983,9 @@ class FederatedPruning:
                 entry["budgets_ok"] = None if None in oks else all(oks)
             profiles[p] = entry
         dense = {"accuracy": dense_acc, "params": dense_costs["params"], "flops": dense_costs["flops"], "macs": dense_costs["macs"],
-                 "note": "global dense model at the end of the dense rounds (before pruning)"}
+                 "note": "global dense model at the end of the dense rounds (before pruning); BatchNorm statistics "
+                         + ("pooled after the last round (static BN)" if self.cfg.eval.static_bn and self.mask_source == "none"
+                            else "averaged from the clients' local models of the last dense round")}
         if ev.latency:
             dense["latency_ms"] = model_costs(self.model, True, ev.latency_threads, ev.latency_repeats)["latency_ms"]
         totals = {
@@ -1004,6 +1069,8 @@ class FederatedPruning:
         out = self.out_dir
         out.mkdir(parents=True, exist_ok=True)
         torch.save(self.state, out / "global_model.pt")
+        # Each profile's final sub-network as evaluated (extracted weights and its own BatchNorm statistics).
+        torch.save({p: self.extracted(m).state_dict() for p, m in self.profile_masks.items()}, out / "subnetworks.pt")
         np.savez(out / "masks.npz", **{f"{p}/{g}": v for p, m in self.profile_masks.items() for g, v in m.to_arrays().items()})
         write_csv(out / "rounds.csv", [_flat_round(r) for r in results["rounds"]])
         budget_rows = [{"profile": p, "budget": k, **b} for p, e in results["profiles"].items() for k, b in e.get("budgets", {}).items()]
@@ -1042,19 +1109,33 @@ AFTER_WARMUP_KEYS: dict[str, tuple[str, ...] | None] = {
 AFTER_WARMUP_PROFILE_KEYS = ("sparsity", "budgets")
 
 
-def warmup_config(config: dict) -> dict:
-    """The part of a config dict (:func:`~fedprune.config.config_to_dict`) that shapes the dense warm-up."""
+#: Config keys that act only in the final evaluation, after the last step of the plan: a resumed run
+#: may change them, e.g. to evaluate a finished run again with static BN (:meth:`FederatedPruning.restore`).
+FINAL_EVAL_KEYS: dict[str, tuple[str, ...] | None] = {"eval": ("latency", "static_bn"), "federated": ("final_eval_clients",)}
+
+
+def _config_without(config: dict, keys: dict[str, tuple[str, ...] | None], profile_keys: tuple[str, ...] = ()) -> dict:
     out = copy.deepcopy(config)
-    for section, keys in AFTER_WARMUP_KEYS.items():
-        if keys is None:
+    for section, names in keys.items():
+        if names is None:
             out.pop(section, None)
         else:
-            for k in keys:
+            for k in names:
                 out.get(section, {}).pop(k, None)
     for prof in out.get("profiles", {}).values():
-        for k in AFTER_WARMUP_PROFILE_KEYS:
+        for k in profile_keys:
             prof.pop(k, None)
     return out
+
+
+def warmup_config(config: dict) -> dict:
+    """The part of a config dict (:func:`~fedprune.config.config_to_dict`) that shapes the dense warm-up."""
+    return _config_without(config, AFTER_WARMUP_KEYS, AFTER_WARMUP_PROFILE_KEYS)
+
+
+def without_final_eval(config: dict) -> dict:
+    """The part of a config dict that shapes the run's steps (all but :data:`FINAL_EVAL_KEYS`)."""
+    return _config_without(config, FINAL_EVAL_KEYS)
 
 
 def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:

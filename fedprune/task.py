@@ -32,6 +32,11 @@ __all__ = [
     "budget_round_to",
     "gated_model",
     "gate_state",
+    "client_register",
+    "client_importance",
+    "client_train",
+    "client_bn_stats",
+    "client_evaluate",
 ]
 
 
@@ -273,6 +278,19 @@ def client_train(
             metrics["compute-s"] = time.perf_counter() - start
         trained_gates = gate_state(gated)
     return {k: v.detach() for k, v in model.state_dict().items()}, metrics, trained_gates
+
+
+def client_bn_stats(cfg: ExperimentConfig, partition_id: int, num_partitions: int, mask: StructuredMask, sub_state: dict) -> tuple[dict, int]:
+    """Static BN (HeteroFL): BatchNorm running statistics of the received (final, global)
+    sub-network on this client's training shard, forward passes only, no training; returns
+    (``running_mean``/``running_var`` per BN layer, examples used). The server pools them
+    (:func:`fedprune.aggregation.pool_bn_stats`)."""
+    train_arrays, _ = load_data(cfg)
+    shard = client_shard(cfg, partition_id, num_partitions)
+    model = submodel(cfg, mask, sub_state)
+    seen = recalibrate_bn(model, make_loader(train_arrays.subset(shard.train_idx), 256, train=False))
+    stats = {k: v.detach() for k, v in model.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+    return stats, seen
 
 
 def initial_width_state(cfg: ExperimentConfig, model: nn.Module, mask: StructuredMask, ranking) -> dict:

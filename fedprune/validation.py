@@ -45,6 +45,7 @@ __all__ = [
     "parse_train_reply",
     "parse_importance_reply",
     "parse_evaluate_reply",
+    "parse_bn_stats_reply",
     "parse_register_reply",
 ]
 
@@ -268,6 +269,17 @@ def parse_evaluate_reply(content, num_val: int) -> tuple[int, float]:
         return 0, float("nan")
     _raise(check_finite_metric(m, "accuracy", 0.0, 1.0))
     return n, float(m["accuracy"])
+
+
+def parse_bn_stats_reply(content, sent: Mapping[str, ArraySpec], num_train: int) -> tuple[dict[str, torch.Tensor], int]:
+    """``(statistics, num-examples)`` of a static-BN reply: the BatchNorm running statistics
+    named in ``sent`` (same shapes and dtypes, finite, variances not negative) and a count
+    in [1, num_train]."""
+    stats = read_state(content, "arrays")
+    _raise(check_state(sent, stats, "arrays"))
+    m = _metrics(content)
+    _raise(check_count(m.get("num-examples"), "num-examples", 1, num_train))
+    return stats, int(m["num-examples"])
 
 
 def parse_register_reply(content, profiles) -> dict:

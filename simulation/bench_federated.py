@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 from fedprune.centralized import DenseRun, prune_experiment, train_dense  # noqa: E402
 from fedprune.config import config_to_dict, load_config  # noqa: E402
 from fedprune.metrics import process_tree_rss  # noqa: E402
-from fedprune.federated import resolve_data_dir, simulate  # noqa: E402
+from fedprune.checkpoint import CHECKPOINT_FILE, load_checkpoint  # noqa: E402
+from fedprune.federated import resolve_data_dir, simulate, without_final_eval  # noqa: E402
 from fedprune.plots import save  # noqa: E402
 from fedprune.reporting import fmt_mean_std, mean_std, write_json, write_text  # noqa: E402
 from fedprune.task import load_data  # noqa: E402
@@ -83,22 +84,32 @@ def _plain(obj):
     return json.loads(json.dumps(obj))
 
 
-def finished(run_dir: Path, cfg, mask_source: str) -> dict | None:
-    """The results of a finished run in ``run_dir`` with this config and mask source, else None:
-    a restarted benchmark skips the runs it already has."""
+def finished(run_dir: Path, cfg, mask_source: str) -> str | None:
+    """How a restarted benchmark treats the run in ``run_dir``: "same" -- finished with this config and
+    mask source, reuse its results; "resume" -- its checkpoint comes from a run with this config, except
+    perhaps how finished runs are evaluated (:data:`~fedprune.federated.FINAL_EVAL_KEYS`, e.g. static BN):
+    resuming it runs the steps it lacks (none when it finished) and the final evaluation; None -- run it."""
+    want = _plain(config_to_dict(resolve_data_dir(cfg)))
     path = run_dir / "results.json"
-    if not path.is_file():
-        return None
-    res = json.loads(path.read_text())
-    same = res.get("config") == _plain(config_to_dict(resolve_data_dir(cfg))) and res.get("mask_source") == mask_source
-    return res if same else None
+    if path.is_file():
+        res = json.loads(path.read_text())
+        if res.get("config") == want and res.get("mask_source") == mask_source:
+            return "same"
+    if (run_dir / CHECKPOINT_FILE).is_file():
+        ckpt = load_checkpoint(run_dir)
+        if ckpt["mask_source"] == mask_source and without_final_eval(_plain(ckpt["config"])) == without_final_eval(want):
+            return "resume"
+    return None
 
 
 def run_or_reuse(cfg, run_dir: Path, mask_source: str, what: str, **kw) -> dict:
-    res = finished(run_dir, cfg, mask_source)
-    if res is not None:
+    state = finished(run_dir, cfg, mask_source)
+    if state == "same":
         log.info("%s: finished before with the same config, reusing %s", what, run_dir)
-        return res
+        return json.loads((run_dir / "results.json").read_text())
+    if state == "resume":
+        log.info("%s: resuming %s (its checkpoint is from this config; a finished run is only evaluated again)", what, run_dir)
+        return simulate(cfg, run_dir, engine="ray", mask_source=mask_source, resume=True)
     log.info("%s", what)
     return simulate(cfg, run_dir, engine="ray", mask_source=mask_source, **kw)
 
@@ -139,7 +150,8 @@ def centralized_runs(cfg, seeds, runs: Path) -> list[dict]:
         c.train.threads = 2
         cache = runs / f"central_s{seed}.json"
         key = _plain(config_to_dict(c))
-        if cache.is_file() and json.loads(cache.read_text()).get("config") == key:
+        # Keys of the federated final evaluation (static BN...) do not act here.
+        if cache.is_file() and without_final_eval(json.loads(cache.read_text()).get("config", {})) == without_final_eval(key):
             out.append(json.loads(cache.read_text())["accuracy"])
             log.info("seed %d centralized: finished before with the same config, reusing %s", seed, cache)
             continue

@@ -104,7 +104,7 @@ def test_deployment_engine_superlink_three_supernodes_flwr_run(tmp_path):
 
     for key in ("config", "dense", "profiles", "rounds", "consensus", "clients", "totals", "summary"):
         assert key in res
-    assert [r["phase"] for r in res["rounds"]] == ["importance", "finetune"]
+    assert [r["phase"] for r in res["rounds"]] == ["importance", "finetune", "bn_calibration"]  # static BN after the last round
     assert all(r["clients"] == 3 and r["failures"] == 0 for r in res["rounds"])
     cfg = load_config(REPO_ROOT / CONFIG_FILE, DEPLOY)
     got = {c["partition_id"]: c["profile"] for c in res["clients"]}

@@ -93,7 +93,7 @@ def test_tiny_inprocess_run_schema_and_invariants(tiny_run, tiny_cfg):
         assert abs(p["channel_sparsity"] - tiny_cfg.profiles[name].sparsity) < 0.02
         assert p["params"] < res["dense"]["params"] and p["flops"] < res["dense"]["flops"]
     phases = [r["phase"] for r in res["rounds"]]
-    assert phases == ["warmup", "importance", "finetune"]
+    assert phases == ["warmup", "importance", "finetune", "bn_calibration"]  # static BN after the last round
     for r in res["rounds"]:
         for key in ("round", "phase", "wall_s", "bytes_up", "bytes_down", "clients", "failures"):
             assert key in r
@@ -106,7 +106,7 @@ def test_tiny_inprocess_run_schema_and_invariants(tiny_run, tiny_cfg):
     masks = {p: StructuredMask({g: z[f"{p}/{g}"] for g in groups}) for p in res["profiles"]}
     assert masks["microcontroller"].is_subset_of(masks["mobile_cpu"])
     assert masks["mobile_cpu"].is_subset_of(masks["edge_gpu"])
-    for f in ("results.json", "rounds.csv", "global_model.pt", "accuracy_per_round.png", "accuracy_vs_flops.png", "kept_channels.png"):
+    for f in ("results.json", "rounds.csv", "global_model.pt", "subnetworks.pt", "accuracy_per_round.png", "accuracy_vs_flops.png", "kept_channels.png"):
         assert (out / f).is_file(), f
     assert json.loads((out / "results.json").read_text())["summary"] == res["summary"]
 
@@ -126,7 +126,7 @@ def test_local_and_random_mask_baselines_run(tiny_cfg):
         assert res["mask_source"] == source and set(res["profiles"]) == {"edge_gpu", "mobile_cpu", "microcontroller"}
     dense = FederatedPruning(tiny_cfg, InProcessTransport(3), None, mask_source="none").run()
     assert dense["profiles"] == {} or all(p["channel_sparsity"] == 0 for p in dense["profiles"].values())
-    assert [r["phase"] for r in dense["rounds"]] == ["dense", "dense"]
+    assert [r["phase"] for r in dense["rounds"]] == ["dense", "dense", "bn_calibration"]
 
 
 def test_ray_simulation_matches_inprocess(tiny_run, tiny_cfg, tmp_path):
