@@ -181,34 +181,39 @@ def merge_substates(
     return merged
 
 
+#: Name endings of BatchNorm statistics pairs: a layer's running statistics, and the per-width
+#: statistics of :func:`fedprune.dynamic.width_state` (``bn[<width>].<block>.mean`` / ``.var``).
+BN_STAT_SUFFIXES = (("running_mean", "running_var"), (".mean", ".var"))
+
+
 def pool_bn_stats(stats: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
     """Pool BatchNorm statistics measured by several clients on the same (sub-)network.
 
     ``stats`` are per-client ``{"<layer>.running_mean": m_i, "<layer>.running_var": v_i}``
-    (same names and shapes for every client), ``weights`` the examples each client used.
-    The result is the mean and variance of all clients' activations together:
-    ``m = sum w_i m_i / W`` and ``v = sum w_i (v_i + m_i**2) / W - m**2`` (law of total
-    variance; clamped at 0 against rounding), so shards whose means differ widen the
-    variance as they would in one pass over their union. Averaging the variances
-    alone would miss that between-client part.
+    (or any pair of :data:`BN_STAT_SUFFIXES`; same names and shapes for every client),
+    ``weights`` the examples each client used. The result is the mean and variance of all
+    clients' activations together: ``m = sum w_i m_i / W`` and
+    ``v = sum w_i (v_i + m_i**2) / W - m**2`` (law of total variance; clamped at 0 against
+    rounding), so shards whose means differ widen the variance as they would in one pass over
+    their union. Averaging the variances alone would miss that between-client part.
     """
     if not stats or len(stats) != len(weights):
         raise ValueError(f"pool_bn_stats needs one weight per client's statistics, got {len(stats)} statistics and {len(weights)} weights")
     if any(not w > 0 for w in weights):
         raise ValueError(f"pool_bn_stats weights must be positive, got {list(weights)}")
     names = set(stats[0])
-    layers = sorted(k[: -len("running_mean")] for k in names if k.endswith("running_mean"))
-    if names != {f"{p}{s}" for p in layers for s in ("running_mean", "running_var")}:
-        raise ValueError(f"pool_bn_stats expects running_mean/running_var pairs, got {sorted(names)}")
+    pairs = [(k, k[: -len(m)] + v) for k in sorted(names) for m, v in BN_STAT_SUFFIXES if k.endswith(m)]
+    if names != {n for pair in pairs for n in pair}:
+        raise ValueError(f"pool_bn_stats expects mean/variance pairs {list(BN_STAT_SUFFIXES)}, got {sorted(names)}")
     w = torch.as_tensor([float(x) for x in weights], dtype=torch.float64)
     w = w / w.sum()
     out = {}
-    for p in layers:
-        means = torch.stack([s[f"{p}running_mean"].double() for s in stats])
-        var = torch.stack([s[f"{p}running_var"].double() for s in stats])
+    for mean_key, var_key in pairs:
+        means = torch.stack([s[mean_key].double() for s in stats])
+        var = torch.stack([s[var_key].double() for s in stats])
         shape = (-1,) + (1,) * (means.dim() - 1)
         mean = (w.view(shape) * means).sum(0)
         second = (w.view(shape) * (var + means**2)).sum(0)
-        out[f"{p}running_mean"] = mean.to(stats[0][f"{p}running_mean"].dtype)
-        out[f"{p}running_var"] = (second - mean**2).clamp_min(0).to(stats[0][f"{p}running_var"].dtype)
+        out[mean_key] = mean.to(stats[0][mean_key].dtype)
+        out[var_key] = (second - mean**2).clamp_min(0).to(stats[0][var_key].dtype)
     return out

@@ -12,7 +12,9 @@ Message types (the server sends the resolved experiment config in every
 * ``evaluate``         -> accuracy of the received sub-network on local val
 * ``query.bnstats``    -> static BN after the last round: BatchNorm statistics of
                           the received final sub-network on the training shard
-                          (forward passes only), and the number of examples
+                          (forward passes only; with a ``gates`` record of dynamic
+                          method "widths" also each narrower width's), and the
+                          number of examples
 
 ``train`` and ``query.importance`` may fail on purpose, deterministically from the
 seed, with the client profile's ``failure_prob`` (see :mod:`fedprune.reliability`).
@@ -139,8 +141,12 @@ def train(msg: Message, context: Context) -> Message:
 def bn_stats(msg: Message, context: Context) -> Message:
     cfg = record_to_config(msg.content["config"])
     mask = record_to_mask(msg.content["mask"], model_groups(cfg))
-    stats, seen = client_bn_stats(cfg, *_partition(context), mask, record_to_state(msg.content["arrays"]))
-    return Message(RecordDict({"arrays": state_to_record(stats), "metrics": MetricRecord({"num-examples": seen})}), reply_to=msg)
+    widths = record_to_state(msg.content["gates"]) if "gates" in msg.content else None
+    stats, width_stats, seen = client_bn_stats(cfg, *_partition(context), mask, record_to_state(msg.content["arrays"]), widths)
+    reply = RecordDict({"arrays": state_to_record(stats), "metrics": MetricRecord({"num-examples": seen})})
+    if width_stats is not None:
+        reply["widths"] = state_to_record(width_stats)
+    return Message(reply, reply_to=msg)
 
 
 @app.evaluate()

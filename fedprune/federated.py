@@ -553,11 +553,19 @@ class FederatedPruning:
             replies += self.transport.exchange([request(n) for n in nodes[i: i + step]])
         return replies
 
+    def _trained_widths(self, mask: StructuredMask) -> dict | None:
+        """The sub-network's dynamic state of method ``widths`` once fine-tuning measured its widths, else None."""
+        if not (self.cfg.dynamic.enabled and self.cfg.dynamic.method == "widths"):
+            return None
+        state = self.gates.get(mask.key())
+        return state if state is not None and float(state["calibrated"]) > 0 else None
+
     def calibrate_bn(self, round_num: int) -> dict:
         """Static BN (HeteroFL) after the last round: the clients of the final evaluation
         (:meth:`final_eval_nodes`) each receive their final sub-network, measure its BatchNorm
-        statistics on their training shard (forward passes only), and the server pools them per
-        sub-network (:func:`~fedprune.aggregation.pool_bn_stats`). Without it a sub-network's
+        statistics on their training shard (forward passes only; with dynamic method ``widths``
+        also each narrower width's), and the server pools them per sub-network
+        (:func:`~fedprune.aggregation.pool_bn_stats`). Without it a sub-network's
         statistics are the mean of those its clients measured on their *local* models of the last
         round, before averaging. A sub-network without a valid reply keeps those; returns the
         round record (phase ``bn_calibration``)."""
@@ -571,30 +579,37 @@ class FederatedPruning:
         def request(n):
             mask = self._mask_for(n)
             sub = self.substate(mask)
-            sent[n] = ({k: v for k, v in state_spec(sub).items() if k in self.bn_stat_keys}, mask.key())
-            return (n, "query.bnstats", RecordDict({"arrays": state_to_record(sub), "mask": mask_to_record(mask),
-                                                    "config": self._config(round=round_num)}))
+            content = RecordDict({"arrays": state_to_record(sub), "mask": mask_to_record(mask), "config": self._config(round=round_num)})
+            widths = self._trained_widths(mask)
+            if widths is not None:  # adaptive width: the narrower widths' statistics are static too
+                content["gates"] = state_to_record(widths)
+                widths = {k: v for k, v in state_spec(widths).items() if k.endswith((".mean", ".var"))}
+            sent[n] = ({k: v for k, v in state_spec(sub).items() if k in self.bn_stat_keys}, widths, mask.key())
+            return (n, "query.bnstats", content)
 
         replies = self._exchange_in_batches(nodes, request)
         ok, failed = self._check_replies(replies, what)
-        by_mask: dict[bytes, list[tuple[dict, int]]] = {}
+        by_mask: dict[bytes, list[tuple[dict, dict | None, int]]] = {}
         for r in ok:
-            spec, key = sent[r.node_id]
+            spec, width_spec, key = sent[r.node_id]
             try:
-                stats, n_ex = parse_bn_stats_reply(r.content, spec, self.nodes[r.node_id].num_train)
+                stats, width_stats, n_ex = parse_bn_stats_reply(r.content, spec, self.nodes[r.node_id].num_train, width_spec)
             except InvalidReply as exc:
                 self._fail(failed, r.node_id, what, str(exc))
                 continue
-            by_mask.setdefault(key, []).append((stats, n_ex))
+            by_mask.setdefault(key, []).append((stats, width_stats, n_ex))
         for key, items in by_mask.items():
-            self.bn_stats[key] = pool_bn_stats([st for st, _ in items], [n for _, n in items])
+            weights = [n for *_, n in items]
+            self.bn_stats[key] = pool_bn_stats([st for st, _, _ in items], weights)
+            if items[0][1] is not None:
+                self.gates[key] = {**self.gates[key], **pool_bn_stats([ws for _, ws, _ in items], weights)}
         dense_key = StructuredMask.dense(self.groups).key()
         if dense_key in by_mask:  # the dense model keeps its statistics in the global state
             self.state.update({k: v.clone() for k, v in self.bn_stats[dense_key].items()})
         rec = self._round_record(round_num, "bn_calibration", t0, replies, nodes, failed, sum(len(v) for v in by_mask.values()))
         for k in ("enough", "min_replies"):
             rec.pop(k)
-        held = {sent[n][1] for n in nodes}
+        held = {sent[n][-1] for n in nodes}
         rec["skipped"] = not by_mask
         rec["calibrated_subnetworks"] = len(by_mask)
         rec["uncalibrated_subnetworks"] = len(held - set(by_mask))

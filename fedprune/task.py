@@ -280,17 +280,27 @@ def client_train(
     return {k: v.detach() for k, v in model.state_dict().items()}, metrics, trained_gates
 
 
-def client_bn_stats(cfg: ExperimentConfig, partition_id: int, num_partitions: int, mask: StructuredMask, sub_state: dict) -> tuple[dict, int]:
+def client_bn_stats(cfg: ExperimentConfig, partition_id: int, num_partitions: int, mask: StructuredMask, sub_state: dict,
+                    widths: dict | None = None) -> tuple[dict, dict | None, int]:
     """Static BN (HeteroFL): BatchNorm running statistics of the received (final, global)
     sub-network on this client's training shard, forward passes only, no training; returns
-    (``running_mean``/``running_var`` per BN layer, examples used). The server pools them
+    (``running_mean``/``running_var`` per BN layer, the narrower widths' statistics or None,
+    examples used). ``widths``: the sub-network's dynamic state of method ``widths``
+    (:func:`fedprune.dynamic.width_state`), whose narrower widths are measured too and
+    returned as its ``bn[<width>].<block>.mean/.var`` entries. The server pools them
     (:func:`fedprune.aggregation.pool_bn_stats`)."""
     train_arrays, _ = load_data(cfg)
     shard = client_shard(cfg, partition_id, num_partitions)
     model = submodel(cfg, mask, sub_state)
-    seen = recalibrate_bn(model, make_loader(train_arrays.subset(shard.train_idx), 256, train=False))
+    loader = make_loader(train_arrays.subset(shard.train_idx), 256, train=False)
+    seen = recalibrate_bn(model, loader)
     stats = {k: v.detach() for k, v in model.state_dict().items() if k.endswith(("running_mean", "running_var"))}
-    return stats, seen
+    width_stats = None
+    if widths is not None:
+        nested = NestedWidthCNN.from_dynamic_state(model, widths, cfg.dynamic.round_to)
+        nested.calibrate_bn(loader, cfg.dynamic.widths)
+        width_stats = {k: v for k, v in nested.dynamic_state(cfg.dynamic.widths).items() if k.endswith((".mean", ".var"))}
+    return stats, width_stats, seen
 
 
 def initial_width_state(cfg: ExperimentConfig, model: nn.Module, mask: StructuredMask, ranking) -> dict:

@@ -271,15 +271,21 @@ def parse_evaluate_reply(content, num_val: int) -> tuple[int, float]:
     return n, float(m["accuracy"])
 
 
-def parse_bn_stats_reply(content, sent: Mapping[str, ArraySpec], num_train: int) -> tuple[dict[str, torch.Tensor], int]:
-    """``(statistics, num-examples)`` of a static-BN reply: the BatchNorm running statistics
-    named in ``sent`` (same shapes and dtypes, finite, variances not negative) and a count
-    in [1, num_train]."""
+def parse_bn_stats_reply(content, sent: Mapping[str, ArraySpec], num_train: int,
+                         sent_widths: Mapping[str, ArraySpec] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, int]:
+    """``(statistics, width statistics, num-examples)`` of a static-BN reply: the BatchNorm running
+    statistics named in ``sent`` (same shapes and dtypes, finite, variances not negative), the
+    narrower widths' statistics named in ``sent_widths`` when asked for (record ``widths``, same
+    checks), and a count in [1, num_train]."""
     stats = read_state(content, "arrays")
     _raise(check_state(sent, stats, "arrays"))
+    widths = None
+    if sent_widths is not None:
+        widths = read_state(content, "widths")
+        _raise(check_state(sent_widths, widths, "widths"))
     m = _metrics(content)
     _raise(check_count(m.get("num-examples"), "num-examples", 1, num_train))
-    return stats, int(m["num-examples"])
+    return stats, widths, int(m["num-examples"])
 
 
 def parse_register_reply(content, profiles) -> dict:

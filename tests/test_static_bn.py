@@ -51,7 +51,7 @@ def test_pooling_refuses_bad_input():
         pool_bn_stats([s, s], [1])
     with pytest.raises(ValueError, match="positive"):
         pool_bn_stats([s], [0])
-    with pytest.raises(ValueError, match="running_mean/running_var pairs"):
+    with pytest.raises(ValueError, match="mean/variance pairs"):
         pool_bn_stats([{"bn.running_mean": torch.zeros(2)}], [1])
 
 
@@ -59,7 +59,8 @@ def test_a_reply_with_negative_variances_or_too_many_examples_is_invalid():
     sent = {"bn.running_mean": torch.zeros(2), "bn.running_var": torch.ones(2)}
     spec = state_spec(sent)
     good = {"arrays": state_to_record(sent), "metrics": {"num-examples": 10}}
-    stats, n = parse_bn_stats_reply(good, spec, num_train=10)
+    stats, widths, n = parse_bn_stats_reply(good, spec, num_train=10)
+    assert widths is None
     assert n == 10 and torch.equal(stats["bn.running_var"], sent["bn.running_var"])
     with pytest.raises(InvalidReply, match="num-examples"):
         parse_bn_stats_reply(good, spec, num_train=9)
@@ -80,7 +81,7 @@ def _expected_accuracy(cfg, ckpt, profile: str, server: FederatedPruning) -> flo
     sub_state = sub.state_dict()
     pids = [pid for pid, p in ckpt["partition_profiles"].items() if p == profile]
     measured = [client_bn_stats(cfg, pid, cfg.federated.num_clients, mask, sub_state) for pid in pids]
-    pooled = pool_bn_stats([s for s, _ in measured], [n for _, n in measured])
+    pooled = pool_bn_stats([s for s, _, _ in measured], [n for *_, n in measured])
     sub.load_state_dict({**sub_state, **pooled})
     return float(evaluate(sub, server.test_loader)["accuracy"])
 
@@ -131,3 +132,31 @@ def test_resume_still_refuses_a_config_that_changes_the_steps(tmp_path):
     other = load_config(None, [*TINY, "train.lr=0.01"])
     with pytest.raises(CheckpointError, match="different config"):
         FederatedPruning(other, InProcessTransport(3), tmp_path).run(resume=True)
+
+
+def test_static_bn_also_pools_the_statistics_of_adaptive_widths(tmp_path):
+    """Dynamic method 'widths': the narrower widths' BatchNorm statistics are measured on the final
+    sub-network and pooled like the sub-network's own."""
+    cfg = load_config(None, [*TINY, "eval.static_bn=false", "dynamic.enabled=true", "dynamic.method='widths'",
+                             "dynamic.widths=[0.5, 1.0]", "dynamic.thresholds=[0.6]"])
+    simulate(cfg, tmp_path, engine="inprocess")
+    ckpt = load_checkpoint(tmp_path)
+    on = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, static_bn=True))
+    server = FederatedPruning(on, InProcessTransport(3), tmp_path)
+    res = server.run(resume=True)
+    assert res["rounds"][-1]["calibrated_subnetworks"] == 3
+    groups = model_groups(cfg)
+    for profile, pid in ((p, pid) for pid, p in ckpt["partition_profiles"].items()):  # one client per profile
+        mask = StructuredMask.from_arrays(ckpt["profile_masks"][profile], groups)
+        before = ckpt["gates"][mask.key()]
+        model = build_model(cfg)
+        model.load_state_dict(ckpt["state"])
+        sub = extract_submodel(model, mask, groups)
+        sub.load_state_dict({**sub.state_dict(), **ckpt["bn_stats"][mask.key()]})
+        _, widths, _ = client_bn_stats(cfg, pid, 3, mask, sub.state_dict(), before)
+        after = server.gates[mask.key()]
+        assert widths and set(widths) < set(after)
+        for k, v in widths.items():
+            assert torch.allclose(after[k], v) and not torch.equal(after[k], before[k]), k
+        assert all(torch.equal(after[k], before[k]) for k in before if k.startswith("order."))
+    assert "dynamic" in res["profiles"]["mobile_cpu"]
