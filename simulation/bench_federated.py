@@ -233,6 +233,9 @@ def render(rows, central, cost, scale, args, cfg, ran: dict | None = None) -> st
         f"(one warm-up per seed, shared by every row), aggregation `{fed.aggregation}`, allocation `{cfg.pruning.allocation}`, "
         + ("nested training of the profiles' sub-networks in fine-tuning (`federated.nested_training`; local-only masks are not nested, so those "
            "clients train alone)" if fed.nested_training else "HeteroFL fine-tuning (each client trains its own sub-network only)")
+        + (". Every final model, dense FedAvg included, is evaluated with static BN (`eval.static_bn`: after the last round the clients "
+           "measure its BatchNorm statistics on their shards and the server pools them)" if cfg.eval.static_bn else
+           ". BatchNorm statistics as averaged from the clients' local models of the last round (`eval.static_bn = false`)")
         + f". Test accuracy (%) on {n_test} images "
         f"(one point ≈ {n_test / 100:.0f} images), mean ± std over seeds {args.seeds}. {when('accuracy')} Profiles: "
         + ", ".join(f"{p} {100 * cfg.profiles[p].sparsity:.0f}% channels pruned, {cfg.profiles[p].local_epochs} local epoch(s)" for p in PROFILES)
