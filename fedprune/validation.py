@@ -209,6 +209,17 @@ def _raise(reason: str | None) -> None:
         raise InvalidReply(reason)
 
 
+def _checked_states(content, expected: Mapping[str, Mapping[str, ArraySpec] | None]) -> dict[str, dict[str, torch.Tensor] | None]:
+    """Each array record named in ``expected`` read and checked against its spec (:func:`check_state`);
+    a record whose spec is None was not asked for and is not read (None)."""
+    out = {}
+    for key, spec in expected.items():
+        out[key] = None if spec is None else read_state(content, key)
+        if spec is not None:
+            _raise(check_state(spec, out[key], key))
+    return out
+
+
 # ---------------------------------------------------------- per message type
 @dataclass
 class TrainReply:
@@ -229,12 +240,7 @@ class ImportanceReply:
 def parse_train_reply(content, sent: Mapping[str, ArraySpec], sent_gates: Mapping[str, ArraySpec] | None,
                       num_train: int, epochs: int) -> TrainReply:
     """Weights (and gates) as sent, finite; ``num-examples`` in [1, num_train]; finite loss and compute time."""
-    state = read_state(content, "arrays")
-    _raise(check_state(sent, state, "arrays"))
-    gates = None
-    if sent_gates is not None:
-        gates = read_state(content, "gates")
-        _raise(check_state(sent_gates, gates, "gates"))
+    state, gates = _checked_states(content, {"arrays": sent, "gates": sent_gates}).values()
     m = _metrics(content)
     _raise(check_count(m.get("num-examples"), "num-examples", 1, num_train))
     if epochs > 0:  # a client asked for no local epoch reports NaN: it did not train
@@ -277,12 +283,7 @@ def parse_bn_stats_reply(content, sent: Mapping[str, ArraySpec], num_train: int,
     statistics named in ``sent`` (same shapes and dtypes, finite, variances not negative), the
     narrower widths' statistics named in ``sent_widths`` when asked for (record ``widths``, same
     checks), and a count in [1, num_train]."""
-    stats = read_state(content, "arrays")
-    _raise(check_state(sent, stats, "arrays"))
-    widths = None
-    if sent_widths is not None:
-        widths = read_state(content, "widths")
-        _raise(check_state(sent_widths, widths, "widths"))
+    stats, widths = _checked_states(content, {"arrays": sent, "widths": sent_widths}).values()
     m = _metrics(content)
     _raise(check_count(m.get("num-examples"), "num-examples", 1, num_train))
     return stats, widths, int(m["num-examples"])
