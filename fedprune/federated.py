@@ -307,10 +307,13 @@ class FederatedPruning:
             by_mask.setdefault(key, []).append((st, w))
         for key, items in by_mask.items():
             total = sum(w for _, w in items)
-            self.bn_stats[key] = {k: sum(st[k].double() * w for st, w in items).div(total).float() for k in self.bn_stat_keys}
-        dense_key = StructuredMask.dense(self.groups).key()
-        if dense_key in self.bn_stats:  # the dense model keeps its statistics in the global state
-            self.state.update({k: v.clone() for k, v in self.bn_stats[dense_key].items()})
+            self._set_bn_stats(key, {k: sum(st[k].double() * w for st, w in items).div(total).float() for k in self.bn_stat_keys})
+
+    def _set_bn_stats(self, key: bytes, stats: dict[str, torch.Tensor]) -> None:
+        """A sub-network's BatchNorm statistics; the dense model keeps its own in the global state too."""
+        self.bn_stats[key] = stats
+        if key == StructuredMask.dense(self.groups).key():
+            self.state.update({k: v.clone() for k, v in stats.items()})
 
     def _config(self, **extra):
         return config_to_record(self.cfg, **extra)
@@ -600,22 +603,20 @@ class FederatedPruning:
             by_mask.setdefault(key, []).append((stats, width_stats, n_ex))
         for key, items in by_mask.items():
             weights = [n for *_, n in items]
-            self.bn_stats[key] = pool_bn_stats([st for st, _, _ in items], weights)
+            self._set_bn_stats(key, pool_bn_stats([st for st, _, _ in items], weights))
             if items[0][1] is not None:
                 self.gates[key] = {**self.gates[key], **pool_bn_stats([ws for _, ws, _ in items], weights)}
-        dense_key = StructuredMask.dense(self.groups).key()
-        if dense_key in by_mask:  # the dense model keeps its statistics in the global state
-            self.state.update({k: v.clone() for k, v in self.bn_stats[dense_key].items()})
         rec = self._round_record(round_num, "bn_calibration", t0, replies, nodes, failed, sum(len(v) for v in by_mask.values()))
         for k in ("enough", "min_replies"):
             rec.pop(k)
         held = {sent[n][-1] for n in nodes}
+        missing = held - set(by_mask)
         rec["skipped"] = not by_mask
         rec["calibrated_subnetworks"] = len(by_mask)
-        rec["uncalibrated_subnetworks"] = len(held - set(by_mask))
-        if held - set(by_mask):
+        rec["uncalibrated_subnetworks"] = len(missing)
+        if missing:
             log.warning("[%s] %d of %d sub-networks had no valid reply; they keep the statistics averaged in the last round",
-                        what, len(held - set(by_mask)), len(held))
+                        what, len(missing), len(held))
         log.info("[%s] %d clients measured BatchNorm statistics of %d sub-network(s) on their shards, %.1f s",
                  what, rec["valid_replies"], len(by_mask), rec["wall_s"])
         return rec
