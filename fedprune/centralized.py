@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from fedprune.allocation import check_feasible
-from fedprune.config import BUDGET_ALLOCATIONS, ConfigError, ExperimentConfig, config_to_dict
+from fedprune.config import BUDGET_ALLOCATIONS, ConfigError, ExperimentConfig, config_to_dict, config_without
 from fedprune.data import ImageArrays, make_loader
 from fedprune.masks import extract_submodel
 from fedprune.metrics import model_costs, param_sparsity
@@ -31,10 +31,24 @@ from fedprune.training import evaluate, set_seed, train
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DenseRun", "train_dense", "prune_experiment", "run_centralized", "compare_outputs"]
+__all__ = ["DenseRun", "train_dense", "prune_experiment", "run_centralized", "compare_outputs", "centralized_config"]
 
 #: Images used to estimate data-driven importance and sensitivity (eval transform).
 SCORE_SUBSET = 1024
+#: Config sections (None: the whole section) and keys that centralized runs never read:
+#: federated rounds, dynamic pruning, federated static BN.
+NOT_CENTRALIZED_KEYS: dict[str, tuple[str, ...] | None] = {"federated": None, "dynamic": None, "eval": ("static_bn",)}
+
+
+def centralized_config(config: dict) -> dict:
+    """The part of a config dict (:func:`~fedprune.config.config_to_dict`) that shapes a
+    centralized run (:data:`NOT_CENTRALIZED_KEYS` dropped, ``data.data_dir`` resolved), so a
+    cached result stays valid when only federated or dynamic settings changed."""
+    out = config_without(config, NOT_CENTRALIZED_KEYS)
+    data = out.get("data", {})
+    if data.get("data_dir"):
+        data["data_dir"] = str(Path(data["data_dir"]).resolve())
+    return out
 
 
 @dataclass

@@ -13,6 +13,7 @@ Overrides use dotted keys: ``--set pruning.sparsity=0.7 federated.num_clients=20
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import tomllib
@@ -494,3 +495,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | Mapping |
 def config_to_dict(cfg: ExperimentConfig) -> dict:
     """Plain, JSON/TOML-friendly dict of a resolved config."""
     return dataclasses.asdict(cfg)
+
+
+def config_without(config: dict, keys: Mapping[str, tuple[str, ...] | None], profile_keys: tuple[str, ...] = ()) -> dict:
+    """Copy of a config dict (:func:`config_to_dict`) without some keys, e.g. to compare
+    only the part that shapes a run: ``keys`` maps a section to the names to drop from it
+    (None: the whole section); ``profile_keys`` are dropped from every profile."""
+    out = copy.deepcopy(config)
+    for section, names in keys.items():
+        if names is None:
+            out.pop(section, None)
+        else:
+            for k in names:
+                out.get(section, {}).pop(k, None)
+    for prof in out.get("profiles", {}).values():
+        for k in profile_keys:
+            prof.pop(k, None)
+    return out

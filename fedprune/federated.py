@@ -34,7 +34,7 @@ from fedprune.adversarial import adversarial_partitions
 from fedprune.aggregation import aggregate_importance, mask_agreement, merge_substates, pool_bn_stats, screen_clients
 from fedprune.allocation import check_feasible, nested_masks
 from fedprune.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
-from fedprune.config import BUDGET_ALLOCATIONS, ExperimentConfig, config_to_dict
+from fedprune.config import BUDGET_ALLOCATIONS, ExperimentConfig, config_to_dict, config_without
 from fedprune.data import make_loader
 from fedprune.masks import StructuredMask, extract_submodel, extraction_index_map, slice_state
 from fedprune.metrics import model_costs
@@ -1130,28 +1130,14 @@ AFTER_WARMUP_PROFILE_KEYS = ("sparsity", "budgets")
 FINAL_EVAL_KEYS: dict[str, tuple[str, ...] | None] = {"eval": ("latency", "static_bn"), "federated": ("final_eval_clients",)}
 
 
-def _config_without(config: dict, keys: dict[str, tuple[str, ...] | None], profile_keys: tuple[str, ...] = ()) -> dict:
-    out = copy.deepcopy(config)
-    for section, names in keys.items():
-        if names is None:
-            out.pop(section, None)
-        else:
-            for k in names:
-                out.get(section, {}).pop(k, None)
-    for prof in out.get("profiles", {}).values():
-        for k in profile_keys:
-            prof.pop(k, None)
-    return out
-
-
 def warmup_config(config: dict) -> dict:
     """The part of a config dict (:func:`~fedprune.config.config_to_dict`) that shapes the dense warm-up."""
-    return _config_without(config, AFTER_WARMUP_KEYS, AFTER_WARMUP_PROFILE_KEYS)
+    return config_without(config, AFTER_WARMUP_KEYS, AFTER_WARMUP_PROFILE_KEYS)
 
 
 def without_final_eval(config: dict) -> dict:
     """The part of a config dict that shapes the run's steps (all but :data:`FINAL_EVAL_KEYS`)."""
-    return _config_without(config, FINAL_EVAL_KEYS)
+    return config_without(config, FINAL_EVAL_KEYS)
 
 
 def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -420,16 +420,32 @@ def profile_budget_masks(cfg: ExperimentConfig, hardware, scores, names, scale: 
     (:meth:`fedprune.cost.HardwareModel.refit_latency`) and, where the latency table was off, the
     masks are allocated again with corrected predictions (at most :data:`LATENCY_REFITS` times).
     The result is the last masks timed within their band, else the last ones not too slow, else
-    the last ones allocated.
+    the last ones allocated. A correction can make a budget look infeasible (e.g. one timing on a
+    busy host came out far too slow); the refits then stop there with that same choice instead of
+    failing (runs check feasibility on the uncorrected table before training), and corrections
+    left by an earlier call that rule out every network are dropped.
     """
-    from fedprune.allocation import budget_masks
+    from fedprune.allocation import InfeasibleBudgetError, budget_masks
 
     pr = cfg.pruning
     fallback = None
-    for _ in range(LATENCY_REFITS + 1):
+    for attempt in range(LATENCY_REFITS + 1):
         constraints = profile_constraints(cfg, hardware, names, scale)
-        masks = budget_masks(pr.allocation, hardware.groups, scores, constraints, pr.min_channels, budget_round_to(cfg),
-                             objective=pr.budget_objective, group_weights=group_weights)
+        try:
+            masks = budget_masks(pr.allocation, hardware.groups, scores, constraints, pr.min_channels, budget_round_to(cfg),
+                                 objective=pr.budget_objective, group_weights=group_weights)
+        except InfeasibleBudgetError as err:
+            if not hardware.latency_corrections:
+                raise  # infeasible by the cost model itself
+            if attempt == 0:  # corrections from an earlier step (e.g. progressive pruning) rule out every network
+                log.warning("[hardware] latency budgets of %s: the timing corrections %s find them infeasible (%s); dropping the "
+                            "corrections and allocating again", ", ".join(names), hardware.latency_corrections, err)
+                hardware.latency_corrections.clear()
+                continue
+            log.warning("[hardware] latency budgets of %s: after timing, the corrected latency table finds them infeasible (%s); "
+                        "stopping the refits and using %s", ", ".join(names), err,
+                        "the last allocation that was not too slow" if fallback is not None else "the last allocation")
+            return fallback if fallback is not None else masks
         if scale < 1.0 or pr.allocation == "constant_cost":
             return masks
         # "ok" without timing anything for profiles that have no latency budget

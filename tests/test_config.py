@@ -221,3 +221,27 @@ def test_console_script_bad_config(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
     line = _single_error_line(proc.stderr)
     assert "'pruning.criterion'" in line and "'coin_flip'" in line
+
+
+def test_config_without_drops_sections_keys_and_profile_keys() -> None:
+    from fedprune.config import config_without
+
+    d = config_to_dict(load_config(None))
+    out = config_without(d, {"federated": None, "eval": ("static_bn",)}, ("sparsity",))
+    assert "federated" not in out and "static_bn" not in out["eval"] and "latency" in out["eval"]
+    assert all("sparsity" not in p and "budgets" in p for p in out["profiles"].values())
+    assert d == config_to_dict(load_config(None))  # the input is left as it was
+
+
+def test_centralized_config_ignores_what_centralized_runs_never_read(tmp_path: Path) -> None:
+    """A cached centralized result (bench_hardware) stays valid when only federated or dynamic settings change."""
+    from fedprune.centralized import centralized_config
+
+    base = centralized_config(config_to_dict(load_config(None)))
+    other = load_config(None, ["federated.num_clients=20", 'dynamic.method="widths"', "eval.static_bn=false"])
+    assert centralized_config(config_to_dict(other)) == base
+    assert centralized_config(config_to_dict(load_config(None, ["pruning.sparsity=0.7"]))) != base
+    assert centralized_config(config_to_dict(load_config(None, ["eval.latency_repeats=3"]))) != base
+    (tmp_path / "sub").mkdir()
+    same_dir = [centralized_config(config_to_dict(load_config(None, [f'data.data_dir="{d}"']))) for d in (tmp_path, tmp_path / "sub" / "..")]
+    assert same_dir[0] == same_dir[1]

@@ -215,6 +215,41 @@ def test_refit_latency_uses_an_unused_budget(seed_hw, monkeypatch) -> None:
     assert hw.refit_latency(budgets, second) == "ok"
 
 
+def test_a_refit_that_finds_the_budget_infeasible_keeps_the_last_allocation(seed_hw, monkeypatch) -> None:
+    """One timing far too slow (a busy host) corrects the table so much that even the smallest network looks
+    over budget: the refits stop with the last allocation instead of failing a run that was found feasible."""
+    from fedprune import cost
+    from fedprune.task import profile_budget_masks
+
+    model, groups, hw, scores = seed_hw
+
+    class FakeLUT:
+        def predict_ms(self, kept):
+            return total_channels(kept) / 100.0
+
+    monkeypatch.setattr(cost, "median_host_latency_ms", lambda models, b, t, r, passes=1: {n: 50.0 for n in models})  # 50 host ms
+    monkeypatch.setitem(hw._luts, 1, FakeLUT())
+    monkeypatch.setattr(hw, "latency_corrections", {})
+    for allocation in ("budget", "budget_uniform"):
+        cfg = load_config(None, [f"pruning.allocation='{allocation}'", "profiles.mobile_cpu.budgets={latency_ms_b1=4.0}",
+                                 "profiles.edge_gpu.budgets={macs=1e12}", "profiles.microcontroller.budgets={macs=1e12}"])
+        hw.latency_corrections.clear()
+        (mask,) = profile_budget_masks(cfg, hw, scores, ["mobile_cpu"])  # no InfeasibleBudgetError
+        assert hw.predict("latency_ms_b1", mask, 0.5) <= 4.0  # the allocation made before the timing, uncorrected
+        assert hw.latency_corrections  # the timing was taken into account
+    # corrections left by an earlier call that rule out every network are dropped, not an error
+    stale = load_config(None, ["pruning.allocation='budget'", "profiles.mobile_cpu.budgets={latency_ms_b1=4.0}"])
+    hw.latency_corrections.clear()
+    hw.latency_corrections[("latency_ms_b1", 4.0, 0.5)] = 1e6
+    monkeypatch.setattr(cost, "median_host_latency_ms", lambda models, b, t, r, passes=1: {n: 1.75 for n in models})  # 3.5 device ms: within the band
+    (mask,) = profile_budget_masks(stale, hw, scores, ["mobile_cpu"])
+    assert hw.predict("latency_ms_b1", mask, 0.5) <= 4.0 and not hw.latency_corrections
+    hw.latency_corrections.clear()
+    with pytest.raises(InfeasibleBudgetError, match="smallest achievable cost"):  # infeasible before any timing: still an error
+        profile_budget_masks(load_config(None, ["pruning.allocation='budget'", "profiles.mobile_cpu.budgets={latency_ms_b1=0.001}"]),
+                             hw, scores, ["mobile_cpu"])
+
+
 def test_report_measures_the_extracted_model(seed_hw) -> None:
     model, groups, hw, scores = seed_hw
     budgets = {"macs": 0.3 * DENSE_MACS, "flash_bytes_int8": 400_000, "peak_sram_bytes_int8": 327_680, "params": 10}
