@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from fedprune.training import TrainConfig, recalibrate_bn, train
 
 __all__ = ["ChannelGate", "GatedCNN", "GatedStats", "keep_count", "train_gates", "evaluate_gated", "gated_latency_ms",
-           "NestedWidthCNN", "check_distinct_widths", "width_state", "train_widths", "WidthCascade", "stage_logits", "cascade_outcome", "evaluate_cascade", "threshold_for_macs",
+           "NestedWidthCNN", "check_distinct_widths", "width_state", "widths_calibrated", "train_widths", "WidthCascade", "stage_logits", "cascade_outcome", "evaluate_cascade", "threshold_for_macs",
            "cascade_latency_ms"]
 
 
@@ -604,6 +604,11 @@ def width_state(orders: Sequence[torch.Tensor], stats: dict[float, Sequence[tupl
             state[f"bn[{float(w)!r}].{j}.mean"], state[f"bn[{float(w)!r}].{j}.var"] = mean.detach().clone(), var.detach().clone()
     state["calibrated"] = torch.tensor(1.0 if calibrated else 0.0)
     return state
+
+
+def widths_calibrated(state: dict[str, torch.Tensor]) -> bool:
+    """Whether a :func:`width_state` holds measured statistics of its narrower widths (some client trained them)."""
+    return float(state["calibrated"]) > 0
 
 
 def train_widths(

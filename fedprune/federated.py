@@ -560,8 +560,10 @@ class FederatedPruning:
         """The sub-network's dynamic state of method ``widths`` once fine-tuning measured its widths, else None."""
         if not (self.cfg.dynamic.enabled and self.cfg.dynamic.method == "widths"):
             return None
+        from fedprune.dynamic import widths_calibrated
+
         state = self.gates.get(mask.key())
-        return state if state is not None and float(state["calibrated"]) > 0 else None
+        return state if state is not None and widths_calibrated(state) else None
 
     def calibrate_bn(self, round_num: int) -> dict:
         """Static BN (HeteroFL) after the last round: the clients of the final evaluation
@@ -1052,11 +1054,11 @@ class FederatedPruning:
 
     def cascade_report(self, mask: StructuredMask, model: torch.nn.Module) -> dict:
         """``profiles.<name>.dynamic`` of method ``widths``: the early-exit cascade over the sub-network's nested widths."""
-        from fedprune.dynamic import NestedWidthCNN, WidthCascade, cascade_latency_ms, evaluate_cascade
+        from fedprune.dynamic import NestedWidthCNN, WidthCascade, cascade_latency_ms, evaluate_cascade, widths_calibrated
 
         ev, dyn = self.cfg.eval, self.cfg.dynamic
         state = self.gates[mask.key()]
-        if float(state["calibrated"]) <= 0:  # no fine-tuning round trained it (e.g. finetune_rounds = 0)
+        if not widths_calibrated(state):  # no fine-tuning round trained it (e.g. finetune_rounds = 0)
             return {"method": "widths", "calibrated": False, "note": "no client trained this sub-network's widths: nothing to report"}
         res = evaluate_cascade(NestedWidthCNN.from_dynamic_state(model, state, dyn.round_to), dyn.widths, self.test_loader, dyn.thresholds)
         stages, rows = res["stages"], res["rows"]
