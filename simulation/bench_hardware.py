@@ -314,7 +314,8 @@ def budget_section(per_seed: list[dict], cfg, args, n_test: int | None, scale: f
                   "only; the dense references are retrained with the same seeds). At the default budgets all allocations prune "
                   "only 20-40% of channels and end within a point of each other; a tighter budget forces each allocation "
                   "to choose which layers to thin.", ""]
-    lines += [
+    if scale == 1.0:  # the method, once; later sections say "as above"
+        lines += [
         f"{cfg.model.name} on the CIFAR-10 subset ({n_test} test images; one accuracy point = {n_test / 100:.1f} images); "
         f"{cfg.train.epochs} dense epochs, {cfg.pruning.criterion} importance, one-shot pruning to each profile's budgets "
         f"(configs/profiles.toml; 'layers weighted by sensitivity': each layer's lost log-share of importance times "
@@ -329,7 +330,8 @@ def budget_section(per_seed: list[dict], cfg, args, n_test: int | None, scale: f
         f"latency budget timed again after all runs, all in one session ({RETIME_PASSES} passes over all of them, median; bytes and MACs as "
         "counted), with the re-timed values of those that miss: batch-1 timings of ~0.5 ms on this VM move by 20-35% from one "
         "minute to the next, so a miss in 'met' alone may be the minute, not the width.",
-        "",
+        ""]
+    lines += [
         f"Dense references: {fmt_mean_std(r['dense']['accuracy'] for r in per_seed)} after {first['dense']['epochs']} epochs, "
         f"{fmt_mean_std(r['dense same budget']['accuracy'] for r in per_seed)} after {first['dense same budget']['epochs']} epochs (same total budget).",
         "",
@@ -394,6 +396,7 @@ def main(argv=None) -> int:
                         help="equal-budget comparisons to run: each profile's latency budgets times each scale (1 = configs/profiles.toml; "
                              "other scales run the profiles with a latency budget only)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["lut", "budgets"])
+    parser.add_argument("--render-only", action="store_true", help="write OUT/hardware.md again from OUT/hardware.json (same numbers)")
     parser.add_argument("--runs-dir", default=str(ROOT / "runs/bench_hardware"))
     args = parser.parse_args(argv)
     for scale in args.latency_scales:
@@ -409,6 +412,13 @@ def main(argv=None) -> int:
         "eval": {"latency_threads": args.threads, "latency_repeats": args.latency_repeats},
     })
     out = Path(args.out)
+    if args.render_only:  # the tables again from the last run's JSON: nothing is trained or timed
+        saved = json.loads((out / "hardware.json").read_text())
+        sections = {float(k): v for k, v in {"1": saved["seeds"], **saved["scaled"]}.items() if v}
+        args.seeds, args.threads = saved["args"]["seeds"], saved["args"]["threads"]  # as the run had them
+        write_text(out / "hardware.md", render(saved["lut"], sections, cfg, args, saved["n_test"]))
+        print((out / "hardware.md").read_text())
+        return 0
     os.environ["FEDPRUNE_CACHE_DIR"] = args.runs_dir  # every latency table of this run lives (fresh) under RUNS_DIR/lut
     lut = None if "lut" in args.skip else lut_accuracy(cfg, args.threads, args.latency_repeats, Path(args.runs_dir) / "lut")
     sections, n_test = {}, None
