@@ -72,6 +72,9 @@ ALLOCATIONS = SPARSITY_ALLOCATIONS + BUDGET_ALLOCATIONS
 BUDGET_OBJECTIVES = ("log", "sum")
 #: Dynamic per-input pruning (fedprune.dynamic): FBS-style channel gates, or adaptive width (early-exit cascade).
 DYNAMIC_METHODS = ("gates", "widths")
+#: How a cascade stage's confidence is read from its logits (fedprune.dynamic.exit_confidence): top-1 minus
+#: top-2 softmax probability, or the top softmax probability.
+EXIT_RULES = ("margin", "max_prob")
 #: Largest ``pruning.budget_sensitivity``: the power on the layer-sensitivity weights.
 MAX_BUDGET_SENSITIVITY = 4.0
 #: Allowed profile budget keys -> (what is limited, unit). Latencies are device estimates:
@@ -219,11 +222,16 @@ class DynamicConfig:
     method: str = _spec("gates", choices=DYNAMIC_METHODS, doc="'gates': FBS-style per-channel gates at fixed budgets; 'widths': adaptive "
                         "width per input, an early-exit cascade over nested widths that clients train during fine-tuning")
     widths: list = _spec([0.5, 1.0], doc="method 'widths': the cascade's widths (fraction of each conv layer's channels), ascending, the last 1")
-    thresholds: list = _spec([0.5, 0.7, 0.9], doc="method 'widths': exit thresholds (top softmax probability) reported per profile")
+    exit_rule: str = _spec("margin", choices=EXIT_RULES, doc="method 'widths': an input stops at a width when this confidence reaches "
+                           "the threshold: 'margin' (top-1 minus top-2 softmax probability) or 'max_prob' (top softmax probability)")
+    thresholds: list = _spec([0.1, 0.2, 0.4], doc="method 'widths': exit thresholds (confidences in [0, 1], by dynamic.exit_rule) reported per profile")
+    narrow_ce: float = _spec(0.5, lo=0.0, doc="method 'widths': weight of each narrower width's cross-entropy in the sandwich loss "
+                             "(the full width's weighs 1)")
+    width_distill: float = _spec(0.0, lo=0.0, doc="method 'widths': weight of each narrower width's distillation from the full width")
     latency_inputs: int = _spec(64, lo=1, doc="method 'widths': test images timed per variant for the cascade's mean batch-1 latency")
     epochs: int = _spec(1, lo=0, doc="method 'gates': local gate-training epochs per fine-tune round (static sub-network frozen)")
     lr: float = _spec(1e-3, lo=0.0, lo_open=True, doc="method 'gates': gate-training learning rate (widths train in the fine-tuning itself)")
-    distill: float = _spec(1.0, lo=0.0, doc="weight of distillation from the full-budget sub-network")
+    distill: float = _spec(1.0, lo=0.0, doc="method 'gates': weight of distillation from the full-budget sub-network")
     train_budgets: list = _spec([0.5, 0.75], doc="budgets cycled over the gate-training steps, each in (0, 1]")
     eval_budgets: list = _spec([1.0, 0.9, 0.8, 0.7, 0.6, 0.5], doc="budgets reported per profile, each in (0, 1]")
     gated_layers: list = _spec([], doc="indices of the gated conv blocks; [] = all but the last")
@@ -459,7 +467,7 @@ def _check_cross_field(cfg: ExperimentConfig) -> None:
     thresholds = cfg.dynamic.thresholds
     if (not thresholds or any(isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1 for t in thresholds)
             or len(set(thresholds)) != len(thresholds)):
-        raise ConfigError(f"config key 'dynamic.thresholds' = {thresholds!r} must be a non-empty list of distinct probabilities in [0, 1]")
+        raise ConfigError(f"config key 'dynamic.thresholds' = {thresholds!r} must be a non-empty list of distinct confidences in [0, 1]")
     if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in cfg.dynamic.gated_layers):
         raise ConfigError(f"config key 'dynamic.gated_layers' = {cfg.dynamic.gated_layers!r} must list conv block indices >= 0")
     if cfg.dynamic.enabled and cfg.model.name != "seed_cnn":

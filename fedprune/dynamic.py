@@ -29,9 +29,10 @@ shares one sub-network's weights among nested widths (the first ``w`` of
 each conv layer's channels in a given order), :func:`train_widths` trains
 them all at once (sandwich rule), and a :class:`WidthCascade` runs an input
 at the narrowest width first and only goes wider when the answer is not
-confident (early exit). Each width is extracted as a physically smaller
-network, so no per-input gather is needed; :func:`cascade_outcome` and
-:func:`cascade_latency_ms` measure accuracy, executed MACs and latency.
+confident (early exit; how confidence is read: :func:`exit_confidence`).
+Each width is extracted as a physically smaller network, so no per-input
+gather is needed; :func:`cascade_outcome` and :func:`cascade_latency_ms`
+measure accuracy, executed MACs and latency.
 """
 
 from __future__ import annotations
@@ -49,10 +50,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fedprune.config import EXIT_RULES
 from fedprune.training import TrainConfig, recalibrate_bn, train
 
 __all__ = ["ChannelGate", "GatedCNN", "GatedStats", "keep_count", "train_gates", "evaluate_gated", "gated_latency_ms",
-           "NestedWidthCNN", "check_distinct_widths", "width_state", "widths_calibrated", "train_widths", "WidthCascade", "stage_logits", "cascade_outcome", "evaluate_cascade", "threshold_for_macs",
+           "NestedWidthCNN", "check_distinct_widths", "width_state", "widths_calibrated", "train_widths", "EXIT_RULES", "check_exit_rule", "exit_confidence", "WidthCascade", "stage_logits", "cascade_outcome", "evaluate_cascade", "threshold_for_macs",
            "cascade_latency_ms"]
 
 
@@ -616,9 +618,9 @@ def train_widths(
     loader,
     cfg: TrainConfig,
     widths: Sequence[float],
-    distill: float = 1.0,
+    distill: float = 0.0,
     temperature: float = 2.0,
-    narrow_ce: float = 1.0,
+    narrow_ce: float = 0.5,
 ) -> dict[str, float | int]:
     """Train the shared weights so that every width of ``widths`` works (the sandwich rule of slimmable networks).
 
@@ -626,10 +628,15 @@ def train_widths(
     updating the running statistics, exactly as plain fine-tuning does), plus
     for each narrower width ``narrow_ce`` x its cross-entropy and ``distill``
     x the distillation loss to the full width's detached outputs (in-place
-    distillation; ``narrow_ce = 0`` is distillation alone, as in US-Nets). Calibrated statistics of narrower widths no longer fit
-    the new weights and are dropped: call :meth:`NestedWidthCNN.calibrate_bn`
-    afterwards. The loop is :func:`fedprune.training.train`. Returns
-    ``{"loss": mean loss of the last epoch, "steps", "examples"}``.
+    distillation; ``narrow_ce = 0`` is distillation alone, as in US-Nets).
+    The defaults (half-weight cross-entropy, no distillation) protect the
+    full width: in benchmarks/dynamic.md (3 epochs, 5 seeds) it ends 0.2
+    points below plain fine-tuning, against 1.1 points with ``narrow_ce =
+    distill = 1``, and the narrow width is as good.
+    Calibrated statistics of narrower widths no longer fit the new weights
+    and are dropped: call :meth:`NestedWidthCNN.calibrate_bn` afterwards.
+    The loop is :func:`fedprune.training.train`. Returns ``{"loss": mean
+    loss of the last epoch, "steps", "examples"}``.
     """
     if not widths:
         raise ValueError("train_widths needs at least one width")
@@ -650,12 +657,36 @@ def train_widths(
     return train(net, loader, cfg, loss_fn=loss_fn)
 
 
+def check_exit_rule(rule: str) -> str:
+    """``rule`` if it is one of :data:`EXIT_RULES`, else ``ValueError`` naming it and the allowed ones."""
+    if rule not in EXIT_RULES:
+        raise ValueError(f"exit rule must be one of {EXIT_RULES}, got {rule!r}")
+    return rule
+
+
+def exit_confidence(logits: torch.Tensor, rule: str = "margin") -> torch.Tensor:
+    """Per input, a stage's confidence in its answer, in [0, 1], from logits ``(N, classes)``.
+
+    ``"margin"``: the top softmax probability minus the second one (an input
+    torn between two classes counts as unsure even when both are likely);
+    ``"max_prob"``: the top softmax probability (the classic early-exit rule).
+    On the CIFAR-10 subset the margin sends the same share of inputs to the
+    wider stage with fewer errors left behind (benchmarks/dynamic.md).
+    """
+    check_exit_rule(rule)
+    probs = torch.softmax(logits, dim=1)
+    if rule == "max_prob" or probs.shape[1] < 2:
+        return probs.amax(dim=1)
+    top2 = probs.topk(2, dim=1).values
+    return top2[:, 0] - top2[:, 1]
+
+
 class WidthCascade:
     """Per-input adaptive width: an early-exit cascade over static networks of growing width.
 
-    An input runs the first (narrowest) stage; if its top softmax
-    probability reaches ``threshold`` that answer stands, else the next stage
-    runs, and the last stage always answers. Easy inputs thus stop at a
+    An input runs the first (narrowest) stage; if its confidence
+    (:func:`exit_confidence` by ``rule``) reaches ``threshold`` that answer
+    stands, else the next stage runs, and the last stage always answers. Easy inputs thus stop at a
     fraction of the channels, hard ones get the whole sub-network. Each stage
     is a plain, physically smaller network (e.g. :meth:`NestedWidthCNN.extract`),
     so nothing is gathered per input and a stage runs as fast as any pruned
@@ -663,22 +694,24 @@ class WidthCascade:
     (:attr:`stage_macs`, batch-1 multiply-accumulates; the softmax is not counted).
     """
 
-    def __init__(self, stages: Sequence[nn.Module], threshold: float, stage_macs: Sequence[int] | None = None):
+    def __init__(self, stages: Sequence[nn.Module], threshold: float, stage_macs: Sequence[int] | None = None, rule: str = "margin"):
         from fedprune.metrics import count_macs
 
         if not stages:
             raise ValueError("a cascade needs at least one stage")
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) or threshold < 0:
-            raise ValueError(f"threshold must be a finite number >= 0 (a softmax probability; above 1 = always the last stage), got {threshold!r}")
+            raise ValueError(f"threshold must be a finite number >= 0 (a confidence in [0, 1]; above 1 = always the last stage), got {threshold!r}")
+        check_exit_rule(rule)
         self.stages = [m.eval() for m in stages]
         self.threshold = float(threshold)
+        self.rule = rule
         self.stage_macs = [int(m) for m in stage_macs] if stage_macs is not None else [count_macs(m) for m in self.stages]
 
     def deployed(self) -> "WidthCascade":
         """The same cascade with every stage in deployment form (BN folded, channels_last), for timing."""
         from fedprune.metrics import deployment_form
 
-        return WidthCascade([deployment_form(m) for m in self.stages], self.threshold, self.stage_macs)
+        return WidthCascade([deployment_form(m) for m in self.stages], self.threshold, self.stage_macs, self.rule)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -688,7 +721,7 @@ class WidthCascade:
         last = len(self.stages) - 1
         for i, stage in enumerate(self.stages):
             logits = stage(x)
-            if i == last or float(torch.softmax(logits, dim=1).max()) >= self.threshold:
+            if i == last or float(exit_confidence(logits, self.rule)) >= self.threshold:
                 return logits, i
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -705,26 +738,27 @@ def stage_logits(stages: Sequence[nn.Module], loader) -> tuple[list[torch.Tensor
     return [torch.cat(o) for o in outs], torch.cat(labels)
 
 
-def _exit_stage(logits: Sequence[torch.Tensor], threshold: float) -> torch.Tensor:
-    """Per input, the stage that answers in a cascade with ``threshold`` (see :class:`WidthCascade`)."""
+def _exit_stage(logits: Sequence[torch.Tensor], threshold: float, rule: str = "margin") -> torch.Tensor:
+    """Per input, the stage that answers in a cascade with ``threshold`` and ``rule`` (see :class:`WidthCascade`)."""
     n, last = logits[0].shape[0], len(logits) - 1
     stage = torch.full((n,), last, dtype=torch.long)
     undecided = torch.ones(n, dtype=torch.bool)
     for i in range(last):
-        take = undecided & (torch.softmax(logits[i], dim=1).amax(dim=1) >= threshold)
+        take = undecided & (exit_confidence(logits[i], rule) >= threshold)
         stage[take] = i
         undecided &= ~take
     return stage
 
 
-def cascade_outcome(logits: Sequence[torch.Tensor], labels: torch.Tensor, stage_macs: Sequence[int], threshold: float) -> dict:
-    """What a :class:`WidthCascade` with ``threshold`` does on inputs whose per-stage logits are ``logits``.
+def cascade_outcome(logits: Sequence[torch.Tensor], labels: torch.Tensor, stage_macs: Sequence[int], threshold: float,
+                    rule: str = "margin") -> dict:
+    """What a :class:`WidthCascade` with ``threshold`` and ``rule`` does on inputs whose per-stage logits are ``logits``.
 
     Returns ``threshold``, ``accuracy``, ``macs`` (mean executed per input) and
     ``exits`` (fraction of inputs answered by each stage). The decisions equal running the
     cascade input by input.
     """
-    stage = _exit_stage(logits, threshold)
+    stage = _exit_stage(logits, threshold, rule)
     stacked = torch.stack([l.argmax(dim=1) for l in logits])  # (stages, N)
     pred = stacked.gather(0, stage[None]).squeeze(0)
     cost = torch.tensor(stage_macs, dtype=torch.float64).cumsum(0)[stage]
@@ -736,8 +770,8 @@ def cascade_outcome(logits: Sequence[torch.Tensor], labels: torch.Tensor, stage_
     }
 
 
-def evaluate_cascade(net: NestedWidthCNN, widths: Sequence[float], loader, thresholds: Sequence[float]) -> dict:
-    """Each width of ``net`` extracted, run on ``loader``, and the cascade over them at each threshold.
+def evaluate_cascade(net: NestedWidthCNN, widths: Sequence[float], loader, thresholds: Sequence[float], rule: str = "margin") -> dict:
+    """Each width of ``net`` extracted, run on ``loader``, and the cascade over them at each threshold (exit ``rule``).
 
     Returns ``widths``, ``stage_macs`` (per width, batch-1 MACs), ``width_accuracy``
     (each width alone), ``rows`` (:func:`cascade_outcome` per threshold) and
@@ -745,6 +779,7 @@ def evaluate_cascade(net: NestedWidthCNN, widths: Sequence[float], loader, thres
     """
     from fedprune.metrics import count_macs
 
+    check_exit_rule(rule)
     net.check_widths(widths)
     stages = [net.extract(w) for w in widths]
     macs = [count_macs(m) for m in stages]
@@ -753,12 +788,12 @@ def evaluate_cascade(net: NestedWidthCNN, widths: Sequence[float], loader, thres
         "widths": [float(w) for w in widths],
         "stage_macs": macs,
         "width_accuracy": [float((lg.argmax(1) == labels).double().mean()) for lg in logits],
-        "rows": [cascade_outcome(logits, labels, macs, t) for t in thresholds],
+        "rows": [cascade_outcome(logits, labels, macs, t, rule) for t in thresholds],
         "stages": stages,
     }
 
 
-def threshold_for_macs(logits: Sequence[torch.Tensor], stage_macs: Sequence[int], target_macs: float) -> float:
+def threshold_for_macs(logits: Sequence[torch.Tensor], stage_macs: Sequence[int], target_macs: float, rule: str = "margin") -> float:
     """A threshold whose mean executed MACs on these inputs stay within ``target_macs`` (MACs per input), sending as
     many inputs to wider stages as the target allows.
 
@@ -774,8 +809,8 @@ def threshold_for_macs(logits: Sequence[torch.Tensor], stage_macs: Sequence[int]
     if len(logits) < 2:
         return 0.0
     cum = torch.tensor(stage_macs, dtype=torch.float64).cumsum(0)
-    macs = lambda t: float(cum[_exit_stage(logits, t)].mean())  # noqa: E731
-    conf = torch.unique(torch.cat([torch.softmax(lg, dim=1).amax(dim=1) for lg in logits[:-1]]).double()).tolist()
+    macs = lambda t: float(cum[_exit_stage(logits, t, rule)].mean())  # noqa: E731
+    conf = torch.unique(torch.cat([exit_confidence(lg, rule) for lg in logits[:-1]]).double()).tolist()
     candidates = [0.0] + conf + [1.0 + 1e-6]  # 0: every input stops at the first stage; above 1: none does
     lo, hi = 0, len(candidates) - 1  # invariant: macs(candidates[lo]) <= target < macs(candidates[hi])
     if macs(candidates[hi]) <= target_macs:

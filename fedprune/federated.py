@@ -1060,7 +1060,8 @@ class FederatedPruning:
         state = self.gates[mask.key()]
         if not widths_calibrated(state):  # no fine-tuning round trained it (e.g. finetune_rounds = 0)
             return {"method": "widths", "calibrated": False, "note": "no client trained this sub-network's widths: nothing to report"}
-        res = evaluate_cascade(NestedWidthCNN.from_dynamic_state(model, state, dyn.round_to), dyn.widths, self.test_loader, dyn.thresholds)
+        res = evaluate_cascade(NestedWidthCNN.from_dynamic_state(model, state, dyn.round_to), dyn.widths, self.test_loader, dyn.thresholds,
+                               dyn.exit_rule)
         stages, rows = res["stages"], res["rows"]
         out = {
             "method": "widths",
@@ -1068,16 +1069,18 @@ class FederatedPruning:
             "widths": res["widths"],
             "width_accuracy": res["width_accuracy"],
             "stage_macs": res["stage_macs"],
+            "exit_rule": dyn.exit_rule,
             "thresholds": [r["threshold"] for r in rows],
             "accuracy": [r["accuracy"] for r in rows],
             "macs": [r["macs"] for r in rows],
             "exits": [r["exits"] for r in rows],
-            "note": "an input runs the widths in turn until its top softmax probability reaches the threshold; "
+            "note": "an input runs the widths in turn until its confidence (exit_rule: 'margin' = top-1 minus top-2 softmax "
+                    "probability, 'max_prob' = top softmax probability) reaches the threshold; "
                     "MACs per input are the sum over the widths it ran; latency is the mean ms per test image",
         }
         if ev.latency:
             images = list(itertools.islice((x[None] for batch, _ in self.test_loader for x in batch), dyn.latency_inputs))
-            lat = cascade_latency_ms(stages[-1], {f"{t:g}": WidthCascade(stages, t) for t in dyn.thresholds}, images, ev.latency_threads)
+            lat = cascade_latency_ms(stages[-1], {f"{t:g}": WidthCascade(stages, t, rule=dyn.exit_rule) for t in dyn.thresholds}, images, ev.latency_threads)
             out["latency_ms_b1"] = {"static": lat["static"], "cascade": [lat[f"{t:g}"] for t in dyn.thresholds]}
         return out
 

@@ -254,7 +254,7 @@ def client_train(
     if epochs <= 0:
         out = {"loss": float("nan")}
     elif nested is not None:
-        out = train_widths(nested, loader, tc, dyn.widths, dyn.distill)
+        out = train_widths(nested, loader, tc, dyn.widths, dyn.width_distill, narrow_ce=dyn.narrow_ce)
     elif inner_masks:
         groups = model_groups(cfg)
         local = [inner_channel_masks(mask, m, groups) for m in inner_masks]

@@ -14,11 +14,12 @@ Cosine LR in every phase.
 Second mechanism, adaptive width per input (an early-exit cascade): the
 static sub-network's channels are ordered by importance and trained for the
 same G epochs so that every channel prefix of the listed widths works on its
-own (sandwich rule, in-place distillation; fedprune.dynamic.train_widths).
-At inference an input runs the narrowest width first and stops there when
-its top softmax probability reaches a threshold, else it runs the next
-width; each width is a physically smaller static network, so nothing is
-gathered per input.
+own (sandwich rule: the narrower widths' cross-entropy at half weight;
+fedprune.dynamic.train_widths). At inference an input runs the narrowest
+width first and stops there when its confidence (by default the margin
+between its two most probable classes) reaches a threshold, else it runs
+the next width; each width is a physically smaller static network, so
+nothing is gathered per input.
 
 Reported per budget (gates) or threshold (cascade): test accuracy (mean ± std
 over seeds), MACs executed per input (gates: sliced batch-1 path, gate
@@ -45,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fedprune.centralized import prune_experiment, train_dense  # noqa: E402
-from fedprune.config import load_config  # noqa: E402
+from fedprune.config import EXIT_RULES, load_config  # noqa: E402
 from fedprune.data import make_loader  # noqa: E402
 from fedprune.dynamic import (GatedCNN, NestedWidthCNN, WidthCascade, cascade_latency_ms, evaluate_cascade, evaluate_gated,  # noqa: E402
                               gated_latency_ms, train_gates, train_widths)
@@ -57,6 +58,9 @@ from fedprune.task import load_data, make_train_fn, model_groups, train_config  
 from fedprune.training import evaluate, set_seed  # noqa: E402
 
 log = logging.getLogger("bench_dynamic")
+#: Cascade thresholds reported by default, per exit rule (a fixed grid: nothing is tuned on the test images).
+DEFAULT_THRESHOLDS = {"margin": [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5], "max_prob": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]}
+RULE_WORDS = {"margin": "margin of confidence (top-1 minus top-2 softmax probability)", "max_prob": "top softmax probability"}
 
 
 def run_seed(cfg, seed: int, data, args) -> dict:
@@ -101,9 +105,9 @@ def width_cascade(c, seed: int, static, train_loader, calib_loader, test_loader,
     """Adaptive width: order the static sub-network's channels, train its widths G epochs, then run the cascade per threshold."""
     set_seed(seed + 7)
     net = NestedWidthCNN(copy.deepcopy(static), round_to=args.round_to)
-    stats = train_widths(net, train_loader, train_config(c, epochs=args.gate_epochs), args.widths, args.distill, narrow_ce=args.narrow_ce)
+    stats = train_widths(net, train_loader, train_config(c, epochs=args.gate_epochs), args.widths, args.width_distill, narrow_ce=args.narrow_ce)
     net.calibrate_bn(calib_loader, args.widths)  # each narrower width's own BatchNorm statistics, on the training images
-    out = evaluate_cascade(net, args.widths, test_loader, args.thresholds)
+    out = evaluate_cascade(net, args.widths, test_loader, args.thresholds, args.exit_rule)
     return {**{k: v for k, v in out.items() if k != "stages"}, "train": stats, "_stages": out["stages"]}
 
 
@@ -157,9 +161,10 @@ def render(per_seed: list[dict], lat: dict, args, cfg, n_test: int) -> str:
         f"The static sub-network's channels ranked per layer by BN-scaled weight norm, then trained {args.gate_epochs} epochs so that the top "
         f"{', '.join(f'{100 * w:g}%' for w in widths)} of every conv layer's channels work on their own (sandwich rule: every step the full "
         f"width with cross-entropy plus each narrower width with cross-entropy (weight {args.narrow_ce:g}) and distillation from the full width "
-        f"(weight {args.distill:g}); "
+        f"(weight {args.width_distill:g}); "
         f"narrower widths normalise with batch statistics in training and with their own BatchNorm statistics, measured on the training "
-        f"images, at inference). An input runs width {widths[0]:g} first and stops when its top softmax probability reaches the threshold; "
+        f"images, at inference). An input runs width {widths[0]:g} first and stops when its {RULE_WORDS[args.exit_rule]} reaches the threshold "
+        f"(thresholds a fixed grid, the same for every seed); "
         f"otherwise it runs the next width from the start (no reuse), so its MACs are the sum of the widths it ran "
         f"({', '.join(f'{m / 1e6:.2f} M' for m in cas['stage_macs'])}). Latency: mean batch-1 ms per test image over "
         f"{args.latency_inputs} test images (median of {args.latency_passes} passes each), the cascade's stages and the static sub-network in "
@@ -225,13 +230,18 @@ def main(argv=None) -> int:
     parser.add_argument("--train-threads", type=int, default=2)
     parser.add_argument("--latency-repeats", type=int, default=100)
     parser.add_argument("--widths", type=float, nargs="+", default=[0.5, 1.0], help="cascade widths, narrowest first, the last 1")
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], help="cascade exit thresholds")
-    parser.add_argument("--narrow-ce", type=float, default=1.0, help="weight of the narrower widths' cross-entropy (0: distillation alone)")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=None,
+                        help="cascade exit thresholds (default: 0.05-0.5 for --exit-rule margin, 0.2-0.9 for max_prob)")
+    parser.add_argument("--exit-rule", choices=EXIT_RULES, default="margin", help="confidence an input must reach to stop at a narrower width")
+    parser.add_argument("--narrow-ce", type=float, default=0.5, help="weight of the narrower widths' cross-entropy (0: distillation alone)")
+    parser.add_argument("--width-distill", type=float, default=0.0, help="weight of the narrower widths' distillation from the full width")
     parser.add_argument("--latency-inputs", type=int, default=200, help="test images timed per variant for the cascade latency")
     parser.add_argument("--latency-passes", type=int, default=5)
     args = parser.parse_args(argv)
     if sorted(args.widths) != args.widths or args.widths[-1] != 1.0 or args.widths[0] <= 0:
         parser.error(f"--widths {args.widths} must ascend in (0, 1] and end with 1")
+    if args.thresholds is None:
+        args.thresholds = DEFAULT_THRESHOLDS[args.exit_rule]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     profiles = load_config(None).profiles
     cfg = load_config(ROOT / "configs/centralized.toml", {
@@ -248,7 +258,7 @@ def main(argv=None) -> int:
     lat = gated_latency_ms(per_seed[0]["_gated"], args.budgets, args.threads, repeats=args.latency_repeats)
     images = [x[None] for x in torch.cat([x for x, _ in make_loader(data[1], 256, train=False)])[: args.latency_inputs]]
     stages = per_seed[0]["_stages"]
-    cas_lat = cascade_latency_ms(stages[-1], {f"cascade@{t:g}": WidthCascade(stages, t) for t in args.thresholds}, images, args.threads,
+    cas_lat = cascade_latency_ms(stages[-1], {f"cascade@{t:g}": WidthCascade(stages, t, rule=args.exit_rule) for t in args.thresholds}, images, args.threads,
                                  args.latency_passes)
     lat.update({k: v for k, v in cas_lat.items() if k != "static"})
     lat["static_mean_per_image"] = cas_lat["static"]

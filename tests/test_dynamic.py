@@ -251,7 +251,20 @@ def test_train_widths_leaves_narrow_passes_out_of_the_running_statistics(static)
     assert not torch.equal(net.model.features[1].running_mean, before)
 
 
-def test_cascade_matches_batched_outcome_and_thresholds_order_macs(nested) -> None:
+def test_exit_confidence_on_hand_made_logits() -> None:
+    from fedprune.dynamic import exit_confidence
+
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.45, 0.45, 0.1], [1 / 3, 1 / 3, 1 / 3]])
+    logits = probs.log() + 5.0  # softmax is shift-invariant: these logits give exactly these probabilities
+    assert exit_confidence(logits, "max_prob").tolist() == pytest.approx([0.7, 0.45, 1 / 3])
+    assert exit_confidence(logits, "margin").tolist() == pytest.approx([0.5, 0.0, 0.0], abs=1e-6)  # a tie between two classes is unsure
+    assert exit_confidence(torch.zeros(2, 1), "margin").tolist() == [1.0, 1.0]  # one class: always sure
+    with pytest.raises(ValueError, match=r"exit rule must be one of \('margin', 'max_prob'\), got 'entropy'"):
+        exit_confidence(logits, "entropy")
+
+
+@pytest.mark.parametrize("rule", ["margin", "max_prob"])
+def test_cascade_matches_batched_outcome_and_thresholds_order_macs(nested, rule) -> None:
     from fedprune.data import make_loader, make_synthetic
     from fedprune.dynamic import WidthCascade, cascade_outcome, stage_logits, threshold_for_macs
 
@@ -259,11 +272,12 @@ def test_cascade_matches_batched_outcome_and_thresholds_order_macs(nested) -> No
     loader = make_loader(make_synthetic(48, seed=3), 16, train=False)
     logits, labels = stage_logits(stages, loader)
     macs = WidthCascade(stages, 0.5).stage_macs
-    confidences = torch.softmax(logits[0], 1).amax(1)
+    top2 = torch.softmax(logits[0], 1).topk(2, dim=1).values
+    confidences = top2[:, 0] - top2[:, 1] if rule == "margin" else top2[:, 0]
     ranked = confidences.sort().values
     threshold = float(ranked[23] + ranked[24]) / 2  # between two inputs: batch-vs-single rounding cannot flip one
-    out = cascade_outcome(logits, labels, macs, threshold)
-    cascade = WidthCascade(stages, threshold)
+    out = cascade_outcome(logits, labels, macs, threshold, rule)
+    cascade = WidthCascade(stages, threshold, rule=rule)
     xs = torch.cat([x for x, _ in loader])
     per_input = [cascade(x[None]) for x in xs]
     assert [s for _, s in per_input] == [int(c < threshold) for c in confidences]  # stage 0 answers when confident
@@ -275,15 +289,17 @@ def test_cascade_matches_batched_outcome_and_thresholds_order_macs(nested) -> No
     full = cascade_outcome(logits, labels, macs, 1.01)
     assert full["macs"] == sum(macs) and full["accuracy"] == pytest.approx(float((logits[1].argmax(1) == labels).double().mean()))
     # MACs never fall as the threshold grows; the chosen threshold meets its target
-    grid = [cascade_outcome(logits, labels, macs, t)["macs"] for t in np.linspace(0, 1, 11)]
+    grid = [cascade_outcome(logits, labels, macs, t, rule)["macs"] for t in np.linspace(0, 1, 11)]
     assert all(a <= b for a, b in zip(grid, grid[1:]))
     for target in (macs[0], macs[0] + 0.3 * macs[1], sum(macs)):
-        t = threshold_for_macs(logits, macs, target)
-        assert cascade_outcome(logits, labels, macs, t)["macs"] <= target + 1e-6
+        t = threshold_for_macs(logits, macs, target, rule)
+        assert cascade_outcome(logits, labels, macs, t, rule)["macs"] <= target + 1e-6
     with pytest.raises(ValueError, match="below the first stage's"):
-        threshold_for_macs(logits, macs, macs[0] - 1)
+        threshold_for_macs(logits, macs, macs[0] - 1, rule)
     with pytest.raises(ValueError, match="threshold must be a finite number >= 0"):
         WidthCascade(stages, -0.1)
+    with pytest.raises(ValueError, match="exit rule must be one of"):
+        WidthCascade(stages, 0.5, rule="entropy")
     with pytest.raises(ValueError, match="one input at a time"):
         cascade(xs[:2])
 
@@ -336,8 +352,12 @@ def test_dynamic_widths_config_errors() -> None:
 
     with pytest.raises(ConfigError, match=r"'dynamic.widths' = \[0.5, 0.75\] must be distinct widths in \(0, 1\], ascending, the last 1"):
         load_config(None, ["dynamic.widths=[0.5, 0.75]"])
-    with pytest.raises(ConfigError, match=r"'dynamic.thresholds' = \[1.5\] must be a non-empty list of distinct probabilities"):
+    with pytest.raises(ConfigError, match=r"'dynamic.thresholds' = \[1.5\] must be a non-empty list of distinct confidences"):
         load_config(None, ["dynamic.thresholds=[1.5]"])
+    with pytest.raises(ConfigError, match=r"dynamic.exit_rule.*'entropy'.*margin.*max_prob"):
+        load_config(None, ["dynamic.exit_rule='entropy'"])
+    with pytest.raises(ConfigError, match=r"dynamic.narrow_ce.*-0.5"):
+        load_config(None, ["dynamic.narrow_ce=-0.5"])
     with pytest.raises(ConfigError, match=r"dynamic.method"):
         load_config(None, ["dynamic.method='early'"])
 
