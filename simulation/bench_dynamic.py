@@ -220,7 +220,7 @@ def main(argv=None) -> int:
     parser = benchmark_parser(__doc__, seeds=(0, 1, 2, 3, 4))
     parser.add_argument("--gate-epochs", type=int, default=3)
     parser.add_argument("--gate-lr", type=float, default=1e-3)
-    parser.add_argument("--distill", type=float, default=1.0)
+    parser.add_argument("--distill", type=float, default=1.0, help="gates: weight of distillation from the full budget")
     parser.add_argument("--frozen", action="store_true", help="train only the gates on the frozen sub-network (default: joint, sandwich rule)")
     parser.add_argument("--train-budgets", type=float, nargs="+", default=[0.5, 0.625, 0.75, 0.875])
     parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.875, 0.75, 0.625, 0.5])

@@ -330,7 +330,7 @@ def test_federated_adaptive_width_round_trip(tmp_path) -> None:
     assert len(run.gates) == 3
     for name, entry in res["profiles"].items():
         dyn = entry["dynamic"]
-        assert dyn["method"] == "widths" and dyn["thresholds"] == [0.0, 0.6, 1.0]
+        assert dyn["method"] == "widths" and dyn["thresholds"] == [0.0, 0.6, 1.0] and dyn["exit_rule"] == "margin"
         small, full = dyn["stage_macs"]
         assert small < full and full == entry["macs"]
         assert dyn["macs"][0] == small and dyn["exits"][0][0] == 1.0  # threshold 0: every input stops at width 0.5
