@@ -66,6 +66,7 @@ __all__ = [
     "evaluate_budgets",
     "budget_constraints",
     "device_factor",
+    "latency_batch",
     "HardwareModel",
 ]
 
@@ -950,7 +951,7 @@ class CostSpec:
     @property
     def batch_size(self) -> int | None:
         """Batch size of a latency budget (None for the others)."""
-        return int(self.key.rsplit("_b", 1)[1]) if self.key.startswith("latency_ms_b") else None
+        return latency_batch(self.key)
 
     def cost_fn(self, analytic: AnalyticCostModel, luts: Mapping[int, LatencyLUT] | None = None) -> CostFn:
         """``kept -> predicted value`` of this budget's metric."""
@@ -1002,6 +1003,11 @@ def budget_constraints(
 
 
 # ====================================================== host -> device, report
+def latency_batch(key: str) -> int | None:
+    """The batch size of latency budget key ``key`` (``latency_ms_b<N>``), or None for the other budget keys."""
+    return int(key.rsplit("_b", 1)[1]) if key.startswith("latency_ms_b") else None
+
+
 def device_factor(key: str, compute_speed: float) -> float:
     """Factor from a host value of budget metric ``key`` to the device's estimate.
 
@@ -1010,7 +1016,7 @@ def device_factor(key: str, compute_speed: float) -> float:
     as slow, so 1 host ms = 2 device ms); counts and bytes (MACs, params,
     flash, SRAM) do not depend on the device, factor 1.
     """
-    return 1.0 / compute_speed if key.startswith("latency_ms_b") else 1.0
+    return 1.0 / compute_speed if latency_batch(key) is not None else 1.0
 
 
 def _measured_value(key: str, model: nn.Module, host_latency_ms: Mapping[int, float] | None) -> float | None:
