@@ -360,8 +360,9 @@ def evaluate_gated(gated: GatedCNN, loader, budgets: Sequence[float], mac_inputs
 def gated_latency_ms(gated: GatedCNN, budgets: Sequence[float], threads: int | None = 1, warmup: int = 5, repeats: int = 50) -> dict[str, float]:
     """Median batch-1 latency (ms) of the static network (deployment form) and of the sliced gated path per budget.
 
-    All variants are timed round-robin on the same random inputs, so their
-    ratios are fair. Keys: ``"static"`` and ``"gated@<budget>"``.
+    All variants are timed side by side on the same random inputs, each in a
+    row (:func:`_side_by_side_ms`), so their ratios are fair. Keys:
+    ``"static"`` and ``"gated@<budget>"``.
     """
     from fedprune.metrics import deployment_form
 
@@ -371,26 +372,34 @@ def gated_latency_ms(gated: GatedCNN, budgets: Sequence[float], threads: int | N
     for b in budgets:
         runs[f"gated@{b:g}"] = lambda x, b=b: gated.forward_sliced(x, b)
     xs = [torch.randn(1, 3, 32, 32) for _ in range(8)]
-    times = _round_robin_ms(runs, xs, math.ceil(repeats / len(xs)), warmup, threads)
+    times = _side_by_side_ms(runs, xs, math.ceil(repeats / len(xs)), warmup, threads)
     return {k: statistics.median(t for per_input in v for t in per_input) for k, v in times.items()}
 
 
 @torch.no_grad()
-def _round_robin_ms(runs: dict[str, Callable[[torch.Tensor], Any]], inputs: Sequence[torch.Tensor], passes: int, warmup: int,
-                    threads: int | None) -> dict[str, list[list[float]]]:
-    """Times (ms) of every run on every input, ``passes`` times, round-robin (so drifts hit all runs alike):
-    ``times[name][input][pass]``, after ``warmup`` untimed passes over the first 8 inputs."""
+def _side_by_side_ms(runs: dict[str, Callable[[torch.Tensor], Any]], inputs: Sequence[torch.Tensor], passes: int, warmup: int,
+                     threads: int | None) -> dict[str, list[list[float]]]:
+    """Times (ms) of every run on every input, ``passes`` times: ``times[name][input][pass]``.
+
+    In each pass every run takes the inputs in a row, after ``warmup`` untimed
+    passes over the first 8 of them, so it finds its own weights in the caches,
+    as on a device that serves only this network (timing the runs input by
+    input instead would let runs that share weights find them warm while the
+    others find them cold). The runs' order is reversed on every other pass, so
+    drifts of the machine hit all of them alike.
+    """
     from fedprune.metrics import torch_threads
 
     times: dict[str, list[list[float]]] = {k: [[] for _ in inputs] for k in runs}
+    names = list(runs)
     with torch_threads(threads):
-        for _ in range(warmup):
-            for x in inputs[:8]:
-                for fn in runs.values():
-                    fn(x)
-        for _ in range(passes):
-            for j, x in enumerate(inputs):
-                for name, fn in runs.items():
+        for p in range(passes):
+            for name in names if p % 2 == 0 else names[::-1]:
+                fn = runs[name]
+                for _ in range(warmup):
+                    for x in inputs[:8]:
+                        fn(x)
+                for j, x in enumerate(inputs):
                     t0 = time.perf_counter()
                     fn(x)
                     times[name][j].append((time.perf_counter() - t0) * 1e3)
@@ -708,11 +717,19 @@ class WidthCascade:
         self.rule = rule
         self.stage_macs = [int(m) for m in stage_macs] if stage_macs is not None else [count_macs(m) for m in self.stages]
 
-    def deployed(self) -> "WidthCascade":
-        """The same cascade with every stage in deployment form (BN folded, channels_last), for timing."""
+    def deployed(self, copies: dict[int, nn.Module] | None = None) -> "WidthCascade":
+        """The same cascade with every stage in deployment form (BN folded, channels_last), for timing.
+
+        ``copies`` (stage ``id`` -> deployed copy) lets cascades that share stage networks, e.g. one per
+        threshold, share their deployed copies too (new copies are added to it).
+        """
         from fedprune.metrics import deployment_form
 
-        return WidthCascade([deployment_form(m) for m in self.stages], self.threshold, self.stage_macs, self.rule)
+        copies = {} if copies is None else copies
+        for m in self.stages:
+            if id(m) not in copies:
+                copies[id(m)] = deployment_form(m)
+        return WidthCascade([copies[id(m)] for m in self.stages], self.threshold, self.stage_macs, self.rule)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -837,13 +854,16 @@ def cascade_latency_ms(
     """Mean batch-1 latency (ms per input) over ``inputs`` of ``static`` (deployment form) and of each cascade (stages deployed).
 
     The inputs should be real images: a cascade's cost depends on where each
-    one exits. Every input is timed on every variant round-robin, ``passes``
-    times; per input the median pass counts, and the result is the mean over
-    inputs. Keys: ``"static"`` and the names of ``cascades``.
+    one exits. Every input is timed on every variant ``passes`` times, each
+    variant taking the inputs in a row, as a device that serves one network
+    does (:func:`_side_by_side_ms`); per input the median pass counts, and the
+    result is the mean over inputs. Cascades that share a stage network share
+    its one deployed copy. Keys: ``"static"`` and the names of ``cascades``.
     """
     from fedprune.metrics import deployment_form
 
+    copies: dict[int, nn.Module] = {}
     runs: dict[str, Callable[[torch.Tensor], Any]] = {"static": deployment_form(static)}
-    runs.update({name: c.deployed() for name, c in cascades.items()})
-    times = _round_robin_ms(runs, inputs, passes, warmup, threads)
+    runs.update({name: c.deployed(copies) for name, c in cascades.items()})
+    times = _side_by_side_ms(runs, inputs, passes, warmup, threads)
     return {k: float(statistics.fmean(statistics.median(t) for t in v)) for k, v in times.items()}

@@ -47,7 +47,7 @@ from fedprune.records import (
     state_to_record,
 )
 from fedprune.reporting import write_csv, write_json
-from fedprune.task import budget_group_weights, budget_round_to, build_model, gate_state, gated_model, hardware_model, initial_width_state, load_data, model_groups, profile_budget_masks, profile_constraints
+from fedprune.task import budget_group_weights, budget_round_to, build_model, central_importance, gate_state, gated_model, hardware_model, initial_width_state, load_data, model_groups, profile_budget_masks, profile_constraints
 from fedprune.training import evaluate, set_seed
 from fedprune.validation import InvalidReply, parse_bn_stats_reply, parse_evaluate_reply, parse_importance_reply, parse_register_reply, parse_train_reply, state_spec
 
@@ -55,7 +55,11 @@ log = logging.getLogger("fedprune.server")
 
 __all__ = ["Reply", "Transport", "GridTransport", "InProcessTransport", "FederatedPruning", "simulate", "resolve_data_dir"]
 
-MASK_SOURCES = ("consensus", "local", "random", "none")
+#: Where the fine-tuned sub-networks' masks come from: ``consensus`` -- the clients' aggregated importance;
+#: ``local`` -- each client its own top-k (no consensus); ``random`` -- a random ranking; ``central`` -- the
+#: importance a server holding every client's data would compute (:func:`fedprune.task.central_importance`, a
+#: simulation-only baseline); ``none`` -- no pruning (dense FedAvg).
+MASK_SOURCES = ("consensus", "local", "random", "central", "none")
 
 
 # ---------------------------------------------------------------- transports
@@ -658,7 +662,7 @@ class FederatedPruning:
                                    f"see the log); cannot build a consensus mask")
             log.warning("%s: only %d valid replies (minimum %d) after %d attempt(s) and no previous masks; building the consensus from them",
                         what, rec["valid_replies"], rec["min_replies"], rec["attempts"])
-        self.build_masks(scores, weights, sens, owners, sparsity_scale)
+        self.build_masks(scores, weights, sens, owners, sparsity_scale, round_num)
         return rec
 
     def _importance_attempt(self, round_num: int, attempt: int) -> tuple[dict, tuple[list, list, list, list]]:
@@ -705,7 +709,7 @@ class FederatedPruning:
         rec["evaluation_bytes_down"], rec["evaluation_bytes_up"] = eval_bytes
         return rec, (scores, weights, sens, owners)
 
-    def build_masks(self, scores, weights, sens, owners, sparsity_scale: float = 1.0) -> None:
+    def build_masks(self, scores, weights, sens, owners, sparsity_scale: float = 1.0, round_num: int = 0) -> None:
         fed, pr = self.cfg.federated, self.cfg.pruning
         kept = screen_clients(scores)[0] if fed.screen_clients else list(range(len(scores)))
         consensus = aggregate_importance([scores[i] for i in kept], [weights[i] for i in kept], fed.aggregation, fed.trim_fraction)
@@ -721,6 +725,10 @@ class FederatedPruning:
         if self.mask_source == "random":
             rng = np.random.default_rng([self.cfg.seed, 31337])
             ranking = {g.name: rng.random(g.size) for g in self.groups}
+        elif self.mask_source == "central":  # the baseline: what the server would compute with all the clients' data
+            ranking, central_sens = central_importance(self.cfg, fed.num_clients, self.state, self.measure_sensitivity, round_num)
+            sens_agg = central_sens if central_sens is not None else sens_agg
+            group_weights = budget_group_weights(self.cfg, sens_agg)
         if pr.allocation in BUDGET_ALLOCATIONS:
             masks = profile_budget_masks(self.cfg, self.hardware, ranking, self.profiles, sparsity_scale, group_weights)
         else:
@@ -1140,9 +1148,20 @@ def warmup_config(config: dict) -> dict:
     return config_without(config, AFTER_WARMUP_KEYS, AFTER_WARMUP_PROFILE_KEYS)
 
 
+def acting_config(config: dict) -> dict:
+    """A config dict without the settings that cannot act in its run: with ``dynamic.enabled`` false, the
+    rest of the ``dynamic`` section. Two configs that differ only there describe the same run (e.g. a run
+    finished before a ``dynamic`` key was added or its default changed), so a restart may reuse it."""
+    dyn = config.get("dynamic")
+    if isinstance(dyn, dict) and not dyn.get("enabled", False):
+        config = {**config, "dynamic": {"enabled": False}}
+    return config
+
+
 def without_final_eval(config: dict) -> dict:
-    """The part of a config dict that shapes the run's steps (all but :data:`FINAL_EVAL_KEYS`)."""
-    return config_without(config, FINAL_EVAL_KEYS)
+    """The part of a config dict that shapes the run's steps (all but :data:`FINAL_EVAL_KEYS`, and only what acts:
+    :func:`acting_config`)."""
+    return config_without(acting_config(config), FINAL_EVAL_KEYS)
 
 
 def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -148,7 +148,12 @@ def discover_groups(model: nn.Module) -> ChannelGroups:
 
 @functools.lru_cache(maxsize=16)
 def groups_for(model_name: str, **model_kwargs) -> ChannelGroups:
-    """Cached :func:`discover_groups` for a registered model name."""
+    """Cached :func:`discover_groups` for a registered model name.
+
+    The model it traces is built with torch's RNG forked, so the first call in a process draws nothing
+    from the caller's stream: a seeded run gives the same numbers whether or not it ran first.
+    """
     from fedprune.models import get_model
 
-    return discover_groups(get_model(model_name, **model_kwargs))
+    with torch.random.fork_rng(devices=[]):
+        return discover_groups(get_model(model_name, **model_kwargs))

@@ -6,7 +6,7 @@ A grid file (TOML, see ``configs/sweeps/``) looks like::
     description = "Label skew"           # optional, one line for the report
     base = "../quick.toml"               # config file, relative to the grid file (optional)
     engine = "inprocess"                 # "ray" (Flower Simulation Engine) or "inprocess"
-    mask_source = "consensus"            # optional (consensus, local, random, none)
+    mask_source = "consensus"            # optional (consensus, local, random, central, none)
     seeds = [0, 1, 2]
 
     [fixed]                              # overrides applied to every cell
@@ -59,7 +59,7 @@ log = logging.getLogger("fedprune.sweep")
 
 GRID_FILE_KEYS = ("name", "description", "base", "engine", "mask_source", "seeds", "fixed", "grid", "labels")
 ENGINES = ("ray", "inprocess")
-MASK_SOURCES_SWEEP = ("consensus", "local", "random", "none")
+MASK_SOURCES_SWEEP = ("consensus", "local", "random", "central", "none")
 #: Per-profile metrics of a summary row (``<profile>_<metric>``).
 PROFILE_METRICS = ("accuracy", "local_val_accuracy", "flops", "macs", "params", "channel_sparsity", "clients")
 #: Whole-run metrics of a summary row.
@@ -391,10 +391,10 @@ def fmt_stat(stat: tuple | None, scale: float = 100.0, digits: int = 1) -> str:
 
 # ----------------------------------------------------------------- running
 def _same_config(results: Mapping, cfg: ExperimentConfig) -> bool:
-    from fedprune.federated import resolve_data_dir
+    from fedprune.federated import acting_config, resolve_data_dir
 
     want = json.loads(json.dumps(to_jsonable(config_to_dict(resolve_data_dir(cfg)))))
-    return results.get("config") == want
+    return acting_config(results.get("config") or {}) == acting_config(want)
 
 
 def _finished(cell_dir: Path, cfg: ExperimentConfig, mask_source: str) -> dict | None:

@@ -196,21 +196,54 @@ def client_importance(
     """
     train, _ = load_data(cfg)
     shard = client_shard(cfg, partition_id, num_partitions)
-    groups = model_groups(cfg)
-    model = build_model(cfg)
-    model.load_state_dict(dense_state)
-    set_seed(client_seed(cfg, partition_id, round_num))
-    local = train.subset(shard.train_idx[:CLIENT_SCORE_SUBSET])
-    loader = make_loader(local, cfg.train.batch_size, train=False)
-    scores = compute_importance(criterion, model, groups, loader, num_batches)
-    sens = None
-    if sensitivity:
-        val = train.subset(shard.val_idx) if shard.num_val else local
-        sens = measure_sensitivity(model, groups, scores.scores, make_loader(val, 256, train=False), ratios).score()
+    local = shard.train_idx[:CLIENT_SCORE_SUBSET]
+    scores, sens = _score(cfg, dense_state, train.subset(local), train.subset(shard.val_idx if shard.num_val else local),
+                          criterion, num_batches, sensitivity, ratios, client_seed(cfg, partition_id, round_num))
     fed = cfg.federated  # a simulated adversarial partition replaces its scores (fedprune.adversarial)
     sent, _ = maybe_poison(scores.scores, partition_id, num_partitions, fed.adversarial_fraction, fed.adversarial_mode,
                            cfg.seed, fed.adversarial_scale, round_num)
     return {"scores": sent, "sensitivity": sens, "num-examples": shard.num_train, "scored-samples": scores.num_samples}
+
+
+def central_importance(cfg: ExperimentConfig, num_partitions: int, dense_state: dict, sensitivity: bool,
+                       round_num: int = 0) -> tuple[dict[str, np.ndarray], dict[str, float] | None]:
+    """Channel scores (and optionally layer sensitivity) as a server holding every client's data would compute them.
+
+    The baseline of mask source ``"central"`` (:class:`fedprune.federated.FederatedPruning`):
+    ``pruning.criterion`` on the union of the images the clients score (the
+    first :data:`CLIENT_SCORE_SUBSET` of every shard), shuffled so batches mix
+    clients, over ``pruning.num_batches`` x ``num_partitions`` batches (as many
+    as all clients score together); sensitivity (``pruning.sensitivity_ratios``)
+    on the union of their validation images. Only a simulation can do this: no
+    federated client sends data. Seeded from ``cfg.seed`` and ``round_num`` in a
+    fork of torch's RNG, so the caller's stream does not move. Returns
+    ``(scores, sensitivity)``.
+    """
+    pr = cfg.pruning
+    train, _ = load_data(cfg)
+    shards = [client_shard(cfg, p, num_partitions) for p in range(num_partitions)]
+    rng = np.random.default_rng([cfg.seed, round_num, 271828])
+    pooled = rng.permutation(np.concatenate([s.train_idx[:CLIENT_SCORE_SUBSET] for s in shards]))
+    val = np.concatenate([s.val_idx if s.num_val else s.train_idx[:CLIENT_SCORE_SUBSET] for s in shards])
+    with torch.random.fork_rng(devices=[]):
+        scores, sens = _score(cfg, dense_state, train.subset(pooled), train.subset(val), pr.criterion, pr.num_batches * num_partitions,
+                              sensitivity, tuple(pr.sensitivity_ratios), int(rng.integers(2**31)))
+    return scores.scores, sens
+
+
+def _score(cfg: ExperimentConfig, dense_state: dict, score_set, val_set, criterion: str, num_batches: int, sensitivity: bool,
+           ratios: tuple[float, ...], seed: int):
+    """``criterion``'s scores of the dense model on ``score_set`` (eval transform, ``num_batches`` batches) and, if
+    ``sensitivity``, the layer sensitivity on ``val_set`` (else None); torch is seeded with ``seed`` first."""
+    groups = model_groups(cfg)
+    model = build_model(cfg)
+    model.load_state_dict(dense_state)
+    set_seed(seed)
+    scores = compute_importance(criterion, model, groups, make_loader(score_set, cfg.train.batch_size, train=False), num_batches)
+    sens = None
+    if sensitivity:
+        sens = measure_sensitivity(model, groups, scores.scores, make_loader(val_set, 256, train=False), ratios).score()
+    return scores, sens
 
 
 def client_train(

@@ -25,14 +25,19 @@ Reported per budget (gates) or threshold (cascade): test accuracy (mean ± std
 over seeds), MACs executed per input (gates: sliced batch-1 path, gate
 predictors included; cascade: the stages each input ran) and batch-1 CPU
 latency against the static sub-network in deployment form (BN folded,
-channels_last), timed round-robin in one process (cascade: mean over real
-test images, since the cost depends on where each exits). Writes
+channels_last), timed side by side in one process, each variant taking its
+inputs in a row as a device serving one network does (gates: random inputs;
+cascade: the mean over real test images, since the cost depends on where
+each exits). Each seed's
+results, and the first seed's networks, are kept in --runs-dir: a restart, or
+a run that changes only how latency is measured, trains nothing again. Writes
 benchmarks/dynamic.md, .json and a PNG.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import platform
 import sys
@@ -61,6 +66,39 @@ log = logging.getLogger("bench_dynamic")
 #: Cascade thresholds reported by default, per exit rule (a fixed grid: nothing is tuned on the test images).
 DEFAULT_THRESHOLDS = {"margin": [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5], "max_prob": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]}
 RULE_WORDS = {"margin": "margin of confidence (top-1 minus top-2 softmax probability)", "max_prob": "top softmax probability"}
+
+
+#: Arguments that change neither a seed's networks nor its accuracies (only the timing and where files go).
+NOT_TRAINING_ARGS = ("seeds", "out", "runs_dir", "threads", "latency_repeats", "latency_inputs", "latency_passes")
+
+
+def training_args(args) -> dict:
+    """The arguments a seed's results depend on (the data folder resolved)."""
+    out = {k: v for k, v in vars(args).items() if k not in NOT_TRAINING_ARGS}
+    out["data_dir"] = str(Path(out["data_dir"]).resolve())
+    return out
+
+
+def seed_results(cfg, seed: int, data, args, keep_networks: bool) -> dict:
+    """:func:`run_seed`, or its results from ``<runs-dir>/seed<k>.json`` when it finished before with the same
+    :func:`training_args` (and, with ``keep_networks``, its networks from ``seed<k>_networks.pt``, for the latency
+    section). A restart, or a run that changes only how latency is measured, so trains nothing again."""
+    runs = Path(args.runs_dir)
+    path, nets = runs / f"seed{seed}.json", runs / f"seed{seed}_networks.pt"
+    want = json.loads(json.dumps(training_args(args)))
+    if path.is_file() and json.loads(path.read_text()).get("args") == want and (not keep_networks or nets.is_file()):
+        res = json.loads(path.read_text())["result"]
+        if keep_networks:
+            saved = torch.load(nets, weights_only=False)
+            res.update(_gated=saved["gated"], _stages=saved["stages"])
+        log.info("seed %d: finished before with the same arguments, reusing %s", seed, path)
+        return res
+    res = run_seed(cfg, seed, data, args)
+    runs.mkdir(parents=True, exist_ok=True)
+    if keep_networks:
+        torch.save({"gated": res["_gated"], "stages": res["_stages"]}, nets)
+    write_json(path, {"args": want, "result": {k: v for k, v in res.items() if not k.startswith("_")}})
+    return res
 
 
 def run_seed(cfg, seed: int, data, args) -> dict:
@@ -129,7 +167,8 @@ def render(per_seed: list[dict], lat: dict, args, cfg, n_test: int) -> str:
         f"{args.round_to}). Cosine LR in every phase, from {cfg.train.lr:g} (gates: {args.gate_lr:g}). Reference: the static sub-network fine-tuned {args.gate_epochs} epochs more "
         f"(same total budget). Accuracy mean ± std over seeds {', '.join(str(s) for s in args.seeds)}. MACs: executed per "
         f"input by the sliced batch-1 path, gate predictors included. Latency: median batch-1 ms, {args.threads} thread(s), "
-        f"static sub-network in deployment form vs the sliced gated path, round-robin, torch {torch.__version__}, "
+        f"static sub-network in deployment form vs the sliced gated path, side by side on the same random inputs (each variant in a row, "
+        f"the order alternating between passes), torch {torch.__version__}, "
         f"{platform.machine()} (seed {args.seeds[0]}'s gates).",
         "",
         f"Static sub-network: {fmt_mean_std(r['static_accuracy'] for r in per_seed)} after {cfg.pruning.finetune_epochs} epochs, "
@@ -168,7 +207,9 @@ def render(per_seed: list[dict], lat: dict, args, cfg, n_test: int) -> str:
         f"otherwise it runs the next width from the start (no reuse), so its MACs are the sum of the widths it ran "
         f"({', '.join(f'{m / 1e6:.2f} M' for m in cas['stage_macs'])}). Latency: mean batch-1 ms per test image over "
         f"{args.latency_inputs} test images (median of {args.latency_passes} passes each), the cascade's stages and the static sub-network in "
-        f"deployment form, round-robin (seed {args.seeds[0]}'s networks); the static sub-network took {lat['static_mean_per_image']:.3f} ms per image there.",
+        f"deployment form (seed {args.seeds[0]}'s networks, every threshold's cascade on the same two stage networks), each variant taking the "
+        f"images in a row as a device that serves one network does, the variants' order alternating between passes; the static sub-network "
+        f"took {lat['static_mean_per_image']:.3f} ms per image there.",
         "",
         "Each width alone: " + "; ".join(f"{w:g}: {fmt_mean_std(r['cascade']['width_accuracy'][i] for r in per_seed)}" for i, w in enumerate(widths))
         + f" (static reference {fmt_mean_std(static_ref)}).",
@@ -237,6 +278,8 @@ def main(argv=None) -> int:
     parser.add_argument("--width-distill", type=float, default=0.0, help="weight of the narrower widths' distillation from the full width")
     parser.add_argument("--latency-inputs", type=int, default=200, help="test images timed per variant for the cascade latency")
     parser.add_argument("--latency-passes", type=int, default=5)
+    parser.add_argument("--runs-dir", default=str(ROOT / "runs/bench_dynamic"),
+                        help="per-seed results (and the first seed's networks) kept for restarts")
     args = parser.parse_args(argv)
     if sorted(args.widths) != args.widths or args.widths[-1] != 1.0 or args.widths[0] <= 0:
         parser.error(f"--widths {args.widths} must ascend in (0, 1] and end with 1")
@@ -254,17 +297,17 @@ def main(argv=None) -> int:
     per_seed = []
     for i, seed in enumerate(args.seeds):
         log.info("seed %d (%d/%d)", seed, i + 1, len(args.seeds))
-        per_seed.append(run_seed(cfg, seed, data, args))
+        per_seed.append(seed_results(cfg, seed, data, args, keep_networks=i == 0))
     lat = gated_latency_ms(per_seed[0]["_gated"], args.budgets, args.threads, repeats=args.latency_repeats)
     images = [x[None] for x in torch.cat([x for x, _ in make_loader(data[1], 256, train=False)])[: args.latency_inputs]]
     stages = per_seed[0]["_stages"]
-    cas_lat = cascade_latency_ms(stages[-1], {f"cascade@{t:g}": WidthCascade(stages, t, rule=args.exit_rule) for t in args.thresholds}, images, args.threads,
-                                 args.latency_passes)
+    cas_lat = cascade_latency_ms(stages[-1], {f"cascade@{t:g}": WidthCascade(stages, t, rule=args.exit_rule) for t in args.thresholds},
+                                 images, args.threads, args.latency_passes)
     lat.update({k: v for k, v in cas_lat.items() if k != "static"})
     lat["static_mean_per_image"] = cas_lat["static"]
     for r in per_seed:
-        r.pop("_gated")
-        r.pop("_stages")
+        r.pop("_gated", None)
+        r.pop("_stages", None)
     out = Path(args.out)
     write_json(out / "dynamic.json", {"args": vars(args), "seeds": per_seed, "latency_ms_b1": lat, "n_test": len(data[1])})
     plot(per_seed, lat, args, out / "dynamic_accuracy_vs_macs.png")

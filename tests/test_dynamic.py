@@ -309,8 +309,14 @@ def test_cascade_latency_reports_every_variant(nested) -> None:
 
     stages = [nested.extract(0.5), nested.extract(1.0)]
     xs = [torch.randn(1, 3, 32, 32) for _ in range(3)]
-    lat = cascade_latency_ms(nested.model, {"t=0": WidthCascade(stages, 0.0), "t=1.01": WidthCascade(stages, 1.01)}, xs, passes=2, warmup=1)
+    cascades = {"t=0": WidthCascade(stages, 0.0), "t=1.01": WidthCascade(stages, 1.01)}
+    lat = cascade_latency_ms(nested.model, cascades, xs, passes=3, warmup=1)
     assert set(lat) == {"static", "t=0", "t=1.01"} and all(v > 0 for v in lat.values())
+    copies: dict = {}
+    a, b = cascades["t=0"].deployed(copies), cascades["t=1.01"].deployed(copies)
+    assert len(copies) == 2 and all(x is y for x, y in zip(a.stages, b.stages))  # one deployed copy per stage network
+    x = xs[0]
+    assert torch.allclose(a(x)[0], cascades["t=0"](x)[0], atol=1e-4) and b(x)[1] == 1
 
 
 def test_federated_adaptive_width_round_trip(tmp_path) -> None:

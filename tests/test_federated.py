@@ -129,6 +129,32 @@ def test_local_and_random_mask_baselines_run(tiny_cfg):
     assert [r["phase"] for r in dense["rounds"]] == ["dense", "dense", "bn_calibration"]
 
 
+def test_central_mask_source_scores_pooled_client_data(tiny_cfg):
+    """Mask source "central" (the centralized-mask baseline): with a weight-only criterion every client's scores equal
+    the pooled ones, so its masks and results equal the consensus run's; with Taylor the server's pooled scores are
+    the same criterion on the union of the clients' scoring images, seeded."""
+    from fedprune.task import central_importance, client_importance
+
+    l2 = load_config(None, TINY + ["pruning.criterion='l2'"])
+    runs = {src: FederatedPruning(l2, InProcessTransport(3), None, mask_source=src) for src in ("consensus", "central")}
+    res = {src: fp.run() for src, fp in runs.items()}
+    assert res["central"]["mask_source"] == "central" and res["central"]["consensus"]["nested"]
+    assert all(runs["central"].profile_masks[p] == runs["consensus"].profile_masks[p] for p in runs["consensus"].profile_masks)
+    assert res["central"]["profiles"] == res["consensus"]["profiles"]
+
+    state = build_model(tiny_cfg).state_dict()
+    rng = torch.get_rng_state()
+    pooled, sens = central_importance(tiny_cfg, 3, state, False)
+    assert torch.equal(torch.get_rng_state(), rng)  # the caller's RNG stream does not move
+    again, _ = central_importance(tiny_cfg, 3, state, False)
+    local = client_importance(tiny_cfg, 0, 3, state, "taylor", 1, False, (0.5,))["scores"]
+    assert sens is None and set(pooled) == set(model_groups(tiny_cfg).names)
+    assert all(np.array_equal(pooled[g], again[g]) and pooled[g].shape == local[g].shape for g in pooled)
+    assert any(not np.allclose(pooled[g], local[g]) for g in pooled)  # not one client's view
+    _, sens = central_importance(tiny_cfg, 3, state, True)
+    assert set(sens) == set(model_groups(tiny_cfg).names)
+
+
 def test_ray_simulation_matches_inprocess(tiny_run, tiny_cfg, tmp_path):
     """Flower's Simulation Engine (Ray backend) gives the same numbers as the in-process loop."""
     res, _ = tiny_run
@@ -157,3 +183,24 @@ def test_progressive_federated_pruning_and_sensitivity_allocation():
     assert res["consensus"]["allocation"] == "sensitivity" and res["consensus"]["nested"]
     kept = {p: sum(v["kept_channels"].values()) for p, v in res["profiles"].items()}
     assert kept["microcontroller"] < kept["mobile_cpu"] < kept["edge_gpu"]
+
+
+def test_acting_config_ignores_dynamic_settings_only_while_dynamic_pruning_is_off(tiny_cfg):
+    """A run finished before a ``dynamic`` key was added (or its default changed) is still the same run when
+    dynamic pruning is off, so restarts and benchmarks reuse it; with it on, every dynamic key counts."""
+    from fedprune.config import config_to_dict
+    from fedprune.federated import MASK_SOURCES, acting_config, without_final_eval
+    from fedprune.sweep import MASK_SOURCES_SWEEP
+
+    now = config_to_dict(tiny_cfg)
+    old = json.loads(json.dumps(now))
+    del old["dynamic"]["exit_rule"]
+    old["dynamic"]["thresholds"] = [0.5, 0.7, 0.9]
+    assert acting_config(old) == acting_config(now) and without_final_eval(old) == without_final_eval(now)
+    assert old != now and now["dynamic"]["exit_rule"] == "margin"  # the input is not changed
+    on = load_config(None, TINY + ["dynamic.enabled=true"])
+    on_old = json.loads(json.dumps(config_to_dict(on)))
+    on_old["dynamic"]["thresholds"] = [0.5, 0.7, 0.9]
+    assert acting_config(on_old) != acting_config(config_to_dict(on))
+    assert acting_config(now)["pruning"] == now["pruning"]
+    assert MASK_SOURCES_SWEEP == MASK_SOURCES  # the sweep module lists them without importing Flower

@@ -343,3 +343,21 @@ def test_merge_rejects_non_positive_weight(resnet_setup, weight) -> None:
     imap = extraction_index_map(model, StructuredMask.dense(groups), groups)
     with pytest.raises(ValueError, match="weight must be positive"):
         merge_substates(dense, [(slice_state(dense, imap), imap, weight)])
+
+
+def test_tracing_a_model_for_its_groups_draws_nothing_from_torch_rng() -> None:
+    """The first (uncached) group tracing in a process leaves torch's RNG where it was, so a seeded run gives
+    the same numbers whether or not another run traced the model before it in the same process."""
+    from fedprune.groups import groups_for
+
+    groups_for.cache_clear()
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    groups = groups_for("seed_cnn")
+    assert torch.equal(torch.get_rng_state(), before) and len(groups.names) == 4
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    groups_for.cache_clear()
+    groups_for("seed_cnn")
+    assert torch.equal(torch.rand(3), expected)
