@@ -28,9 +28,9 @@ latency against the static sub-network in deployment form (BN folded,
 channels_last), timed side by side in one process, each variant taking its
 inputs in a row as a device serving one network does (gates: random inputs;
 cascade: the mean over real test images, since the cost depends on where
-each exits). Each seed's
-results, and the first seed's networks, are kept in --runs-dir: a restart, or
-a run that changes only how latency is measured, trains nothing again. Writes
+each exits). Each seed's results, and the first seed's networks, are kept in
+--runs-dir: a restart, or a run that changes only how latency is measured,
+trains nothing again (the table says when each seed trained). Writes
 benchmarks/dynamic.md, .json and a PNG.
 """
 
@@ -82,7 +82,8 @@ def training_args(args) -> dict:
 def seed_results(cfg, seed: int, data, args, keep_networks: bool) -> dict:
     """:func:`run_seed`, or its results from ``<runs-dir>/seed<k>.json`` when it finished before with the same
     :func:`training_args` (and, with ``keep_networks``, its networks from ``seed<k>_networks.pt``, for the latency
-    section). A restart, or a run that changes only how latency is measured, so trains nothing again."""
+    section). A restart, or a run that changes only how latency is measured, therefore trains nothing again. The
+    result's ``trained`` says when the seed trained."""
     runs = Path(args.runs_dir)
     path, nets = runs / f"seed{seed}.json", runs / f"seed{seed}_networks.pt"
     want = json.loads(json.dumps(training_args(args)))
@@ -93,7 +94,9 @@ def seed_results(cfg, seed: int, data, args, keep_networks: bool) -> dict:
             res.update(_gated=saved["gated"], _stages=saved["stages"])
         log.info("seed %d: finished before with the same arguments, reusing %s", seed, path)
         return res
+    start = time.strftime("%Y-%m-%d %H:%M")
     res = run_seed(cfg, seed, data, args)
+    res["trained"] = f"{start} to {time.strftime('%H:%M')}"
     runs.mkdir(parents=True, exist_ok=True)
     if keep_networks:
         torch.save({"gated": res["_gated"], "stages": res["_stages"]}, nets)
@@ -169,7 +172,9 @@ def render(per_seed: list[dict], lat: dict, args, cfg, n_test: int) -> str:
         f"input by the sliced batch-1 path, gate predictors included. Latency: median batch-1 ms, {args.threads} thread(s), "
         f"static sub-network in deployment form vs the sliced gated path, side by side on the same random inputs (each variant in a row, "
         f"the order alternating between passes), torch {torch.__version__}, "
-        f"{platform.machine()} (seed {args.seeds[0]}'s gates).",
+        f"{platform.machine()} (seed {args.seeds[0]}'s gates). Seeds trained: "
+        + "; ".join(f"{s} {r.get('trained', 'in this run')}" for s, r in zip(args.seeds, per_seed))
+        + f"; latency timed {lat['timed']}.",
         "",
         f"Static sub-network: {fmt_mean_std(r['static_accuracy'] for r in per_seed)} after {cfg.pruning.finetune_epochs} epochs, "
         f"{fmt_mean_std(static_ref)} after {cfg.pruning.finetune_epochs + args.gate_epochs} epochs; "
@@ -298,6 +303,7 @@ def main(argv=None) -> int:
     for i, seed in enumerate(args.seeds):
         log.info("seed %d (%d/%d)", seed, i + 1, len(args.seeds))
         per_seed.append(seed_results(cfg, seed, data, args, keep_networks=i == 0))
+    start = time.strftime("%Y-%m-%d %H:%M")
     lat = gated_latency_ms(per_seed[0]["_gated"], args.budgets, args.threads, repeats=args.latency_repeats)
     images = [x[None] for x in torch.cat([x for x, _ in make_loader(data[1], 256, train=False)])[: args.latency_inputs]]
     stages = per_seed[0]["_stages"]
@@ -305,6 +311,7 @@ def main(argv=None) -> int:
                                  images, args.threads, args.latency_passes)
     lat.update({k: v for k, v in cas_lat.items() if k != "static"})
     lat["static_mean_per_image"] = cas_lat["static"]
+    lat["timed"] = f"{start} to {time.strftime('%H:%M')}"
     for r in per_seed:
         r.pop("_gated", None)
         r.pop("_stages", None)
