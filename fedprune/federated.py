@@ -720,7 +720,6 @@ class FederatedPruning:
         if sens:  # every valid reply carries it when asked for; screened-out clients do not count
             w = np.asarray([weights[i] for i in kept], dtype=np.float64)
             sens_agg = {k: float(np.dot(w, [sens[i][k] for i in kept]) / w.sum()) for k in self.groups.names}
-        group_weights = budget_group_weights(self.cfg, sens_agg)
         ranking = consensus
         if self.mask_source == "random":
             rng = np.random.default_rng([self.cfg.seed, 31337])
@@ -728,7 +727,7 @@ class FederatedPruning:
         elif self.mask_source == "central":  # the baseline: what the server would compute with all the clients' data
             ranking, central_sens = central_importance(self.cfg, fed.num_clients, self.state, self.measure_sensitivity, round_num)
             sens_agg = central_sens if central_sens is not None else sens_agg
-            group_weights = budget_group_weights(self.cfg, sens_agg)
+        group_weights = budget_group_weights(self.cfg, sens_agg)
         if pr.allocation in BUDGET_ALLOCATIONS:
             masks = profile_budget_masks(self.cfg, self.hardware, ranking, self.profiles, sparsity_scale, group_weights)
         else:

@@ -49,6 +49,9 @@ from fedprune.task import load_data  # noqa: E402
 log = logging.getLogger("bench_federated")
 PROFILES = ("edge_gpu", "mobile_cpu", "microcontroller")
 
+#: The row that isolates where the importance is computed: the same federated run, but the masks come from
+#: Taylor importance on every client's scoring images pooled at the server (mask source "central").
+CENTRAL_MASK = "centralized mask (Taylor on pooled data), federated fine-tuning"
 #: (label, mask source, criterion)
 FEDERATED = [
     ("consensus magnitude", "consensus", "l2"),
@@ -57,11 +60,8 @@ FEDERATED = [
     ("consensus BN scale", "consensus", "bn_gamma"),
     ("local-only masks", "local", "taylor"),
     ("random masks", "random", "taylor"),
-    ("centralized mask (Taylor on pooled data), federated fine-tuning", "central", "taylor"),
+    (CENTRAL_MASK, "central", "taylor"),
 ]
-#: The row that isolates where the importance is computed: the same federated run, but the masks come from
-#: Taylor importance on every client's scoring images pooled at the server (mask source "central").
-CENTRAL_MASK = "centralized mask (Taylor on pooled data), federated fine-tuning"
 
 
 # ----------------------------------------------------------- process memory
