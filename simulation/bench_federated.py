@@ -6,7 +6,9 @@ On the same shards, seeds and round budget (R1 dense warm-up + R2 fine-tune roun
 warm-up run that every other run continues from, see ``FederatedPruning.warm_start``):
 
 * dense FedAvg for R1 + R2 rounds (the fair dense reference);
-* federated consensus pruning with magnitude (L2), Taylor, Fisher and BN-scale (network slimming's |gamma|) importance;
+* federated consensus pruning with magnitude (L2), Taylor, Fisher and BN-scale (network slimming's |gamma|) importance,
+  and Taylor with sensitivity-adaptive per-layer widths (``pruning.allocation = "sensitivity"``; every other row keeps
+  the config's allocation);
 * local-only masks (each client its own top-k, no consensus) and random masks;
 * a centralized mask with federated fine-tuning: the same run, but the masks come from Taylor importance
   computed at the server on every client's scoring images pooled (mask source "central", a simulation-only
@@ -34,6 +36,8 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -52,16 +56,25 @@ PROFILES = ("edge_gpu", "mobile_cpu", "microcontroller")
 #: The row that isolates where the importance is computed: the same federated run, but the masks come from
 #: Taylor importance on every client's scoring images pooled at the server (mask source "central").
 CENTRAL_MASK = "centralized mask (Taylor on pooled data), federated fine-tuning"
-#: (label, mask source, criterion)
+#: (label, mask source, criterion, other pruning settings)
 FEDERATED = [
-    ("consensus magnitude", "consensus", "l2"),
-    ("consensus Taylor", "consensus", "taylor"),
-    ("consensus Fisher", "consensus", "fisher"),
-    ("consensus BN scale", "consensus", "bn_gamma"),
-    ("local-only masks", "local", "taylor"),
-    ("random masks", "random", "taylor"),
-    (CENTRAL_MASK, "central", "taylor"),
+    ("consensus magnitude", "consensus", "l2", {}),
+    ("consensus Taylor", "consensus", "taylor", {}),
+    ("consensus Fisher", "consensus", "fisher", {}),
+    ("consensus BN scale", "consensus", "bn_gamma", {}),
+    ("consensus Taylor, sensitivity-adaptive widths", "consensus", "taylor", {"allocation": "sensitivity"}),
+    ("local-only masks", "local", "taylor", {}),
+    ("random masks", "random", "taylor", {}),
+    ("random masks, sensitivity-adaptive widths (the consensus's)", "random", "taylor", {"allocation": "sensitivity"}),
+    (CENTRAL_MASK, "central", "taylor", {}),
 ]
+
+
+def baseline(source: str, overrides: dict) -> str:
+    """The label of the ``source`` row ("local" or "random") with the same other pruning settings (the same per-layer
+    widths), else the plain one."""
+    same = [lab for lab, src, _, o in FEDERATED if src == source and o == overrides]
+    return same[0] if same else {"local": "local-only masks", "random": "random masks"}[source]
 
 
 # ----------------------------------------------------------- process memory
@@ -138,9 +151,9 @@ def federated_runs(cfg, seeds, out: Path) -> dict:
         dense = c.federated.warmup_rounds + c.federated.finetune_rounds
         rows.setdefault("dense FedAvg", []).append(
             run_or_reuse(c, out / f"dense_s{seed}", "none", f"seed {seed}: dense FedAvg, {dense} rounds", warm_start=warm_dir))
-        for label, source, criterion in FEDERATED:
+        for label, source, criterion, overrides in FEDERATED:
             c2 = copy.deepcopy(c)
-            c2.pruning = dataclasses.replace(c2.pruning, criterion=criterion)
+            c2.pruning = dataclasses.replace(c2.pruning, criterion=criterion, **overrides)
             tag = re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_")
             rows.setdefault(label, []).append(run_or_reuse(c2, out / f"{tag}_s{seed}", source, f"seed {seed}: {label}", warm_start=warm_dir))
     return rows
@@ -210,13 +223,14 @@ def _acc(runs: list[dict], profile: str) -> list[float]:
 
 def criterion_row(label: str, rows, central) -> str:
     mob = "mobile_cpu"
+    overrides = next(o for lab, _, _, o in FEDERATED if lab == label)
     runs, dense = rows[label], rows["dense FedAvg"]
     pairs = [100 * (r["profiles"][mob]["accuracy"] - d["dense"]["accuracy"]) for r, d in zip(runs, dense)]
     vs_central = [100 * (r["profiles"][mob]["accuracy"] - c[mob]) for r, c in zip(runs, central)]
     vs_mask = [100 * (r["profiles"][mob]["accuracy"] - c["profiles"][mob]["accuracy"]) for r, c in zip(runs, rows[CENTRAL_MASK])]
     margins = []
     for p in PROFILES:
-        best = max(mean_std(_acc(rows["local-only masks"], p))[0], mean_std(_acc(rows["random masks"], p))[0])
+        best = max(mean_std(_acc(rows[baseline("local", overrides)], p))[0], mean_std(_acc(rows[baseline("random", overrides)], p))[0])
         margins.append(100 * (mean_std(_acc(runs, p))[0] - best))
     return (f"| {label} | {sum(pairs) / len(pairs):+.1f} [{', '.join(f'{x:+.1f}' for x in pairs)}] | "
             f"{sum(vs_central) / len(vs_central):+.1f} [{', '.join(f'{x:+.1f}' for x in vs_central)}] | "
@@ -259,6 +273,13 @@ def render(rows, central, cost, scale, args, cfg, ran: dict | None = None) -> st
     for label, *_ in FEDERATED:
         lines.append(f"| {label} | " + " | ".join(fmt_mean_std(_acc(rows[label], p)) for p in PROFILES) + " |")
     lines.append("| centralized pruning, same budget (Taylor) | " + " | ".join(fmt_mean_std(c[p] for c in central) for p in PROFILES) + " |")
+    flops = lambda label, p: float(np.mean([r["profiles"][p]["flops"] for r in rows[label]])) / 1e6  # noqa: E731
+    other = [lab for lab, _, _, o in FEDERATED if o.get("allocation", cfg.pruning.allocation) != cfg.pruning.allocation]
+    if other:
+        lines += ["", "Every row keeps the same number of channels per profile. Rows with other per-layer widths than the "
+                  f"`{cfg.pruning.allocation}` allocation put them elsewhere, so their MFLOPs per image (mean over seeds, "
+                  + " / ".join(PROFILES) + ") differ: consensus Taylor " + " / ".join(f"{flops('consensus Taylor', p):.1f}" for p in PROFILES)
+                  + "; " + "; ".join(f"{lab} " + " / ".join(f"{flops(lab, p):.1f}" for p in PROFILES) for lab in other) + "."]
     first = rows["consensus Taylor"][0]
     lines += ["", "Model size per profile (consensus masks):", "",
               "| profile | channels kept | params | MFLOPs | FLOPs ↓ | latency b1 (ms) | latency b64 (ms) |", "|---|---|---|---|---|---|---|"]
@@ -272,7 +293,7 @@ def render(rows, central, cost, scale, args, cfg, ran: dict | None = None) -> st
     imp = [r for r in first["rounds"] if r["phase"] == "importance"][0]
     warm = [r for r in first["rounds"] if r["phase"] == "warmup"][0]
     imp_b, warm_b = imp["bytes_up"] + imp["bytes_down"], warm["bytes_up"] + warm["bytes_down"]
-    agreement = {lab: mean_std(r["consensus"]["agreement_mean"] for r in rows[lab])[0] for lab, src, _ in FEDERATED if src == "consensus"}
+    agreement = {lab: mean_std(r["consensus"]["agreement_mean"] for r in rows[lab])[0] for lab, src, *_ in FEDERATED if src == "consensus"}
     mob = "mobile_cpu"
     mob_cons, _ = mean_std(_acc(rows["consensus Taylor"], mob))
     mob_central, _ = mean_std(c[mob] for c in central)
@@ -320,6 +341,14 @@ def render(rows, central, cost, scale, args, cfg, ran: dict | None = None) -> st
         f"scoring images pooled at the server) and the same federated fine-tuning: {100 * (mob_cons - mob_mask):+.1f} points "
         f"({'met' if within(mob_mask) else 'NOT met'}).",
         f"- Consensus (Taylor) beats local-only and random masks at every profile: {'met' if beats else 'NOT met'}.",
+    ] + [
+        f"- {lab} vs {baseline('random', o)}: " + " / ".join(
+            f"{100 * (mean_std(_acc(rows[lab], p))[0] - mean_std(_acc(rows[baseline('random', o)], p))[0]):+.1f}" for p in PROFILES)
+        + f" points ({' / '.join(PROFILES)}); vs random masks with the `{cfg.pruning.allocation}` widths: " + " / ".join(
+            f"{100 * (mean_std(_acc(rows[lab], p))[0] - mean_std(_acc(rows['random masks'], p))[0]):+.1f}" for p in PROFILES)
+        + " points, at the MFLOPs above."
+        for lab, src, _, o in FEDERATED if src == "consensus" and o.get("allocation", cfg.pruning.allocation) != cfg.pruning.allocation
+    ] + [
         f"- Importance round ≤ 1% of a dense round's bytes: {'met' if imp_b <= 0.01 * warm_b else 'NOT met'} ({100 * imp_b / warm_b:.3f}%).",
         f"- Flower + Ray wall time ≤ 1.3x the plain loop on the quick config: {'met' if ratio <= 1.3 else 'NOT met'} ({ratio:.2f}x; "
         "Ray's start-up of ~10-20 s is included; Ray runs two clients at a time on the 2 cores, the plain loop one after "
@@ -332,7 +361,7 @@ def render(rows, central, cost, scale, args, cfg, ran: dict | None = None) -> st
         "| consensus criterion | mobile_cpu vs dense FedAvg | mobile_cpu vs centralized (a) | mobile_cpu vs centralized mask (b) | "
         "vs best of local-only / random: " + " / ".join(PROFILES) + " |",
         "|---|---|---|---|---|",
-    ] + [criterion_row(lab, rows, central) for lab, src, _ in FEDERATED if src == "consensus"] + [
+    ] + [criterion_row(lab, rows, central) for lab, src, *_ in FEDERATED if src == "consensus"] + [
         "",
         "![accuracy vs FLOPs](federated_accuracy_vs_flops.png)",
         "",
