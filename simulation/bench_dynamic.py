@@ -87,11 +87,12 @@ def seed_results(cfg, seed: int, data, args, keep_networks: bool) -> dict:
     runs = Path(args.runs_dir)
     path, nets = runs / f"seed{seed}.json", runs / f"seed{seed}_networks.pt"
     want = json.loads(json.dumps(training_args(args)))
-    if path.is_file() and json.loads(path.read_text()).get("args") == want and (not keep_networks or nets.is_file()):
-        res = json.loads(path.read_text())["result"]
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    if saved.get("args") == want and (not keep_networks or nets.is_file()):
+        res = saved["result"]
         if keep_networks:
-            saved = torch.load(nets, weights_only=False)
-            res.update(_gated=saved["gated"], _stages=saved["stages"])
+            networks = torch.load(nets, weights_only=False)
+            res.update(_gated=networks["gated"], _stages=networks["stages"])
         log.info("seed %d: finished before with the same arguments, reusing %s", seed, path)
         return res
     start = time.strftime("%Y-%m-%d %H:%M")

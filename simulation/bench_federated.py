@@ -221,6 +221,16 @@ def _acc(runs: list[dict], profile: str) -> list[float]:
     return [r["profiles"][profile]["accuracy"] for r in runs]
 
 
+def _gaps(rows, label: str, other: str) -> str:
+    """Mean accuracy of row ``label`` minus row ``other``, in points, per profile: ``"+0.3 / +0.1 / -0.1"``."""
+    return " / ".join(f"{100 * (mean_std(_acc(rows[label], p))[0] - mean_std(_acc(rows[other], p))[0]):+.1f}" for p in PROFILES)
+
+
+def other_widths(overrides: dict, cfg) -> bool:
+    """Whether a row's pruning settings give other per-layer widths than the config's allocation."""
+    return overrides.get("allocation", cfg.pruning.allocation) != cfg.pruning.allocation
+
+
 def criterion_row(label: str, rows, central) -> str:
     mob = "mobile_cpu"
     overrides = next(o for lab, _, _, o in FEDERATED if lab == label)
@@ -274,7 +284,7 @@ def render(rows, central, cost, scale, args, cfg, ran: dict | None = None) -> st
         lines.append(f"| {label} | " + " | ".join(fmt_mean_std(_acc(rows[label], p)) for p in PROFILES) + " |")
     lines.append("| centralized pruning, same budget (Taylor) | " + " | ".join(fmt_mean_std(c[p] for c in central) for p in PROFILES) + " |")
     flops = lambda label, p: float(np.mean([r["profiles"][p]["flops"] for r in rows[label]])) / 1e6  # noqa: E731
-    other = [lab for lab, _, _, o in FEDERATED if o.get("allocation", cfg.pruning.allocation) != cfg.pruning.allocation]
+    other = [lab for lab, _, _, o in FEDERATED if other_widths(o, cfg)]
     if other:
         lines += ["", "Every row keeps the same number of channels per profile. Rows with other per-layer widths than the "
                   f"`{cfg.pruning.allocation}` allocation put them elsewhere, so their MFLOPs per image (mean over seeds, "
@@ -342,12 +352,9 @@ def render(rows, central, cost, scale, args, cfg, ran: dict | None = None) -> st
         f"({'met' if within(mob_mask) else 'NOT met'}).",
         f"- Consensus (Taylor) beats local-only and random masks at every profile: {'met' if beats else 'NOT met'}.",
     ] + [
-        f"- {lab} vs {baseline('random', o)}: " + " / ".join(
-            f"{100 * (mean_std(_acc(rows[lab], p))[0] - mean_std(_acc(rows[baseline('random', o)], p))[0]):+.1f}" for p in PROFILES)
-        + f" points ({' / '.join(PROFILES)}); vs random masks with the `{cfg.pruning.allocation}` widths: " + " / ".join(
-            f"{100 * (mean_std(_acc(rows[lab], p))[0] - mean_std(_acc(rows['random masks'], p))[0]):+.1f}" for p in PROFILES)
-        + " points, at the MFLOPs above."
-        for lab, src, _, o in FEDERATED if src == "consensus" and o.get("allocation", cfg.pruning.allocation) != cfg.pruning.allocation
+        f"- {lab} vs {baseline('random', o)}: {_gaps(rows, lab, baseline('random', o))} points ({' / '.join(PROFILES)}); "
+        f"vs random masks with the `{cfg.pruning.allocation}` widths: {_gaps(rows, lab, 'random masks')} points, at the MFLOPs above."
+        for lab, src, _, o in FEDERATED if src == "consensus" and other_widths(o, cfg)
     ] + [
         f"- Importance round ≤ 1% of a dense round's bytes: {'met' if imp_b <= 0.01 * warm_b else 'NOT met'} ({100 * imp_b / warm_b:.3f}%).",
         f"- Flower + Ray wall time ≤ 1.3x the plain loop on the quick config: {'met' if ratio <= 1.3 else 'NOT met'} ({ratio:.2f}x; "
