@@ -75,6 +75,9 @@ DYNAMIC_METHODS = ("gates", "widths")
 #: How a cascade stage's confidence is read from its logits (fedprune.dynamic.exit_confidence): top-1 minus
 #: top-2 softmax probability, or the top softmax probability.
 EXIT_RULES = ("margin", "max_prob")
+#: Where batch-1 latency can be measured (fedprune.metrics.deployed): eager PyTorch, or the same deployment
+#: form exported to ONNX and run by ONNX Runtime (no per-operator framework overhead).
+LATENCY_RUNTIMES = ("torch", "onnxruntime")
 #: Largest ``pruning.budget_sensitivity``: the power on the layer-sensitivity weights.
 MAX_BUDGET_SENSITIVITY = 4.0
 #: Allowed profile budget keys -> (what is limited, unit). Latencies are device estimates:
@@ -229,6 +232,9 @@ class DynamicConfig:
                              "(the full width's weighs 1)")
     width_distill: float = _spec(0.0, lo=0.0, doc="method 'widths': weight of each narrower width's distillation from the full width")
     latency_inputs: int = _spec(64, lo=1, doc="method 'widths': test images timed per variant for the cascade's mean batch-1 latency")
+    latency_runtime: str = _spec("onnxruntime", choices=LATENCY_RUNTIMES, doc="method 'widths': where the cascade and the static "
+                                 "sub-network are timed: 'onnxruntime' (each exported to ONNX, a deployment runtime) or 'torch' (eager "
+                                 "PyTorch, whose ~20 us per operator dominate small networks at batch 1)")
     epochs: int = _spec(1, lo=0, doc="method 'gates': local gate-training epochs per fine-tune round (static sub-network frozen)")
     lr: float = _spec(1e-3, lo=0.0, lo_open=True, doc="method 'gates': gate-training learning rate (widths train in the fine-tuning itself)")
     distill: float = _spec(1.0, lo=0.0, doc="method 'gates': weight of distillation from the full-budget sub-network")

@@ -54,7 +54,7 @@ from fedprune.config import EXIT_RULES
 from fedprune.training import TrainConfig, recalibrate_bn, train
 
 __all__ = ["ChannelGate", "GatedCNN", "GatedStats", "keep_count", "train_gates", "evaluate_gated", "gated_latency_ms",
-           "NestedWidthCNN", "check_distinct_widths", "width_state", "widths_calibrated", "train_widths", "EXIT_RULES", "check_exit_rule", "exit_confidence", "WidthCascade", "stage_logits", "cascade_outcome", "evaluate_cascade", "threshold_for_macs",
+           "NestedWidthCNN", "check_distinct_widths", "width_state", "widths_calibrated", "train_widths", "EXIT_RULES", "check_exit_rule", "exit_confidence", "ExitStage", "WidthCascade", "stage_logits", "cascade_outcome", "evaluate_cascade", "threshold_for_macs",
            "cascade_latency_ms"]
 
 
@@ -691,6 +691,19 @@ def exit_confidence(logits: torch.Tensor, rule: str = "margin") -> torch.Tensor:
     return top2[:, 0] - top2[:, 1]
 
 
+class ExitStage(nn.Module):
+    """A cascade stage that returns ``(logits, exit_confidence(logits, rule))``, so a deployed stage
+    (e.g. exported to ONNX) computes its exit decision's input in its own graph."""
+
+    def __init__(self, stage: nn.Module, rule: str = "margin"):
+        super().__init__()
+        self.stage, self.rule = stage, check_exit_rule(rule)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.stage(x)
+        return logits, exit_confidence(logits, self.rule)
+
+
 class WidthCascade:
     """Per-input adaptive width: an early-exit cascade over static networks of growing width.
 
@@ -712,24 +725,33 @@ class WidthCascade:
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) or threshold < 0:
             raise ValueError(f"threshold must be a finite number >= 0 (a confidence in [0, 1]; above 1 = always the last stage), got {threshold!r}")
         check_exit_rule(rule)
-        self.stages = [m.eval() for m in stages]
+        self.stages = [m.eval() if isinstance(m, nn.Module) else m for m in stages]  # deployed stages may be ONNX Runtime sessions
         self.threshold = float(threshold)
         self.rule = rule
         self.stage_macs = [int(m) for m in stage_macs] if stage_macs is not None else [count_macs(m) for m in self.stages]
 
-    def deployed(self, copies: dict[int, nn.Module] | None = None) -> "WidthCascade":
+    def deployed(self, copies: dict | None = None, runtime: str = "torch", threads: int | None = 1) -> "WidthCascade":
         """The same cascade with every stage in deployment form (BN folded, channels_last), for timing.
 
-        ``copies`` (stage ``id`` -> deployed copy) lets cascades that share stage networks, e.g. one per
+        ``runtime`` (:data:`fedprune.metrics.LATENCY_RUNTIMES`) runs the stages in eager PyTorch
+        or in ONNX Runtime (with ``threads`` threads). Every stage but the last also computes its
+        exit confidence inside the deployed graph (:class:`ExitStage`), as a deployed cascade would.
+        ``copies`` (key -> deployed stage) lets cascades that share stage networks, e.g. one per
         threshold, share their deployed copies too (new copies are added to it).
         """
-        from fedprune.metrics import deployment_form
+        from fedprune.metrics import OnnxRuntimeModel, check_runtime, deployment_form
 
+        check_runtime(runtime)
         copies = {} if copies is None else copies
-        for m in self.stages:
-            if id(m) not in copies:
-                copies[id(m)] = deployment_form(m)
-        return WidthCascade([copies[id(m)] for m in self.stages], self.threshold, self.stage_macs, self.rule)
+        last = len(self.stages) - 1
+        out = []
+        for i, m in enumerate(self.stages):
+            key = (id(m), runtime, self.rule if i < last else None)
+            if key not in copies:
+                form = deployment_form(m) if i == last else ExitStage(deployment_form(m), self.rule)
+                copies[key] = form if runtime == "torch" else OnnxRuntimeModel(form, threads)
+            out.append(copies[key])
+        return WidthCascade(out, self.threshold, self.stage_macs, self.rule)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -738,8 +760,11 @@ class WidthCascade:
             raise ValueError(f"a cascade runs one input at a time, got a batch of {x.shape[0]}")
         last = len(self.stages) - 1
         for i, stage in enumerate(self.stages):
-            logits = stage(x)
-            if i == last or float(exit_confidence(logits, self.rule)) >= self.threshold:
+            out = stage(x)
+            if i == last:
+                return out, i
+            logits, conf = out if isinstance(out, tuple) else (out, exit_confidence(out, self.rule))  # ExitStage: computed in the graph
+            if float(conf) >= self.threshold:
                 return logits, i
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -850,6 +875,7 @@ def cascade_latency_ms(
     threads: int | None = 1,
     passes: int = 5,
     warmup: int = 2,
+    runtime: str = "torch",
 ) -> dict[str, float]:
     """Mean batch-1 latency (ms per input) over ``inputs`` of ``static`` (deployment form) and of each cascade (stages deployed).
 
@@ -858,12 +884,14 @@ def cascade_latency_ms(
     variant taking the inputs in a row, as a device that serves one network
     does (:func:`_side_by_side_ms`); per input the median pass counts, and the
     result is the mean over inputs. Cascades that share a stage network share
-    its one deployed copy. Keys: ``"static"`` and the names of ``cascades``.
+    its one deployed copy. ``runtime`` (:data:`fedprune.metrics.LATENCY_RUNTIMES`)
+    runs the static network and every stage in eager PyTorch or in ONNX Runtime.
+    Keys: ``"static"`` and the names of ``cascades``.
     """
-    from fedprune.metrics import deployment_form
+    from fedprune.metrics import deployed
 
-    copies: dict[int, nn.Module] = {}
-    runs: dict[str, Callable[[torch.Tensor], Any]] = {"static": deployment_form(static)}
-    runs.update({name: c.deployed(copies) for name, c in cascades.items()})
+    copies: dict = {}
+    runs: dict[str, Callable[[torch.Tensor], Any]] = {"static": deployed(static, runtime, threads)}
+    runs.update({name: c.deployed(copies, runtime, threads) for name, c in cascades.items()})
     times = _side_by_side_ms(runs, inputs, passes, warmup, threads)
     return {k: float(statistics.fmean(statistics.median(t) for t in v)) for k, v in times.items()}

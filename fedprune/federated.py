@@ -1083,12 +1083,14 @@ class FederatedPruning:
             "exits": [r["exits"] for r in rows],
             "note": "an input runs the widths in turn until its confidence (exit_rule: 'margin' = top-1 minus top-2 softmax "
                     "probability, 'max_prob' = top softmax probability) reaches the threshold; "
-                    "MACs per input are the sum over the widths it ran; latency is the mean ms per test image",
+                    "MACs per input are the sum over the widths it ran; latency is the mean ms per test image of the static "
+                    "sub-network and of each cascade, both run in latency_ms_b1.runtime",
         }
         if ev.latency:
             images = list(itertools.islice((x[None] for batch, _ in self.test_loader for x in batch), dyn.latency_inputs))
-            lat = cascade_latency_ms(stages[-1], {f"{t:g}": WidthCascade(stages, t, rule=dyn.exit_rule) for t in dyn.thresholds}, images, ev.latency_threads)
-            out["latency_ms_b1"] = {"static": lat["static"], "cascade": [lat[f"{t:g}"] for t in dyn.thresholds]}
+            lat = cascade_latency_ms(stages[-1], {f"{t:g}": WidthCascade(stages, t, rule=dyn.exit_rule) for t in dyn.thresholds}, images,
+                                     ev.latency_threads, runtime=dyn.latency_runtime)
+            out["latency_ms_b1"] = {"runtime": dyn.latency_runtime, "static": lat["static"], "cascade": [lat[f"{t:g}"] for t in dyn.thresholds]}
         return out
 
     def write(self, results: dict) -> None:
@@ -1139,7 +1141,8 @@ AFTER_WARMUP_PROFILE_KEYS = ("sparsity", "budgets")
 
 #: Config keys that act only in the final evaluation, after the last step of the plan: a resumed run
 #: may change them, e.g. to evaluate a finished run again with static BN (:meth:`FederatedPruning.restore`).
-FINAL_EVAL_KEYS: dict[str, tuple[str, ...] | None] = {"eval": ("latency", "static_bn"), "federated": ("final_eval_clients",)}
+FINAL_EVAL_KEYS: dict[str, tuple[str, ...] | None] = {"eval": ("latency", "static_bn"), "federated": ("final_eval_clients",),
+                                                      "dynamic": ("latency_inputs", "latency_runtime")}
 
 
 def warmup_config(config: dict) -> dict:

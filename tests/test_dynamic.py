@@ -319,6 +319,33 @@ def test_cascade_latency_reports_every_variant(nested) -> None:
     assert torch.allclose(a(x)[0], cascades["t=0"](x)[0], atol=1e-4) and b(x)[1] == 1
 
 
+def test_cascade_in_onnxruntime_decides_as_in_torch(nested) -> None:
+    """A cascade deployed to ONNX Runtime gives the eager cascade's logits and exit decisions, and its latency is timed
+    beside a static network run in ONNX Runtime too; an unknown runtime is an error naming the allowed ones."""
+    from fedprune.dynamic import ExitStage, WidthCascade, cascade_latency_ms, exit_confidence
+    from fedprune.metrics import OnnxRuntimeModel, deployed
+
+    stages = [nested.extract(0.5), nested.extract(1.0)]
+    xs = [torch.randn(1, 3, 32, 32) for _ in range(6)]
+    with torch.no_grad():
+        ort_model = OnnxRuntimeModel(stages[1])
+        assert torch.allclose(ort_model(xs[0]), stages[1].eval()(xs[0]), atol=1e-4)
+        logits, conf = OnnxRuntimeModel(ExitStage(stages[0], "margin"))(xs[0])
+        assert torch.allclose(conf, exit_confidence(stages[0](xs[0]), "margin"), atol=1e-5)
+        confs = sorted(float(exit_confidence(stages[0](x))) for x in xs)
+        t = (confs[2] + confs[3]) / 2  # half the inputs stop at width 0.5, none near the threshold
+        eager, ort_cascade = WidthCascade(stages, t), WidthCascade(stages, t).deployed(runtime="onnxruntime")
+        for x in xs:
+            (a, i), (b, j) = eager(x), ort_cascade(x)
+            assert i == j and torch.allclose(a, b, atol=1e-4)
+    lat = cascade_latency_ms(nested.model, {"t": WidthCascade(stages, t)}, xs, passes=2, warmup=1, runtime="onnxruntime")
+    assert set(lat) == {"static", "t"} and all(v > 0 for v in lat.values())
+    with pytest.raises(ValueError, match=r"latency runtime must be one of \('torch', 'onnxruntime'\), got 'tflite'"):
+        deployed(stages[1], "tflite")
+    with pytest.raises(ValueError, match="latency runtime must be one of"):
+        WidthCascade(stages, t).deployed(runtime="tflite")
+
+
 def test_federated_adaptive_width_round_trip(tmp_path) -> None:
     """Method 'widths': nested widths follow the consensus ranking, clients train them and measure their BN
     statistics, the server averages the statistics (keeps its orders) and reports the cascade per profile."""
@@ -342,7 +369,8 @@ def test_federated_adaptive_width_round_trip(tmp_path) -> None:
         assert dyn["macs"][0] == small and dyn["exits"][0][0] == 1.0  # threshold 0: every input stops at width 0.5
         assert dyn["macs"] == sorted(dyn["macs"])  # MACs never fall as the threshold grows
         assert dyn["accuracy"][2] == pytest.approx(entry["accuracy"]) == pytest.approx(dyn["width_accuracy"][1])  # 1.0: the sub-network
-        assert set(dyn["latency_ms_b1"]) == {"static", "cascade"} and len(dyn["latency_ms_b1"]["cascade"]) == 3
+        assert set(dyn["latency_ms_b1"]) == {"runtime", "static", "cascade"} and len(dyn["latency_ms_b1"]["cascade"]) == 3
+        assert dyn["latency_ms_b1"]["runtime"] == "onnxruntime"
     mask = run.profile_masks["mobile_cpu"]
     state = run.gates[mask.key()]
     consensus = run.consensus_log[-1]
@@ -362,6 +390,8 @@ def test_dynamic_widths_config_errors() -> None:
         load_config(None, ["dynamic.thresholds=[1.5]"])
     with pytest.raises(ConfigError, match=r"dynamic.exit_rule.*'entropy'.*margin.*max_prob"):
         load_config(None, ["dynamic.exit_rule='entropy'"])
+    with pytest.raises(ConfigError, match=r"dynamic.latency_runtime.*'tflite'.*torch.*onnxruntime"):
+        load_config(None, ["dynamic.latency_runtime='tflite'"])
     with pytest.raises(ConfigError, match=r"dynamic.narrow_ce.*-0.5"):
         load_config(None, ["dynamic.narrow_ce=-0.5"])
     with pytest.raises(ConfigError, match=r"dynamic.method"):

@@ -202,5 +202,8 @@ def test_acting_config_ignores_dynamic_settings_only_while_dynamic_pruning_is_of
     on_old = json.loads(json.dumps(config_to_dict(on)))
     on_old["dynamic"]["thresholds"] = [0.5, 0.7, 0.9]
     assert acting_config(on_old) != acting_config(config_to_dict(on))
+    on_torch = json.loads(json.dumps(config_to_dict(on)))
+    on_torch["dynamic"]["latency_runtime"] = "torch"  # where the final report times latency: not a different run
+    assert without_final_eval(on_torch) == without_final_eval(config_to_dict(on))
     assert acting_config(now)["pruning"] == now["pruning"]
     assert MASK_SOURCES_SWEEP == MASK_SOURCES  # the sweep module lists them without importing Flower
