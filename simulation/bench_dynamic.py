@@ -305,7 +305,7 @@ def plot(per_seed: list[dict], lat: dict, args, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = benchmark_parser(__doc__, seeds=(0, 1, 2, 3, 4))
+    parser = benchmark_parser(__doc__, seeds=tuple(range(10)))
     parser.add_argument("--gate-epochs", type=int, default=3)
     parser.add_argument("--gate-lr", type=float, default=1e-3)
     parser.add_argument("--distill", type=float, default=1.0, help="gates: weight of distillation from the full budget")
