@@ -285,23 +285,40 @@ def render(per_seed: list[dict], lat: dict, args, cfg, n_test: int) -> str:
 
 
 def plot(per_seed: list[dict], lat: dict, args, path: Path) -> None:
+    """Left: accuracy vs executed MACs (gates and cascade). Right: accuracy vs batch-1 latency relative to the static
+    sub-network, the gates in eager PyTorch and the cascade in each runtime it was timed in."""
     import matplotlib.pyplot as plt
 
     static_macs = per_seed[0]["static_macs"]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax, ax_ms) = plt.subplots(1, 2, figsize=(11, 4))
+    gated = [mean_std(r["gated"][i]["accuracy"] for r in per_seed) for i in range(len(args.budgets))]
+    cascade = [mean_std(r["cascade"]["rows"][i]["accuracy"] for r in per_seed) for i in range(len(args.thresholds))]
+    static = mean_std(r["static_same_budget_accuracy"] for r in per_seed)
+
+    def curve(axis, xs, points, labels, label, marker, offset):
+        axis.errorbar(xs, [100 * m for m, _ in points], yerr=[100 * s for _, s in points], marker=marker, capsize=3, label=label)
+        for text, x, (m, _) in zip(labels, xs, points):
+            axis.annotate(text, (x, 100 * m), textcoords="offset points", xytext=(4, offset), fontsize=7)
+
     macs = [np.mean([r["gated"][i]["macs"] for r in per_seed]) / 1e6 for i in range(len(args.budgets))]
-    ms = [mean_std(r["gated"][i]["accuracy"] for r in per_seed) for i in range(len(args.budgets))]
-    ax.errorbar(macs, [100 * m for m, _ in ms], yerr=[100 * s for _, s in ms], marker="o", capsize=3, label="gated (per-input top-k)")
-    for b, x, (m, _) in zip(args.budgets, macs, ms):
-        ax.annotate(f"{b:g}", (x, 100 * m), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    curve(ax, macs, gated, [f"{b:g}" for b in args.budgets], "gated (per-input top-k)", "o", 4)
     cmacs = [np.mean([r["cascade"]["rows"][i]["macs"] for r in per_seed]) / 1e6 for i in range(len(args.thresholds))]
-    cms = [mean_std(r["cascade"]["rows"][i]["accuracy"] for r in per_seed) for i in range(len(args.thresholds))]
-    ax.errorbar(cmacs, [100 * m for m, _ in cms], yerr=[100 * s for _, s in cms], marker="^", capsize=3, label="adaptive width (early exit)")
-    for t, x, (m, _) in zip(args.thresholds, cmacs, cms):
-        ax.annotate(f"t={t:g}", (x, 100 * m), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    m, s = mean_std(r["static_same_budget_accuracy"] for r in per_seed)
-    ax.errorbar([static_macs / 1e6], [100 * m], yerr=[100 * s], marker="s", color="black", capsize=3, ls="none", label="static sub-network")
-    finish(fig, ax, path, "MACs executed per input (M)", "test accuracy (%)", "Dynamic gating on the mobile_cpu sub-network")
+    curve(ax, cmacs, cascade, [f"t={t:g}" for t in args.thresholds], "adaptive width (early exit)", "^", -10)
+    ax.errorbar([static_macs / 1e6], [100 * static[0]], yerr=[100 * static[1]], marker="s", color="black", capsize=3, ls="none", label="static sub-network")
+    ax.set_xlabel("MACs executed per input (M)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Accuracy vs MACs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    rel = lambda ms, static_ms: 100 * (ms / static_ms - 1)  # noqa: E731
+    curve(ax_ms, [rel(lat[f"gated@{b:g}"], lat["static"]) for b in args.budgets], gated, [f"{b:g}" for b in args.budgets],
+          "gated, eager PyTorch", "o", 4)
+    for k, (rt, times) in enumerate(lat["cascade"].items()):  # thresholds named on the last runtime's curve only (same order on each)
+        curve(ax_ms, [rel(times[f"cascade@{t:g}"], times["static"]) for t in args.thresholds], cascade,
+              [f"t={t:g}" if k == len(lat["cascade"]) - 1 else "" for t in args.thresholds], f"adaptive width, {RUNTIME_WORDS[rt]}", "^", -10)
+    ax_ms.errorbar([0], [100 * static[0]], yerr=[100 * static[1]], marker="s", color="black", capsize=3, ls="none", label="static sub-network")
+    ax_ms.axvline(-15, color="grey", ls=":", lw=1, label="latency target (-15%)")
+    finish(fig, ax_ms, path, "batch-1 latency vs static sub-network in the same runtime (%)", "test accuracy (%)", "Accuracy vs latency")
 
 
 def main(argv=None) -> int:
