@@ -725,6 +725,10 @@ class WidthCascade:
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) or threshold < 0:
             raise ValueError(f"threshold must be a finite number >= 0 (a confidence in [0, 1]; above 1 = always the last stage), got {threshold!r}")
         check_exit_rule(rule)
+        if stage_macs is None and not all(isinstance(m, nn.Module) for m in stages):
+            raise ValueError("stage_macs is needed when a stage is not a torch module (e.g. an ONNX Runtime session): its MACs cannot be counted")
+        if any(isinstance(m, ExitStage) and m.rule != rule for m in stages):
+            raise ValueError(f"a stage computes its confidence by another exit rule than the cascade's {rule!r}")
         self.stages = [m.eval() if isinstance(m, nn.Module) else m for m in stages]  # deployed stages may be ONNX Runtime sessions
         self.threshold = float(threshold)
         self.rule = rule
@@ -739,17 +743,18 @@ class WidthCascade:
         ``copies`` (key -> deployed stage) lets cascades that share stage networks, e.g. one per
         threshold, share their deployed copies too (new copies are added to it).
         """
-        from fedprune.metrics import OnnxRuntimeModel, check_runtime, deployment_form
+        from fedprune.metrics import check_runtime, deployment_form, in_runtime
 
         check_runtime(runtime)
+        if any(isinstance(m, ExitStage) or not isinstance(m, nn.Module) for m in self.stages):
+            raise ValueError("this cascade is already deployed: deploy the cascade over the trained stage networks")
         copies = {} if copies is None else copies
         last = len(self.stages) - 1
         out = []
         for i, m in enumerate(self.stages):
-            key = (id(m), runtime, self.rule if i < last else None)
+            key = (id(m), runtime, threads, self.rule if i < last else None)
             if key not in copies:
-                form = deployment_form(m) if i == last else ExitStage(deployment_form(m), self.rule)
-                copies[key] = form if runtime == "torch" else OnnxRuntimeModel(form, threads)
+                copies[key] = in_runtime(deployment_form(m) if i == last else ExitStage(deployment_form(m), self.rule), runtime, threads)
             out.append(copies[key])
         return WidthCascade(out, self.threshold, self.stage_macs, self.rule)
 
@@ -762,7 +767,7 @@ class WidthCascade:
         for i, stage in enumerate(self.stages):
             out = stage(x)
             if i == last:
-                return out, i
+                return (out[0] if isinstance(out, tuple) else out), i
             logits, conf = out if isinstance(out, tuple) else (out, exit_confidence(out, self.rule))  # ExitStage: computed in the graph
             if float(conf) >= self.threshold:
                 return logits, i

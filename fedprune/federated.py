@@ -1056,7 +1056,7 @@ class FederatedPruning:
         }
         if ev.latency:
             lat = gated_latency_ms(gated, dyn.eval_budgets, ev.latency_threads, repeats=max(20, ev.latency_repeats))
-            out["latency_ms_b1"] = {"static": lat["static"], "gated": [lat[f"gated@{b:g}"] for b in dyn.eval_budgets]}
+            out["latency_ms_b1"] = {"runtime": "torch", "static": lat["static"], "gated": [lat[f"gated@{b:g}"] for b in dyn.eval_budgets]}
         return out
 
     def cascade_report(self, mask: StructuredMask, model: torch.nn.Module) -> dict:

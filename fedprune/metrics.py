@@ -29,7 +29,7 @@ from fedprune.groups import EXAMPLE_INPUT_SHAPE
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LATENCY_PASSES", "LATENCY_RUNTIMES", "check_runtime", "OnnxRuntimeModel", "deployed", "deployment_form", "count_params", "count_macs", "count_flops", "param_sparsity", "measure_latency_ms", "host_latency_ms", "median_host_latency_ms", "latency_side_by_side", "model_costs", "torch_threads", "process_tree_rss"]
+__all__ = ["LATENCY_PASSES", "LATENCY_RUNTIMES", "check_runtime", "OnnxRuntimeModel", "in_runtime", "deployed", "deployment_form", "count_params", "count_macs", "count_flops", "param_sparsity", "measure_latency_ms", "host_latency_ms", "median_host_latency_ms", "latency_side_by_side", "model_costs", "torch_threads", "process_tree_rss"]
 
 
 class _ChannelsLast(nn.Module):
@@ -70,11 +70,13 @@ def check_runtime(runtime: str) -> str:
 class OnnxRuntimeModel:
     """``model`` exported to ONNX (in memory) and run by ONNX Runtime on the CPU: a deployment runtime.
 
-    Called like the module on a torch tensor of the export's shape (default: one CIFAR image) and
-    returns torch tensors (one, or a tuple when the module returns several). ONNX Runtime plans
-    the whole graph once, so each call costs a few microseconds of overhead instead of eager
-    PyTorch's ~20 us per operator; ``threads`` fixes its intra-op threads (``None``: its default).
-    Outputs equal the module's up to float rounding (``tests/test_dynamic.py``).
+    Called like the module on a torch tensor of exactly ``input_shape`` (default: one CIFAR image; the
+    export has a fixed batch size) and returns torch tensors (one, or a tuple when the module returns
+    several). ONNX Runtime plans the whole graph once, so each call costs a few microseconds of
+    overhead instead of eager PyTorch's ~20 us per operator. ``threads``: its intra-op threads (>= 1;
+    ``None`` = ONNX Runtime's default, one per physical core); idle worker threads do not spin, so
+    sessions that take turns (a cascade's stages) do not slow each other down. Outputs equal the
+    module's up to float rounding (``tests/test_dynamic.py``).
     """
 
     def __init__(self, model: nn.Module, threads: int | None = 1, input_shape: tuple[int, ...] = EXAMPLE_INPUT_SHAPE):
@@ -83,14 +85,17 @@ class OnnxRuntimeModel:
 
         import onnxruntime as ort
 
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"ONNX Runtime threads must be an integer >= 1 or None (its default), got {threads!r}")
         buf = io.BytesIO()
         with warnings.catch_warnings():  # the TorchScript-based exporter warns that it is deprecated
             warnings.simplefilter("ignore")
             torch.onnx.export(copy.deepcopy(model).eval(), (torch.zeros(input_shape),), buf, dynamo=False, opset_version=17)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
+        if threads is not None:
             opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
         self.session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
@@ -100,11 +105,16 @@ class OnnxRuntimeModel:
         return outs[0] if len(outs) == 1 else tuple(outs)
 
 
+def in_runtime(form: nn.Module, runtime: str = "torch", threads: int | None = 1):
+    """A module already in deployment form, run by ``runtime`` (:data:`LATENCY_RUNTIMES`): itself for eager
+    PyTorch (whose threads the timer sets), else an :class:`OnnxRuntimeModel` with ``threads`` threads."""
+    return form if check_runtime(runtime) == "torch" else OnnxRuntimeModel(form, threads)
+
+
 def deployed(model: nn.Module, runtime: str = "torch", threads: int | None = 1):
     """``model`` ready to time in ``runtime`` (:data:`LATENCY_RUNTIMES`): its :func:`deployment_form`, run by
-    eager PyTorch or by ONNX Runtime with ``threads`` threads (eager PyTorch's threads are set by the timer)."""
-    form = deployment_form(model)
-    return form if check_runtime(runtime) == "torch" else OnnxRuntimeModel(form, threads)
+    eager PyTorch or by ONNX Runtime with ``threads`` threads (:func:`in_runtime`)."""
+    return in_runtime(deployment_form(model), check_runtime(runtime), threads)
 
 
 def count_params(model: nn.Module) -> int:

@@ -344,6 +344,15 @@ def test_cascade_in_onnxruntime_decides_as_in_torch(nested) -> None:
         deployed(stages[1], "tflite")
     with pytest.raises(ValueError, match="latency runtime must be one of"):
         WidthCascade(stages, t).deployed(runtime="tflite")
+    with pytest.raises(ValueError, match="already deployed"):
+        ort_cascade.deployed()
+    with pytest.raises(ValueError, match="stage_macs is needed"):
+        WidthCascade(ort_cascade.stages, t)
+    with pytest.raises(ValueError, match=r"threads must be an integer >= 1 or None \(its default\), got 0"):
+        OnnxRuntimeModel(stages[1], threads=0)
+    copies: dict = {}
+    one, two = WidthCascade(stages, t).deployed(copies, "onnxruntime", 1), WidthCascade(stages, t).deployed(copies, "onnxruntime", 2)
+    assert len(copies) == 4 and one.stages[0] is not two.stages[0]  # sessions with other thread counts are not shared
 
 
 def test_federated_adaptive_width_round_trip(tmp_path) -> None:
