@@ -409,7 +409,7 @@ def main(argv=None) -> int:
             parser.error(f"--latency-scales: every scale must be > 0, got {scale:g}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     cfg = load_config(ROOT / "configs/centralized.toml", {
-        "data": {"data_dir": args.data_dir},
+        "data": {"data_dir": "" if args.render_only else args.data_dir},  # rendering reads no data
         # Cosine LR for dense training and for fine-tuning: every method ends at a small LR, so
         # the comparison is not decided by where the last Adam steps happened to land.
         "train": {"epochs": args.epochs, "threads": args.train_threads, "cosine": True},
