@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["plot_run", "plot_accuracy_per_round", "plot_accuracy_vs_flops", "plot_kept_channels", "save", "finish"]
+__all__ = ["plot_run", "plot_accuracy_per_round", "plot_accuracy_vs_flops", "plot_kept_channels", "save", "label", "finish"]
 
 
 def save(fig, path: Path) -> Path:
@@ -19,14 +19,19 @@ def save(fig, path: Path) -> Path:
     return path
 
 
-def finish(fig, ax, path: Path, xlabel: str | None, ylabel: str, title: str, grid_axis: str = "both", legend_size: int = 8, **legend_kw) -> Path:
-    """Label, grid and legend ``ax``, then save ``fig`` as a PNG at ``path``."""
+def label(ax, xlabel: str | None, ylabel: str, title: str, grid_axis: str = "both", legend_size: int = 8, **legend_kw) -> None:
+    """Label, grid and legend ``ax`` (one panel of a figure)."""
     if xlabel is not None:
         ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(axis=grid_axis, alpha=0.3)
     ax.legend(fontsize=legend_size, **legend_kw)
+
+
+def finish(fig, ax, path: Path, xlabel: str | None, ylabel: str, title: str, grid_axis: str = "both", legend_size: int = 8, **legend_kw) -> Path:
+    """Label, grid and legend ``ax`` (:func:`label`), then save ``fig`` as a PNG at ``path``."""
+    label(ax, xlabel, ylabel, title, grid_axis, legend_size, **legend_kw)
     return save(fig, path)
 
 

@@ -60,7 +60,7 @@ from fedprune.dynamic import (GatedCNN, NestedWidthCNN, WidthCascade, cascade_la
                               gated_latency_ms, train_gates, train_widths)
 from fedprune.masks import SoftMaskHook  # noqa: E402
 from fedprune.metrics import count_macs  # noqa: E402
-from fedprune.plots import finish  # noqa: E402
+from fedprune.plots import finish, label  # noqa: E402
 from fedprune.reporting import benchmark_parser, fmt_mean_std, mean_std, write_json, write_text  # noqa: E402
 from fedprune.task import load_data, make_train_fn, model_groups, train_config  # noqa: E402
 from fedprune.training import evaluate, set_seed  # noqa: E402
@@ -272,9 +272,9 @@ def render(per_seed: list[dict], lat: dict, args, cfg, n_test: int) -> str:
         for rt in runtimes:
             ms, static_ms = lat["cascade"][rt][f"cascade@{t:g}"], lat["cascade"][rt]["static"]
             cells.append(f"{ms:.3f} | {100 * (ms / static_ms - 1):+.0f}%")
-            if meets(m, macs, ms, static_ms) and best_t[rt] is None:
-                best_t[rt] = t
             missed, short = misses(m, macs, ms, static_ms)
+            if not missed and best_t[rt] is None:
+                best_t[rt] = t
             if closest[rt] is None or (len(missed), short) < (len(closest[rt][1]), closest[rt][2]):
                 closest[rt] = (t, missed, short)
         lines.append(f"| {t:g} | {fmt_mean_std(accs)} | {100 * (m - ref_m):+.1f} | {macs / 1e6:.2f} | {100 * (macs / static_macs - 1):+.0f}% | "
@@ -313,11 +313,7 @@ def plot(per_seed: list[dict], lat: dict, args, path: Path) -> None:
     cmacs = [np.mean([r["cascade"]["rows"][i]["macs"] for r in per_seed]) / 1e6 for i in range(len(args.thresholds))]
     curve(ax, cmacs, cascade, [f"t={t:g}" for t in args.thresholds], "adaptive width (early exit)", "^", -10)
     ax.errorbar([static_macs / 1e6], [100 * static[0]], yerr=[100 * static[1]], marker="s", color="black", capsize=3, ls="none", label="static sub-network")
-    ax.set_xlabel("MACs executed per input (M)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Accuracy vs MACs")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    label(ax, "MACs executed per input (M)", "test accuracy (%)", "Accuracy vs MACs")
     rel = lambda ms, static_ms: 100 * (ms / static_ms - 1)  # noqa: E731
     curve(ax_ms, [rel(lat[f"gated@{b:g}"], lat["static"]) for b in args.budgets], gated, [f"{b:g}" for b in args.budgets],
           "gated, eager PyTorch", "o", 4)
