@@ -25,3 +25,18 @@ def test_render_only_rewrites_the_committed_table(script: str, table: str, tmp_p
     monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
     assert _script(script).main(["--render-only", "--out", str(tmp_path), "--data-dir", str(tmp_path / "no-data-here")]) == 0
     assert (tmp_path / f"{table}.md").read_text() == (ROOT / "benchmarks" / f"{table}.md").read_text()
+
+
+def test_bench_hardware_seeds_per_section() -> None:
+    """``--seeds`` run the default budgets, ``--scaled-seeds`` the scaled latency budgets; an empty
+    ``--scaled-seeds`` (or a JSON written before the option existed) means the same seeds for both."""
+    from types import SimpleNamespace
+
+    bench = _script("bench_hardware")
+    args = SimpleNamespace(seeds=[0, 1, 2, 3], scaled_seeds=[0, 1])
+    assert bench.section_seeds(args, 1.0) == [0, 1, 2, 3]
+    assert bench.section_seeds(args, 0.5) == [0, 1]
+    assert "Seeds 2, 3 were added" in bench._added_seeds(args)
+    for same in (SimpleNamespace(seeds=[0, 1], scaled_seeds=[]), SimpleNamespace(seeds=[0, 1])):
+        assert bench.section_seeds(same, 0.5) == [0, 1]
+        assert bench._added_seeds(same) == ""
