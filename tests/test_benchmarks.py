@@ -36,7 +36,7 @@ def test_bench_hardware_seeds_per_section() -> None:
     args = SimpleNamespace(seeds=[0, 1, 2, 3], scaled_seeds=[0, 1])
     assert bench.section_seeds(args, 1.0) == [0, 1, 2, 3]
     assert bench.section_seeds(args, 0.5) == [0, 1]
-    assert "Seeds 2, 3 were added" in bench._added_seeds(args)
+    assert "Seeds 2, 3 ran at the default budgets only" in bench._added_seeds(args)
     for same in (SimpleNamespace(seeds=[0, 1], scaled_seeds=[]), SimpleNamespace(seeds=[0, 1])):
         assert bench.section_seeds(same, 0.5) == [0, 1]
         assert bench._added_seeds(same) == ""
