@@ -18,7 +18,7 @@
 3. The same comparison with tighter latency budgets (``--latency-scales``:
    each profile's latency budgets times the scale; profiles with a latency
    budget only), where the choice of per-layer widths matters more. These run on
-   ``--scaled-seeds`` (default 0-4), the default budgets on ``--seeds`` (default 0-9).
+   ``--seeds`` (default 0-9) too, unless ``--scaled-seeds`` names others.
 
 Writes benchmarks/hardware.md, .json and a PNG.
 """
@@ -421,8 +421,8 @@ def main(argv=None) -> int:
     parser.add_argument("--latency-scales", type=float, nargs="+", default=[1.0, 0.5],
                         help="equal-budget comparisons to run: each profile's latency budgets times each scale (1 = configs/profiles.toml; "
                              "other scales run the profiles with a latency budget only)")
-    parser.add_argument("--scaled-seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4],
-                        help="seeds of the comparisons at scaled latency budgets (an empty list: the same as --seeds)")
+    parser.add_argument("--scaled-seeds", type=int, nargs="*", default=[],
+                        help="seeds of the comparisons at scaled latency budgets (default, or an empty list: the same as --seeds)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["lut", "budgets"])
     parser.add_argument("--render-only", action="store_true", help="write OUT/hardware.md again from OUT/hardware.json (same numbers)")
     parser.add_argument("--runs-dir", default=str(ROOT / "runs/bench_hardware"))
