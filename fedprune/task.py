@@ -37,6 +37,7 @@ __all__ = [
     "client_train",
     "client_bn_stats",
     "client_evaluate",
+    "pruned_accuracy",
 ]
 
 
@@ -105,6 +106,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from fedprune.adversarial import maybe_poison  # noqa: E402
+from fedprune.aggregation import pool_bn_stats  # noqa: E402
 from fedprune.data import ClientShard, make_client_shard, make_loader  # noqa: E402
 from fedprune.dynamic import NestedWidthCNN, check_distinct_widths, conv_blocks, keep_count, train_gates, train_widths, width_state  # noqa: E402
 from fedprune.importance import compute_importance  # noqa: E402
@@ -376,6 +378,26 @@ def client_evaluate(cfg: ExperimentConfig, partition_id: int, num_partitions: in
     model = submodel(cfg, mask, sub_state)
     m = evaluate(model, make_loader(train_arrays.subset(shard.val_idx), 256, train=False))
     return {"num-examples": int(m["num_examples"]), "accuracy": float(m["accuracy"]), "loss": float(m["loss"])}
+
+
+def pruned_accuracy(cfg: ExperimentConfig, dense_state: dict, mask: StructuredMask, bn_partitions: int | None = None) -> float:
+    """Test accuracy (fraction in [0, 1]) of ``mask``'s sub-network cut from the dense model ``dense_state``,
+    right after pruning: no fine-tuning.
+
+    ``bn_partitions=None`` keeps the dense model's BatchNorm running statistics. ``bn_partitions=n``
+    gives the sub-network the statistics that static BN gives it in a run of ``n`` clients: each client
+    measures them on its training shard (:func:`client_bn_stats`) and they are pooled
+    (:func:`fedprune.aggregation.pool_bn_stats`). A simulation-side diagnostic: every client's shard is
+    read in this process.
+    """
+    model = build_model(cfg)
+    model.load_state_dict(dense_state)
+    sub = extract_submodel(model, mask, model_groups(cfg))
+    if bn_partitions:
+        replies = [client_bn_stats(cfg, p, bn_partitions, mask, sub.state_dict()) for p in range(bn_partitions)]
+        sub.load_state_dict(pool_bn_stats([stats for stats, _, _ in replies], [n for _, _, n in replies]), strict=False)
+    _, test_arrays = load_data(cfg)
+    return float(evaluate(sub, make_loader(test_arrays, 256, train=False))["accuracy"])
 
 
 # ------------------------------------------------------------------ hardware

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -48,7 +49,8 @@ from fedprune.checkpoint import CHECKPOINT_FILE, load_checkpoint  # noqa: E402
 from fedprune.federated import acting_config, resolve_data_dir, simulate, without_final_eval  # noqa: E402
 from fedprune.plots import save  # noqa: E402
 from fedprune.reporting import fmt_mean_std, mean_std, write_json, write_text  # noqa: E402
-from fedprune.task import load_data  # noqa: E402
+from fedprune.masks import StructuredMask  # noqa: E402
+from fedprune.task import load_data, model_groups, pruned_accuracy  # noqa: E402
 
 log = logging.getLogger("bench_federated")
 PROFILES = ("edge_gpu", "mobile_cpu", "microcontroller")
@@ -135,6 +137,11 @@ def run_or_reuse(cfg, run_dir: Path, mask_source: str, what: str, **kw) -> dict:
     return simulate(cfg, run_dir, engine="ray", mask_source=mask_source, **kw)
 
 
+def run_tag(label: str) -> str:
+    """The run-directory name of a FEDERATED row (``<tag>_s<seed>``)."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_")
+
+
 def federated_runs(cfg, seeds, out: Path) -> dict:
     """Per seed: one dense warm-up of R1 rounds, then every method (and dense FedAvg's remaining R2
     rounds) continues from it (``warm_start``): the same results as separate runs, R1 rounds cheaper each.
@@ -154,8 +161,8 @@ def federated_runs(cfg, seeds, out: Path) -> dict:
         for label, source, criterion, overrides in FEDERATED:
             c2 = copy.deepcopy(c)
             c2.pruning = dataclasses.replace(c2.pruning, criterion=criterion, **overrides)
-            tag = re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_")
-            rows.setdefault(label, []).append(run_or_reuse(c2, out / f"{tag}_s{seed}", source, f"seed {seed}: {label}", warm_start=warm_dir))
+            rows.setdefault(label, []).append(run_or_reuse(c2, out / f"{run_tag(label)}_s{seed}", source, f"seed {seed}: {label}",
+                                                           warm_start=warm_dir))
     return rows
 
 
@@ -186,6 +193,42 @@ def centralized_runs(cfg, seeds, runs: Path) -> list[dict]:
         out.append(accs)
         write_json(cache, {"config": key, "accuracy": accs})
         log.info("seed %d centralized: %s", seed, accs)
+    return out
+
+
+#: Rows whose clients of one profile share one mask (local-only masks differ per client).
+ONE_SHOT_ROWS = [label for label, source, *_ in FEDERATED if source != "local"]
+
+
+def one_shot_runs(cfg, seeds, runs: Path) -> dict[str, list[dict]]:
+    """Each row's masks cut from its seed's warm-up model, right after pruning (no fine-tuning): test accuracy
+    with the warm-up model's BatchNorm statistics ("warmup_bn") and with statistics recomputed on the clients'
+    shards pooled ("static_bn", :func:`fedprune.task.pruned_accuracy`). Reads ``runs/warmup_s<seed>/global_model.pt``
+    and each row's ``masks.npz`` (the masks its importance round made from that model); each seed's accuracies are
+    kept in ``runs/one_shot_s<seed>.json`` with the config and reused by a restart."""
+    out: dict[str, list[dict]] = {}
+    groups = model_groups(cfg)
+    for seed in seeds:
+        c = copy.deepcopy(cfg)
+        c.seed = seed
+        cache, key = runs / f"one_shot_s{seed}.json", _plain(config_to_dict(c))
+        if cache.is_file() and json.loads(cache.read_text()).get("config") == key:
+            accs = json.loads(cache.read_text())["accuracy"]
+        else:
+            log.info("seed %d: every row's masks on the warm-up model, before fine-tuning", seed)
+            state = torch.load(runs / f"warmup_s{seed}" / "global_model.pt")
+            n = c.federated.num_clients
+
+            def both(mask):
+                return {"warmup_bn": pruned_accuracy(c, state, mask), "static_bn": pruned_accuracy(c, state, mask, bn_partitions=n)}
+
+            accs = {"dense": both(StructuredMask.dense(groups))}
+            for label in ONE_SHOT_ROWS:
+                arrays = np.load(runs / f"{run_tag(label)}_s{seed}" / "masks.npz")
+                accs[label] = {p: both(StructuredMask({g.name: arrays[f"{p}/{g.name}"] for g in groups})) for p in PROFILES}
+            write_json(cache, {"config": key, "accuracy": accs})
+        for label, acc in accs.items():
+            out.setdefault(label, []).append(acc)
     return out
 
 
@@ -248,7 +291,39 @@ def criterion_row(label: str, rows, central) -> str:
             + " / ".join(f"{m:+.1f}" for m in margins) + " |")
 
 
-def render(rows, central, cost, scale, args, cfg, ran: dict | None = None) -> str:
+def one_shot_section(one_shot: dict, rows, fed, ran: str | None = None) -> list[str]:
+    """Markdown lines of :func:`one_shot_runs`' table and what it says about consensus vs random masks."""
+    def cell(accs, bn):
+        return fmt_mean_std(a[bn] for a in accs)
+
+    def gap(label, other, bn, p):
+        return 100 * (mean_std(a[p][bn] for a in one_shot[label])[0] - mean_std(a[p][bn] for a in one_shot[other])[0])
+
+    def final_gap(label, other, p):
+        return 100 * (mean_std(_acc(rows[label], p))[0] - mean_std(_acc(rows[other], p))[0])
+
+    lines = ["", "## Right after pruning, before fine-tuning", "",
+             f"Each row's masks cut from its seed's {fed.warmup_rounds}-round warm-up model (the model its importance round scored), "
+             "test accuracy with no fine-tuning. First number: the warm-up model's BatchNorm statistics; second: statistics recomputed "
+             "on the clients' training shards pooled, as the final evaluation's static BN does (computed by the benchmark from the saved "
+             f"warm-up model and masks{', ' + ran if ran else ''}). The dense warm-up model: {cell(one_shot['dense'], 'warmup_bn')} / {cell(one_shot['dense'], 'static_bn')}.",
+             "", "| method | " + " | ".join(PROFILES) + " |", "|---|" + "---|" * len(PROFILES)]
+    for label in ONE_SHOT_ROWS:
+        if label in one_shot:
+            lines.append(f"| {label} | " + " | ".join(f"{cell([a[p] for a in one_shot[label]], 'warmup_bn')} / "
+                                                     f"{cell([a[p] for a in one_shot[label]], 'static_bn')}" for p in PROFILES) + " |")
+    t, r = "consensus Taylor", "random masks"
+    lines += ["", f"Consensus Taylor minus random masks ({' / '.join(PROFILES)}, points): right after pruning "
+              + " / ".join(f"{gap(t, r, 'warmup_bn', p):+.1f}" for p in PROFILES) + " with the warm-up statistics and "
+              + " / ".join(f"{gap(t, r, 'static_bn', p):+.1f}" for p in PROFILES) + f" with recomputed statistics; after {fed.finetune_rounds} "
+              "fine-tune rounds " + " / ".join(f"{final_gap(t, r, p):+.1f}" for p in PROFILES) + "."]
+    if all(gap(t, r, "static_bn", p) < 0 for p in PROFILES):
+        lines[-1] += (" Once the statistics match the pruned network, random channels keep more of the warm-up model's "
+                      "accuracy than the highest-scoring ones at every profile: the consensus does not start ahead of random masks.")
+    return lines
+
+
+def render(rows, central, cost, scale, args, cfg, ran: dict | None = None, one_shot: dict | None = None) -> str:
     ran = ran or {}
 
     def when(part: str) -> str:
@@ -299,6 +374,8 @@ def render(rows, central, cost, scale, args, cfg, ran: dict | None = None) -> st
         e = first["profiles"][p]
         lines.append(f"| {p} | {100 * (1 - e['channel_sparsity']):.0f}% | {e['params']:,} | {e['flops'] / 1e6:.1f} | {d['flops'] / e['flops']:.2f}x | "
                      f"{e.get('latency_ms', {}).get('b1', float('nan')):.2f} | {e.get('latency_ms', {}).get('b64', float('nan')):.1f} |")
+    if one_shot:
+        lines += one_shot_section(one_shot, rows, fed, ran.get("one_shot"))
     # traffic
     imp = [r for r in first["rounds"] if r["phase"] == "importance"][0]
     warm = [r for r in first["rounds"] if r["phase"] == "warmup"][0]
@@ -424,6 +501,9 @@ def main(argv=None) -> int:
     if "accuracy" not in args.skip:
         state["rows"] = federated_runs(cfg, args.seeds, runs)
         state["central"] = centralized_runs(cfg, args.seeds, runs)
+        state["one_shot"] = one_shot_runs(cfg, args.seeds, runs)
+        ran["one_shot"] = " to ".join(time.strftime("%Y-%m-%d %H:%M", time.localtime((runs / f"one_shot_s{seed}.json").stat().st_mtime))
+                                      for seed in (args.seeds[0], args.seeds[-1]))
         done = [p.stat().st_mtime for seed in args.seeds for p in [*runs.glob(f"*_s{seed}/results.json"), runs / f"central_s{seed}.json"]]
         ran["accuracy"] = " to ".join(time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) for t in (min(done), max(done))) + " (runs finished)"
     if "cost" not in args.skip:
@@ -440,7 +520,8 @@ def main(argv=None) -> int:
     state["args"] = vars(args)
     write_json(state_path, state)
     plot(state["rows"], state["central"], out / "federated_accuracy_vs_flops.png")
-    write_text(out / "federated.md", render(state["rows"], state["central"], state["cost"], state["scale"], args, cfg, ran))
+    write_text(out / "federated.md", render(state["rows"], state["central"], state["cost"], state["scale"], args, cfg, ran,
+                                                      state.get("one_shot")))
     print((out / "federated.md").read_text())
     return 0
 

@@ -160,3 +160,30 @@ def test_static_bn_also_pools_the_statistics_of_adaptive_widths(tmp_path):
             assert torch.allclose(after[k], v) and not torch.equal(after[k], before[k]), k
         assert all(torch.equal(after[k], before[k]) for k in before if k.startswith("order."))
     assert "dynamic" in res["profiles"]["mobile_cpu"]
+
+
+def test_pruned_accuracy_gives_a_subnetwork_the_statistics_static_bn_gives(tmp_path):
+    """pruned_accuracy (the benchmark's before-fine-tuning diagnostic): with ``bn_partitions`` it equals what the
+    run's static BN reports for the same weights; without, it keeps the dense model's statistics."""
+    import numpy as np
+
+    from fedprune.data import make_loader
+    from fedprune.task import load_data, pruned_accuracy
+
+    cfg = load_config(None, TINY)
+    res = simulate(cfg, tmp_path, engine="inprocess", mask_source="none")
+    state = torch.load(tmp_path / "global_model.pt")
+    kept = {k: v.clone() for k, v in state.items()}
+    groups = model_groups(cfg)
+    assert pruned_accuracy(cfg, state, StructuredMask.dense(groups), bn_partitions=cfg.federated.num_clients) == pytest.approx(
+        res["dense"]["accuracy"], abs=1e-12)
+    half = StructuredMask.from_scores({g.name: -np.arange(g.size, dtype=float) for g in groups}, {g.name: g.size // 2 for g in groups})
+    model = build_model(cfg)
+    model.load_state_dict(state)
+    sub = extract_submodel(model, half, groups)
+    test_loader = make_loader(load_data(cfg)[1], 256, train=False)
+    assert pruned_accuracy(cfg, state, half) == evaluate(sub, test_loader)["accuracy"]
+    measured = [client_bn_stats(cfg, pid, cfg.federated.num_clients, half, sub.state_dict()) for pid in range(cfg.federated.num_clients)]
+    sub.load_state_dict({**sub.state_dict(), **pool_bn_stats([s for s, _, _ in measured], [n for *_, n in measured])})
+    assert pruned_accuracy(cfg, state, half, bn_partitions=cfg.federated.num_clients) == evaluate(sub, test_loader)["accuracy"]
+    assert all(torch.equal(state[k], kept[k]) for k in kept)  # the dense state is left as it was
