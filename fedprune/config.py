@@ -54,7 +54,7 @@ def _spec(default=dataclasses.MISSING, *, choices=None, lo=None, hi=None, lo_ope
 
 DATASETS = ("cifar10", "synthetic")
 MODELS = ("seed_cnn", "resnet20", "mobilenetv2")
-CRITERIA = ("l1", "l2", "variance", "bn_gamma", "gradient", "taylor", "fisher", "activation")
+CRITERIA = ("l1", "l2", "variance", "bn_gamma", "gradient", "taylor", "fisher", "activation", "reconstruction")
 #: Allocations of per-group keep ratios from a channel sparsity (fedprune.allocation.allocate).
 SPARSITY_ALLOCATIONS = ("uniform", "global", "sensitivity")
 #: Ways to meet per-profile hardware budgets (fedprune.allocation.budget_masks):

@@ -27,6 +27,7 @@ __all__ = ["ChannelGroup", "ChannelGroups", "discover_groups", "build_dependency
 EXAMPLE_INPUT_SHAPE = (1, 3, 32, 32)
 
 _OUT_HANDLER = "prune_out_channels"
+_IN_HANDLER = "prune_in_channels"
 
 
 @dataclass(frozen=True)
@@ -40,12 +41,16 @@ class ChannelGroup:
             the group's channels (more than one for residual or depthwise
             coupling).
         norms: names of the BatchNorm modules normalising those channels.
+        consumers: names of the conv/linear modules that read those channels as
+            input channels (their ``in_channels``/``in_features`` shrink when the
+            group is pruned); empty when not traced.
     """
 
     name: str
     size: int
     producers: tuple[str, ...]
     norms: tuple[str, ...]
+    consumers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -126,10 +131,13 @@ def discover_groups(model: nn.Module) -> ChannelGroups:
     graph = build_dependency_graph(model)
     found: list[ChannelGroup] = []
     for group in graph.get_all_groups(ignored_layers=_output_layers(model), root_module_types=[nn.Conv2d]):
-        producers, norms = [], []
+        producers, norms, consumers = [], [], []
         for item in group.items:
             module = item.dep.target.module
-            if getattr(item.dep.handler, "__name__", "") != _OUT_HANDLER or module not in names:
+            handler = getattr(item.dep.handler, "__name__", "")
+            if handler == _IN_HANDLER and isinstance(module, (nn.Conv2d, nn.Linear)) and module in names and not _is_depthwise(module):
+                consumers.append(names[module])
+            if handler != _OUT_HANDLER or module not in names:
                 continue
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 producers.append(names[module])
@@ -141,7 +149,8 @@ def discover_groups(model: nn.Module) -> ChannelGroups:
         regular = [p for p in producers if not _is_depthwise(model.get_submodule(p))]
         root = (regular or producers)[0]
         size = model.get_submodule(root).out_channels
-        found.append(ChannelGroup(root, size, tuple(producers), tuple(norms)))
+        consumers = sorted(set(consumers), key=order.__getitem__)
+        found.append(ChannelGroup(root, size, tuple(producers), tuple(norms), tuple(consumers)))
     found.sort(key=lambda g: order[g.name])
     return ChannelGroups(tuple(found))
 

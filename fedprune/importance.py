@@ -19,6 +19,11 @@ Criteria:
 ``fisher``     empirical Fisher of a channel gate: mean over samples of
                (sum_hw a * dL/da)^2 / 2 at the BN outputs (Theis et al. 2018)
 ``activation`` mean |a| of the channel's BN outputs over samples and positions
+``reconstruction``  order of a greedy removal that keeps the consumers' input
+               best correlated with the dense one (BatchNorm re-estimation
+               absorbs scale and shift; ThiNet-style, Luo et al. 2017): the
+               score is a channel's position in that order, 1/C (removed
+               first) to 1 (kept last), so every top-k is the greedy's set
 =============  ==============================================================
 """
 
@@ -295,6 +300,104 @@ class ActivationImportance(_HookedImportance):
             acc[g.name] += sum(_per_sample_channel_mean(a.abs()) for a in outputs[g.name]).double().sum(dim=0)
 
 
+class ReconstructionImportance(DataImportance):
+    """Channels ranked by how well the kept ones reproduce the input of the next layers, up to scale.
+
+    Per group, with ``a`` the group's channels as its consumers read them (each consumer's
+    input; a Linear's ``in_features`` viewed as channels x positions) and ``W`` a consumer's
+    weight, the contribution of channel ``c`` is ``W[:, c] * a_c``. Treating the activation as
+    constant over a kernel window, the covariance of two contributions summed over the
+    consumer's outputs is ``M[c, d] = (sum_o <W[o, c], W[o, d]>) * Cov(a_c, a_d)`` (summed over
+    consumers; covariance over samples and positions, so the mean, which the consumer's
+    BatchNorm re-estimates, does not count). For a kept set ``K`` the consumer input changes by
+    the removed channels' share; after BatchNorm re-estimation what matters is the correlation
+    ``corr(K) = 1' M 1_K / sqrt(1' M 1 * 1_K' M 1_K)`` (BatchNorm rescales by a positive
+    factor, so the sign counts). Greedily removing, one at a time, the channel whose removal
+    keeps ``corr`` highest orders every channel; a channel's score is its place in that order. Ranking by single-channel scores (Taylor, magnitude) ignores that
+    the kept channels must still add up to the same signal: on seed_cnn, once BatchNorm
+    statistics are re-estimated, a random subset of channels preserves accuracy better than
+    the highest-scoring one (benchmarks/federated.md, "Right after pruning").
+
+    Memory: one ``C x C`` float64 moment matrix per group and consumer (C = group size).
+    """
+
+    name = "reconstruction"
+
+    def accumulate(self, model, groups, batches, acc):
+        consumers = {(g.name, c) for g in groups for c in g.consumers}
+        if not consumers:
+            raise ValueError("criterion 'reconstruction' needs the groups' consumers (traced by fedprune.groups.discover_groups)")
+        sums: dict[tuple[str, str], list] = {}
+        sizes = {g.name: g.size for g in groups}
+
+        def hook(key):
+            def f(_module, inp, _out):
+                a = inp[0].detach().double()
+                c = sizes[key[0]]
+                a = a.reshape(a.shape[0], c, -1)  # conv (N, C, H, W) or linear (N, C x positions)
+                x = a.transpose(1, 2).reshape(-1, c)  # (samples x positions, channels)
+                s = sums.setdefault(key, [torch.zeros(c, c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64), 0])
+                s[0] += x.T @ x
+                s[1] += x.sum(dim=0)
+                s[2] += x.shape[0]
+            return f
+
+        handles = [model.get_submodule(cons).register_forward_hook(hook((g, cons))) for g, cons in sorted(consumers)]
+        n = 0
+        try:
+            with torch.no_grad():
+                for x, y in batches:
+                    model(x)
+                    n += len(y)
+        finally:
+            for h in handles:
+                h.remove()
+        if n == 0:
+            return 0
+        for g in groups:
+            m = torch.zeros(g.size, g.size, dtype=torch.float64)
+            for cons in g.consumers:
+                xx, xs, count = sums[(g.name, cons)]
+                mean = xs / count
+                cov = xx / count - torch.outer(mean, mean)
+                w = model.get_submodule(cons).weight.detach().double()
+                w = w.reshape(w.shape[0], g.size, -1)  # (outputs, channels, kernel positions or features per channel)
+                m += torch.einsum("ock,odk->cd", w, w) * cov
+            acc[g.name][:] = torch.from_numpy(greedy_removal_order(m.numpy()))
+        return n
+
+    def finalize(self, total, num_samples):
+        return total  # already the order's scores
+
+
+def greedy_removal_order(m: np.ndarray) -> np.ndarray:
+    """Scores from the greedy of :class:`ReconstructionImportance` on the ``C x C`` matrix ``m``:
+    ``(k + 1) / C`` for the channel removed at step ``k`` (the last one kept scores 1), 0 for a
+    channel whose contribution has no variance. Ties go to the lower channel index, so the order
+    is deterministic."""
+    m = np.asarray(m, dtype=np.float64)
+    size = m.shape[0]
+    keep = np.ones(size, dtype=bool)
+    row = m.sum(axis=1)  # M 1
+    v = row.copy()  # M 1_K
+    var_k = cov_k = row.sum()  # 1_K' M 1_K and 1' M 1_K
+    diag = np.diag(m)
+    scores = np.ones(size, dtype=np.float64)
+    for step in range(size - 1):
+        cand = np.flatnonzero(keep)
+        var2 = var_k - 2 * v[cand] + diag[cand]
+        cov2 = cov_k - row[cand]
+        # corr(K) is proportional to 1' M 1_K / sqrt(1_K' M 1_K); a set whose variance vanishes carries no signal
+        quality = np.where(var2 > 1e-12 * max(abs(var_k), 1e-300), cov2 / np.sqrt(np.maximum(var2, 1e-300)), -np.inf)
+        j = cand[int(np.argmax(quality))]
+        keep[j] = False
+        scores[j] = (step + 1) / size
+        var_k, cov_k = var_k - 2 * v[j] + diag[j], cov_k - row[j]
+        v -= m[:, j]
+    scores[diag <= 0] = 0.0  # channels that carry nothing (e.g. soft-masked ones) score 0, as with every criterion
+    return scores
+
+
 def _per_sample_channel_sum(t: torch.Tensor) -> torch.Tensor:
     """(N, C, ...) -> (N, C) summed over positions."""
     return t.reshape(t.shape[0], t.shape[1], -1).sum(dim=2)
@@ -314,10 +417,11 @@ CRITERIA: dict[str, Callable[..., Importance]] = {
     "taylor": lambda **kw: TaylorImportance(**kw),
     "fisher": lambda **kw: FisherImportance(**kw),
     "activation": lambda **kw: ActivationImportance(**kw),
+    "reconstruction": lambda **kw: ReconstructionImportance(**kw),
 }
 
 #: Criteria that need a data loader.
-DATA_CRITERIA = ("gradient", "taylor", "fisher", "activation")
+DATA_CRITERIA = ("gradient", "taylor", "fisher", "activation", "reconstruction")
 
 
 def get_importance(name: str, num_batches: int | None = 8) -> Importance:

@@ -155,6 +155,23 @@ def test_central_mask_source_scores_pooled_client_data(tiny_cfg):
     assert set(sens) == set(model_groups(tiny_cfg).names)
 
 
+def test_reconstruction_consensus_averages_the_clients_orders():
+    """Criterion "reconstruction": each client sends its places in the greedy order (a C-vector per group, as any
+    criterion); the consensus ranks by their sample-weighted mean and the masks stay nested."""
+    from fedprune.aggregation import aggregate_importance
+    from fedprune.task import client_importance
+
+    cfg = load_config(None, TINY + ["pruning.criterion='reconstruction'", "federated.aggregation='mean'"])
+    fp = FederatedPruning(cfg, InProcessTransport(3), None)
+    res = fp.run()
+    assert res["consensus"]["criterion"] == "reconstruction" and res["consensus"]["nested"]
+    groups = model_groups(cfg)
+    sent = client_importance(cfg, 0, 3, build_model(cfg).state_dict(), "reconstruction", 1, False, (0.5,))["scores"]
+    assert set(sent) == set(groups.names) and all(sent[g.name].shape == (g.size,) and sent[g.name].max() == 1.0 for g in groups)
+    mean = aggregate_importance([sent, sent], [1, 3], "mean", 0.0)
+    assert all(np.array_equal(np.argsort(-mean[g], kind="stable"), np.argsort(-sent[g], kind="stable")) for g in sent)
+
+
 def test_ray_simulation_matches_inprocess(tiny_run, tiny_cfg, tmp_path):
     """Flower's Simulation Engine (Ray backend) gives the same numbers as the in-process loop."""
     res, _ = tiny_run

@@ -141,3 +141,41 @@ def test_normalized_scores() -> None:
     np.testing.assert_allclose(s.normalized("mean")["a"], [0.5, 1.5])
     np.testing.assert_allclose(s.normalized("max")["a"], [1 / 3, 1.0])
     np.testing.assert_array_equal(s.normalized()["z"], np.ones(3))
+
+
+def test_groups_know_their_consumers() -> None:
+    from fedprune.groups import groups_for
+
+    seed = groups_for("seed_cnn")
+    assert [g.consumers for g in seed] == [("features.4",), ("features.8",), ("features.12",), ("classifier.1",)]
+    stem = groups_for("resnet20")["conv1"]  # the residual stream of stage 1: every block reads it, and stage 2's shortcut
+    assert {"layer1.0.conv1", "layer2.0.conv1", "layer2.0.shortcut.0"} <= set(stem.consumers)
+
+
+def test_reconstruction_removes_a_duplicate_before_an_independent_channel() -> None:
+    from fedprune.importance import greedy_removal_order
+
+    # Channels 0 and 1 are the same signal, 2 an independent one of equal variance (a single-channel
+    # score cannot tell them apart). Keeping {one copy, 2} preserves the sum 2a + b best (corr 0.95 vs 0.89),
+    # and the last channel kept is the remaining copy (corr 0.89 vs 0.45).
+    m = np.array([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    np.testing.assert_allclose(greedy_removal_order(m), [1 / 3, 1.0, 2 / 3])
+    # A channel that carries nothing scores 0; the others keep their order.
+    z = np.zeros((4, 4))
+    z[:3, :3] = m
+    np.testing.assert_allclose(greedy_removal_order(z), [2 / 4, 1.0, 3 / 4, 0.0])
+
+
+def test_reconstruction_scores_are_an_order(model_and_groups, loader) -> None:
+    model, groups = model_and_groups
+    result = compute_importance("reconstruction", model, groups, loader, num_batches=2)
+    for g in groups:
+        s = result[g.name]
+        ranked = s[s > 0]  # 0: channels dead on these images (zero variance at the consumers)
+        assert len(np.unique(ranked)) == ranked.size and ranked.size >= g.size // 2
+        np.testing.assert_allclose(ranked * g.size, np.round(ranked * g.size))  # places in the order: k / C
+        assert s.max() == 1.0
+        # Growing keep counts give nested masks (the greedy's sets).
+        small = StructuredMask.from_scores({g.name: result[g.name]}, {g.name: g.size // 4})
+        large = StructuredMask.from_scores({g.name: result[g.name]}, {g.name: g.size // 2})
+        assert np.all(large.keep[g.name][small.keep[g.name]])
