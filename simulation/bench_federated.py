@@ -168,6 +168,15 @@ def federated_runs(cfg, seeds, out: Path) -> dict:
     return rows
 
 
+def _cached(path: Path, key: dict, normalise=lambda config: config) -> dict | None:
+    """The ``accuracy`` kept in ``path`` when it was computed with config ``key`` (both compared after
+    ``normalise``), else None."""
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    return saved["accuracy"] if normalise(saved.get("config", {})) == normalise(key) else None
+
+
 def centralized_runs(cfg, seeds, runs: Path) -> list[dict]:
     """Centralized pruning with the same budget: R1 dense epochs, prune per profile (Taylor), R2 fine-tune epochs.
     Each seed's accuracies are kept in ``runs/central_s<seed>.json`` with the config and reused by a restart."""
@@ -181,8 +190,9 @@ def centralized_runs(cfg, seeds, runs: Path) -> list[dict]:
         cache = runs / f"central_s{seed}.json"
         key = _plain(config_to_dict(c))
         # Keys of the federated final evaluation (static BN...) do not act here.
-        if cache.is_file() and without_final_eval(json.loads(cache.read_text()).get("config", {})) == without_final_eval(key):
-            out.append(json.loads(cache.read_text())["accuracy"])
+        hit = _cached(cache, key, without_final_eval)
+        if hit is not None:
+            out.append(hit)
             log.info("seed %d centralized: finished before with the same config, reusing %s", seed, cache)
             continue
         dense = train_dense(c, epochs=c.federated.warmup_rounds, data=data)
@@ -214,8 +224,7 @@ def one_shot_runs(cfg, seeds, runs: Path) -> dict[str, list[dict]]:
         c = copy.deepcopy(cfg)
         c.seed = seed
         cache, key = runs / f"one_shot_s{seed}.json", _plain(config_to_dict(c))
-        saved = json.loads(cache.read_text()) if cache.is_file() else {}
-        accs = saved.get("accuracy", {}) if saved.get("config") == key else {}
+        accs = _cached(cache, key) or {}
         missing = [label for label in ["dense", *ONE_SHOT_ROWS] if label not in accs]
         if missing:
             log.info("seed %d: masks of %s on the warm-up model, before fine-tuning", seed, ", ".join(missing))

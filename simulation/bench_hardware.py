@@ -411,7 +411,7 @@ def plot(per_seed: list[dict], path: Path, title: str = "Equal hardware budgets"
 
 
 def main(argv=None) -> int:
-    # The default budgets tie (within a point of dense), so they get ten seeds; the tighter budgets five.
+    # Ten seeds: at the default budgets the allocations end within a point of each other (README: why 5-9 were added).
     parser = benchmark_parser(__doc__, seeds=tuple(range(10)))
     parser.add_argument("--criterion", default="taylor")
     parser.add_argument("--profiles", nargs="+", default=["edge_gpu", "mobile_cpu", "microcontroller"])
