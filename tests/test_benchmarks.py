@@ -27,6 +27,17 @@ def test_render_only_rewrites_the_committed_table(script: str, table: str, tmp_p
     assert (tmp_path / f"{table}.md").read_text() == (ROOT / "benchmarks" / f"{table}.md").read_text()
 
 
+def test_bench_federated_skipping_every_part_rewrites_the_committed_table(tmp_path, monkeypatch) -> None:
+    """With ``--skip accuracy cost scale`` nothing runs; the data dir, seeds and rounds come from the saved runs."""
+    shutil.copy(ROOT / "benchmarks" / "federated.json", tmp_path / "federated.json")
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
+    argv = ["--skip", "accuracy", "cost", "scale", "--out", str(tmp_path), "--data-dir", str(tmp_path / "no-data-here"),
+            "--seeds", "7", "--runs-dir", str(tmp_path / "no-runs-here")]
+    assert _script("bench_federated").main(argv) == 0
+    assert (tmp_path / "federated.md").read_text() == (ROOT / "benchmarks" / "federated.md").read_text()
+    assert not (tmp_path / "no-runs-here").exists()
+
+
 def test_bench_hardware_seeds_per_section() -> None:
     """``--seeds`` run the default budgets, ``--scaled-seeds`` the scaled latency budgets; an empty
     ``--scaled-seeds`` (or a JSON written before the option existed) means the same seeds for both."""
@@ -40,3 +51,32 @@ def test_bench_hardware_seeds_per_section() -> None:
     for same in (SimpleNamespace(seeds=[0, 1], scaled_seeds=[]), SimpleNamespace(seeds=[0, 1])):
         assert bench.section_seeds(same, 0.5) == [0, 1]
         assert bench._added_seeds(same) == ""
+
+
+def test_bench_federated_compares_each_consensus_row_with_its_random_twin() -> None:
+    """Sensitivity-adaptive widths come from the criterion's sensitivity, so a consensus row with them is compared
+    with the random-mask row of the same criterion and allocation; rows with the config's widths with plain random
+    masks; and the short-budget section reads the per-round evaluation of both."""
+    from types import SimpleNamespace
+
+    bench = _script("bench_federated")
+    assert bench.baseline("random", "consensus Taylor") == "random masks"
+    assert bench.baseline("random", "consensus reconstruction, sensitivity-adaptive widths") == \
+        "random masks, consensus reconstruction's sensitivity-adaptive widths"
+    assert bench.baseline("random", "consensus Taylor, sensitivity-adaptive widths") == \
+        "random masks, consensus Taylor's sensitivity-adaptive widths"
+    assert bench.baseline("local", "consensus Taylor, sensitivity-adaptive widths") == "local-only masks"
+
+    def run(curve):  # one run whose fine-tune rounds score ``curve`` at every profile
+        rounds = [{"phase": "warmup", "accuracy": {"dense": 0.1}}, {"phase": "importance"}]
+        rounds += [{"phase": "finetune", "accuracy": {p: a for p in bench.PROFILES}} for a in curve]
+        return {"rounds": rounds}
+
+    rows = {lab: [run([0.50, 0.50]), run([0.50, 0.52])] for lab, *_ in bench.FEDERATED}
+    rows["consensus Taylor"] = [run([0.53, 0.50]), run([0.51, 0.52])]  # +2 points after 1 round, 0 after 2
+    assert bench.finetune_curve(rows["consensus Taylor"][0], "mobile_cpu") == [0.53, 0.50]
+    lines = bench.budget_section(rows, SimpleNamespace(finetune_rounds=2))
+    taylor = next(line for line in lines if line.startswith("| consensus Taylor (random masks) |"))
+    assert taylor == "| consensus Taylor (random masks) | **+2.0 / +2.0 / +2.0** | +0.0 / +0.0 / +0.0 |"
+    assert "Ahead at every profile: consensus Taylor after 1 round(s)." in lines[-1]
+    assert bench.budget_section(rows, SimpleNamespace(finetune_rounds=0)) == []
