@@ -8,9 +8,11 @@ warm-up run that every other run continues from, see ``FederatedPruning.warm_sta
 * dense FedAvg for R1 + R2 rounds (the fair dense reference);
 * federated consensus pruning with magnitude (L2), Taylor, Fisher, BN-scale (network slimming's |gamma|) and
   reconstruction (greedy order that keeps the next layers' input best correlated, see fedprune.importance) importance,
-  and Taylor with sensitivity-adaptive per-layer widths (``pruning.allocation = "sensitivity"``; every other row keeps
-  the config's allocation);
-* local-only masks (each client its own top-k, no consensus) and random masks;
+  and Taylor and reconstruction with sensitivity-adaptive per-layer widths (``pruning.allocation = "sensitivity"``;
+  every other row keeps the config's allocation);
+* local-only masks (each client its own top-k, no consensus) and random masks, also at each sensitivity-adaptive
+  row's widths (its random twin: every consensus row is compared with random masks of the same per-layer widths,
+  right after pruning, after k fine-tune rounds and at the end);
 * a centralized mask with federated fine-tuning: the same run, but the masks come from Taylor importance
   computed at the server on every client's scoring images pooled (mask source "central", a simulation-only
   baseline); it isolates what computing the importance federatedly costs;
@@ -412,7 +414,6 @@ def budget_section(rows, fed) -> list[str]:
         if all(m < se for *_, m in leads):
             text += " In each of them the smallest lead is below the s.e."
     return lines + ["", text]
-    return lines
 
 
 def render(rows, central, cost, scale, args, cfg, ran: dict | None = None, one_shot: dict | None = None) -> str:
@@ -599,6 +600,8 @@ def main(argv=None) -> int:
     if "accuracy" in args.skip and "args" in state:  # the report describes the accuracy runs it shows, not this call's defaults
         for key in ACCURACY_ARGS:
             setattr(args, key, state["args"][key])
+    else:  # cached results are keyed by their config, which holds the data dir: a relative path must give the same key
+        args.data_dir = str(Path(args.data_dir).resolve())
     data = {"data": {"data_dir": args.data_dir}}
     quick = load_config(args.config, data)
     cfg = load_config(args.config, {**data, "federated": {"warmup_rounds": args.warmup_rounds, "finetune_rounds": args.finetune_rounds,
