@@ -366,9 +366,10 @@ def one_shot_section(one_shot: dict, rows, fed, ran: str | None = None) -> list[
 FINETUNE_CHECKPOINTS = (1, 2, 5, 10, 20)
 
 
-def finetune_curve(run: dict, profile: str) -> list[float]:
-    """Test accuracy (fraction) of ``profile`` after each fine-tune round of one run, from its per-round evaluation."""
-    return [r["accuracy"][profile] for r in run["rounds"] if r["phase"] == "finetune" and profile in (r.get("accuracy") or {})]
+def finetune_curve(run: dict, profile: str) -> list[float | None]:
+    """Test accuracy (fraction) of ``profile`` after each fine-tune round of one run, from its per-round evaluation
+    (None after a round that was not evaluated, ``eval.eval_every``)."""
+    return [(r.get("accuracy") or {}).get(profile) for r in run["rounds"] if r["phase"] == "finetune"]
 
 
 def budget_section(rows, fed) -> list[str]:
@@ -377,7 +378,11 @@ def budget_section(rows, fed) -> list[str]:
     Read from every run's per-round evaluation, whose BatchNorm statistics are those FedAvg averaged from the
     clients' models (not the static BN of the final numbers): it answers whether a consensus mask leads when the
     fine-tuning budget is short, where the choice of channels has had less time to be trained away."""
-    ks = [k for k in FINETUNE_CHECKPOINTS if k <= fed.finetune_rounds]
+    def evaluated(k):  # every run of a consensus row or its twin evaluated after fine-tune round k
+        return all(k <= len(c) and c[k - 1] is not None
+                   for lab, *_ in FEDERATED for run in rows[lab] for c in [finetune_curve(run, p) for p in PROFILES])
+
+    ks = [k for k in FINETUNE_CHECKPOINTS if k <= fed.finetune_rounds and evaluated(k)]
     if not ks:
         return []
 

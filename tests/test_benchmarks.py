@@ -80,3 +80,6 @@ def test_bench_federated_compares_each_consensus_row_with_its_random_twin() -> N
     assert taylor == "| consensus Taylor (random masks) | **+2.0 / +2.0 / +2.0** | +0.0 / +0.0 / +0.0 |"
     assert "Ahead at every profile: consensus Taylor after 1 round(s)." in lines[-1]
     assert bench.budget_section(rows, SimpleNamespace(finetune_rounds=0)) == []
+    rows["random masks"][1]["rounds"][2].pop("accuracy")  # round 1 not evaluated in one run: only k = 2 is compared
+    assert bench.finetune_curve(rows["random masks"][1], "edge_gpu") == [None, 0.52]
+    assert "| consensus Taylor (random masks) | +0.0 / +0.0 / +0.0 |" in bench.budget_section(rows, SimpleNamespace(finetune_rounds=2))
