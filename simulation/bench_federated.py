@@ -285,17 +285,26 @@ def _acc(runs: list[dict], profile: str) -> list[float]:
     return [r["profiles"][profile]["accuracy"] for r in runs]
 
 
+def _gap(rows, label: str, other: str, profile: str) -> float:
+    """Mean accuracy of row ``label`` minus row ``other`` at ``profile``, in points."""
+    return 100 * (mean_std(_acc(rows[label], profile))[0] - mean_std(_acc(rows[other], profile))[0])
+
+
 def _gaps(rows, label: str, other: str) -> str:
-    """Mean accuracy of row ``label`` minus row ``other``, in points, per profile: ``"+0.3 / +0.1 / -0.1"``."""
-    return " / ".join(f"{100 * (mean_std(_acc(rows[label], p))[0] - mean_std(_acc(rows[other], p))[0]):+.1f}" for p in PROFILES)
+    """:func:`_gap` per profile: ``"+0.3 / +0.1 / -0.1"``."""
+    return " / ".join(f"{_gap(rows, label, other, p):+.1f}" for p in PROFILES)
+
+
+def _paired(rows, label: str, other: str, profile: str) -> list[float]:
+    """Accuracy of row ``label`` minus row ``other`` at ``profile`` per seed (runs paired by seed), in points."""
+    return [100 * (a - b) for a, b in zip(_acc(rows[label], profile), _acc(rows[other], profile))]
 
 
 def paired_lead(rows, label: str) -> str:
     """Row ``label`` minus its random twin (:func:`baseline`) per profile, paired by seed: mean, standard error
     and the per-seed differences, in points, and how many seeds lead at every profile."""
     twin = baseline("random", label)
-    pairs = {p: [100 * (a["profiles"][p]["accuracy"] - b["profiles"][p]["accuracy"]) for a, b in zip(rows[label], rows[twin])]
-             for p in PROFILES}
+    pairs = {p: _paired(rows, label, twin, p) for p in PROFILES}
     n = len(rows[label])
     se = {p: float(np.std(d, ddof=1) / np.sqrt(n)) if n > 1 else float("nan") for p, d in pairs.items()}
     every = sum(all(pairs[p][i] > 0 for p in PROFILES) for i in range(n))
@@ -314,7 +323,7 @@ def criterion_row(label: str, rows, central) -> str:
     runs, dense = rows[label], rows["dense FedAvg"]
     pairs = [100 * (r["profiles"][mob]["accuracy"] - d["dense"]["accuracy"]) for r, d in zip(runs, dense)]
     vs_central = [100 * (r["profiles"][mob]["accuracy"] - c[mob]) for r, c in zip(runs, central)]
-    vs_mask = [100 * (r["profiles"][mob]["accuracy"] - c["profiles"][mob]["accuracy"]) for r, c in zip(runs, rows[CENTRAL_MASK])]
+    vs_mask = _paired(rows, label, CENTRAL_MASK, mob)
     margins = []
     for p in PROFILES:
         best = max(mean_std(_acc(rows[baseline("local", label)], p))[0], mean_std(_acc(rows[baseline("random", label)], p))[0])
@@ -333,9 +342,6 @@ def one_shot_section(one_shot: dict, rows, fed, ran: str | None = None) -> list[
     def gap(label, other, bn, p):
         return 100 * (mean_std(a[p][bn] for a in one_shot[label])[0] - mean_std(a[p][bn] for a in one_shot[other])[0])
 
-    def final_gap(label, other, p):
-        return 100 * (mean_std(_acc(rows[label], p))[0] - mean_std(_acc(rows[other], p))[0])
-
     lines = ["", "## Right after pruning, before fine-tuning", "",
              f"Each row's masks cut from its seed's {fed.warmup_rounds}-round warm-up model (the model its importance round scored), "
              "test accuracy with no fine-tuning. First number: the warm-up model's BatchNorm statistics; second: statistics recomputed "
@@ -352,7 +358,7 @@ def one_shot_section(one_shot: dict, rows, fed, ran: str | None = None) -> list[
     for label in [lab for lab, src, *_ in FEDERATED if src == "consensus" and lab in one_shot]:
         r = baseline("random", label)
         cols = [[gap(label, r, "warmup_bn", p) for p in PROFILES], [gap(label, r, "static_bn", p) for p in PROFILES],
-                [final_gap(label, r, p) for p in PROFILES]]
+                [_gap(rows, label, r, p) for p in PROFILES]]
         lines.append(f"| {label} ({r}) | " + " | ".join(" / ".join(f"{x:+.1f}" for x in col) for col in cols) + " |")
     t, r = "consensus Taylor", "random masks"
     if all(gap(t, r, "static_bn", p) < 0 for p in PROFILES):
