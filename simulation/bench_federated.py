@@ -18,6 +18,11 @@ warm-up run that every other run continues from, see ``FederatedPruning.warm_sta
   baseline); it isolates what computing the importance federatedly costs;
 * centralized pruning with the same budget (R1 dense epochs, prune, R2 epochs), everything on the pooled data.
 
+``--extra-seeds 3 4 5`` runs one consensus row and its random twin (``--extra-rows``; default the reconstruction
+row with sensitivity-adaptive widths) for more seeds, each with its own warm-up, and reports the pair over all seeds,
+paired by seed, with a 95% confidence interval ("More seeds for one pair"); with ``--skip accuracy cost scale`` only
+those runs happen.
+
 All federated runs use Flower's Simulation Engine with the Ray backend (two
 clients at a time on 2 cores). The framework's cost is measured as wall time of configs/quick.toml
 under Flower + Ray vs the plain in-process loop, and peak RSS of the whole
@@ -88,6 +93,21 @@ def baseline(source: str, label: str) -> str:
     return same[0] if same else {"local": "local-only masks", "random": "random masks"}[source]
 
 
+#: The consensus row ``--extra-seeds`` runs by default (with its random twin): the one that leads its twin at every
+#: profile on the mean of the first seeds, by about one standard error.
+EXTRA_ROWS = ["consensus reconstruction, sensitivity-adaptive widths"]
+
+
+def extra_pairs(labels: list[str]) -> list[str]:
+    """The rows ``--extra-seeds`` runs: each consensus row in ``labels`` and its random twin (:func:`baseline`).
+    Raises ValueError naming a label that is not a consensus row, and the allowed ones."""
+    consensus = [lab for lab, src, *_ in FEDERATED if src == "consensus"]
+    bad = [lab for lab in labels if lab not in consensus]
+    if bad:
+        raise ValueError(f"--extra-rows {bad}: not a consensus row; allowed: {consensus}")
+    return [lab for label in labels for lab in (label, baseline("random", label))]
+
+
 # ----------------------------------------------------------- process memory
 class PeakRSS:
     """Samples the RSS of this process tree every ``interval`` seconds; ``.peak`` in bytes."""
@@ -151,10 +171,11 @@ def run_tag(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_")
 
 
-def federated_runs(cfg, seeds, out: Path) -> dict:
+def federated_runs(cfg, seeds, out: Path, labels: list[str] | None = None, dense: bool = True) -> dict:
     """Per seed: one dense warm-up of R1 rounds, then every method (and dense FedAvg's remaining R2
     rounds) continues from it (``warm_start``): the same results as separate runs, R1 rounds cheaper each.
-    Runs that finished before with the same config are reused (:func:`finished`)."""
+    Runs that finished before with the same config are reused (:func:`finished`). ``labels``: only these
+    FEDERATED rows (default all); ``dense``: also dense FedAvg."""
     rows: dict[str, list[dict]] = {}
     for seed in seeds:
         c = copy.deepcopy(cfg)
@@ -164,10 +185,13 @@ def federated_runs(cfg, seeds, out: Path) -> dict:
         warm.eval.latency = False
         warm_dir = out / f"warmup_s{seed}"
         run_or_reuse(warm, warm_dir, "none", f"seed {seed}: shared dense warm-up, {c.federated.warmup_rounds} rounds")
-        dense = c.federated.warmup_rounds + c.federated.finetune_rounds
-        rows.setdefault("dense FedAvg", []).append(
-            run_or_reuse(c, out / f"dense_s{seed}", "none", f"seed {seed}: dense FedAvg, {dense} rounds", warm_start=warm_dir))
+        if dense:
+            total = c.federated.warmup_rounds + c.federated.finetune_rounds
+            rows.setdefault("dense FedAvg", []).append(
+                run_or_reuse(c, out / f"dense_s{seed}", "none", f"seed {seed}: dense FedAvg, {total} rounds", warm_start=warm_dir))
         for label, source, criterion, overrides in FEDERATED:
+            if labels is not None and label not in labels:
+                continue
             c2 = copy.deepcopy(c)
             c2.pruning = dataclasses.replace(c2.pruning, criterion=criterion, **overrides)
             rows.setdefault(label, []).append(run_or_reuse(c2, out / f"{run_tag(label)}_s{seed}", source, f"seed {seed}: {label}",
@@ -313,6 +337,44 @@ def paired_lead(rows, label: str) -> str:
             + f", ahead at every profile in {every} of {n} seeds")
 
 
+def with_extra(rows, extra: dict | None) -> dict:
+    """``rows`` with each row's ``--extra-seeds`` runs appended (the rows that have them), for paired comparisons."""
+    return {lab: runs + (extra or {}).get(lab, []) for lab, runs in rows.items()}
+
+
+#: Two-sided 95% quantile of Student's t by degrees of freedom (1-10); above 10 the value for 10 (slightly wide).
+T95 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23)
+
+
+def more_seeds_section(rows, extra: dict, seeds, extra_seeds, ran: str | None = None) -> list[str]:
+    """Markdown lines: each consensus row that ``--extra-seeds`` ran against its random twin over every seed
+    (the table's seeds plus the extra ones), paired by seed, with a 95% confidence interval of the mean difference."""
+    merged = with_extra(rows, extra)
+    everything = [*seeds, *extra_seeds]
+    n = len(everything)
+    t95 = T95[min(n - 1, len(T95)) - 1]
+    lines = ["", "## More seeds for one pair", "",
+             f"The pairs below also ran for seeds {list(extra_seeds)}, each with its own warm-up (only these rows, not the "
+             f"others{'; ' + ran if ran else ''}). Over all {n} seeds {everything}, paired by seed, in points: s.e. = sd of the "
+             f"per-seed differences / √{n}; 95% CI = mean ± {t95:.2f} s.e. (Student's t, {n - 1} degrees of freedom; per profile, "
+             "not corrected for looking at three profiles)."]
+    for label in [lab for lab, src, *_ in FEDERATED if src == "consensus" and lab in extra]:
+        twin = baseline("random", label)
+        pairs = {p: _paired(merged, label, twin, p) for p in PROFILES}
+        lines += ["", f"{label} minus {twin}:", "",
+                  "| profile | consensus (mean ± std) | twin (mean ± std) | paired difference | s.e. | 95% CI | per seed | seeds ahead |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for p, d in pairs.items():
+            m, se = float(np.mean(d)), float(np.std(d, ddof=1) / np.sqrt(n))
+            lines.append(f"| {p} | {fmt_mean_std(_acc(merged[label], p))} | {fmt_mean_std(_acc(merged[twin], p))} | {m:+.1f} | {se:.1f} | "
+                         f"[{m - t95 * se:+.1f}, {m + t95 * se:+.1f}] | " + ", ".join(f"{x:+.1f}" for x in d) + f" | {sum(x > 0 for x in d)} of {n} |")
+        every = sum(all(x > 0 for x in col) for col in zip(*pairs.values()))
+        above = [p for p, d in pairs.items() if np.mean(d) - t95 * np.std(d, ddof=1) / np.sqrt(n) > 0]
+        lines += ["", f"Ahead at every profile in {every} of {n} seeds; the 95% CI lies above zero at "
+                  + (", ".join(above) if above else "no profile") + "."]
+    return lines
+
+
 def other_widths(overrides: dict, cfg) -> bool:
     """Whether a row's pruning settings give other per-layer widths than the config's allocation."""
     return overrides.get("allocation", cfg.pruning.allocation) != cfg.pruning.allocation
@@ -427,8 +489,10 @@ def budget_section(rows, fed) -> list[str]:
     return lines + ["", text]
 
 
-def render(rows, central, cost, scale, args, cfg, ran: dict | None = None, one_shot: dict | None = None) -> str:
+def render(rows, central, cost, scale, args, cfg, ran: dict | None = None, one_shot: dict | None = None,
+           extra: dict | None = None) -> str:
     ran = ran or {}
+    extra = extra if getattr(args, "extra_seeds", None) else None
 
     def when(part: str) -> str:
         return f"Run {ran[part]}." if part in ran else "From an earlier run of this script (not timed in this one)."
@@ -481,6 +545,8 @@ def render(rows, central, cost, scale, args, cfg, ran: dict | None = None, one_s
     if one_shot:
         lines += one_shot_section(one_shot, rows, fed, ran.get("one_shot"))
     lines += budget_section(rows, fed)
+    if extra:
+        lines += more_seeds_section(rows, extra, args.seeds, args.extra_seeds, ran.get("extra"))
     # traffic
     imp = [r for r in first["rounds"] if r["phase"] == "importance"][0]
     warm = [r for r in first["rounds"] if r["phase"] == "warmup"][0]
@@ -540,6 +606,9 @@ def render(rows, central, cost, scale, args, cfg, ran: dict | None = None, one_s
         + "; consensus Taylor: " + ("met" if beats("consensus Taylor") else "NOT met")
         + ". Per criterion in the last column of the table below.",
     ] + [
+        f"- With seeds {list(args.extra_seeds)} added for this pair: {paired_lead(with_extra(rows, extra), lab)} "
+        "(see \"More seeds for one pair\")." for lab, src, *_ in FEDERATED if src == "consensus" and lab in (extra or {})
+    ] + [
         f"- {lab} vs {baseline('random', lab)}: {_gaps(rows, lab, baseline('random', lab))} points ({' / '.join(PROFILES)}); "
         f"vs random masks with the `{cfg.pruning.allocation}` widths: {_gaps(rows, lab, 'random masks')} points, at the MFLOPs above."
         for lab, src, _, o in FEDERATED if src == "consensus" and other_widths(o, cfg)
@@ -597,6 +666,12 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup-rounds", type=int, default=30)
     parser.add_argument("--finetune-rounds", type=int, default=20)
     parser.add_argument("--no-nested", action="store_true", help="HeteroFL fine-tuning without nested training of the narrower profiles")
+    parser.add_argument("--extra-seeds", type=int, nargs="*", default=None, metavar="SEED",
+                        help="more seeds, each with its own warm-up, for the --extra-rows pairs only (about 37 min per seed on 2 cores), "
+                             "reported as paired differences over all seeds in 'More seeds for one pair'; not given: the saved pairs are "
+                             "kept when they ran with the same accuracy options; given with no seed: they are dropped")
+    parser.add_argument("--extra-rows", nargs="+", default=EXTRA_ROWS, metavar="LABEL",
+                        help=f"consensus rows that --extra-seeds runs, each with its random twin (default: {EXTRA_ROWS})")
     parser.add_argument("--scale-clients", type=int, nargs="+", default=[10, 50, 100])
     parser.add_argument("--skip", nargs="*", default=[], choices=["accuracy", "cost", "scale"],
                         help="parts to take from the saved federated.json instead of running them; with all three the tables are "
@@ -611,8 +686,23 @@ def main(argv=None) -> int:
     if "accuracy" in args.skip and "args" in state:  # the report describes the accuracy runs it shows, not this call's defaults
         for key in ACCURACY_ARGS:
             setattr(args, key, state["args"][key])
-    else:  # cached results are keyed by their config, which holds the data dir: a relative path must give the same key
+    if "accuracy" not in args.skip or "args" not in state:
+        # cached results are keyed by their config, which holds the data dir: a relative path must give the same key
         args.data_dir = str(Path(args.data_dir).resolve())
+    try:
+        pairs = extra_pairs(args.extra_rows)
+    except ValueError as e:
+        parser.error(str(e))
+    run_extra = args.extra_seeds is not None
+    if not run_extra:  # keep the saved pairs if they continue these accuracy runs
+        saved = state.get("args", {})
+        same = "extra" in state and all(saved.get(key) == getattr(args, key) for key in ACCURACY_ARGS)
+        args.extra_seeds, args.extra_rows = (saved["extra_seeds"], saved["extra_rows"]) if same else ([], args.extra_rows)
+        if not same:
+            state.pop("extra", None)
+            state.get("ran", {}).pop("extra", None)
+    if set(args.extra_seeds) & set(args.seeds):
+        parser.error(f"--extra-seeds {sorted(set(args.extra_seeds) & set(args.seeds))} are in --seeds {args.seeds}: extra seeds must be new ones")
     data = {"data": {"data_dir": args.data_dir}}
     quick = load_config(args.config, data)
     cfg = load_config(args.config, {**data, "federated": {"warmup_rounds": args.warmup_rounds, "finetune_rounds": args.finetune_rounds,
@@ -628,6 +718,14 @@ def main(argv=None) -> int:
                                       for seed in (args.seeds[0], args.seeds[-1]))
         done = [p.stat().st_mtime for seed in args.seeds for p in [*runs.glob(f"*_s{seed}/results.json"), runs / f"central_s{seed}.json"]]
         ran["accuracy"] = " to ".join(time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) for t in (min(done), max(done))) + " (runs finished)"
+    if run_extra:
+        if args.extra_seeds:
+            state["extra"] = federated_runs(cfg, args.extra_seeds, runs, labels=pairs, dense=False)
+            done = [(runs / f"{run_tag(lab)}_s{seed}" / "results.json").stat().st_mtime for seed in args.extra_seeds for lab in pairs]
+            ran["extra"] = "run " + " to ".join(time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) for t in (min(done), max(done)))
+        else:
+            state.pop("extra", None)
+            ran.pop("extra", None)
     if "cost" not in args.skip:
         start = stamp()
         state["cost"] = framework_cost(quick, runs)
@@ -643,7 +741,7 @@ def main(argv=None) -> int:
     write_json(state_path, state)
     plot(state["rows"], state["central"], out / "federated_accuracy_vs_flops.png")
     write_text(out / "federated.md", render(state["rows"], state["central"], state["cost"], state["scale"], args, cfg, ran,
-                                                      state.get("one_shot")))
+                                            state.get("one_shot"), state.get("extra")))
     print((out / "federated.md").read_text())
     return 0
 

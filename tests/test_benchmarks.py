@@ -83,3 +83,73 @@ def test_bench_federated_compares_each_consensus_row_with_its_random_twin() -> N
     rows["random masks"][1]["rounds"][2].pop("accuracy")  # round 1 not evaluated in one run: only k = 2 is compared
     assert bench.finetune_curve(rows["random masks"][1], "edge_gpu") == [None, 0.52]
     assert "| consensus Taylor (random masks) | +0.0 / +0.0 / +0.0 |" in bench.budget_section(rows, SimpleNamespace(finetune_rounds=2))
+
+
+PAIR = ["consensus reconstruction, sensitivity-adaptive widths", "random masks, consensus reconstruction's sensitivity-adaptive widths"]
+
+
+def test_bench_federated_extra_seeds_run_only_the_pair(tmp_path, monkeypatch) -> None:
+    """``--extra-seeds`` runs a consensus row and its random twin after their seed's own warm-up, nothing else;
+    a label that is not a consensus row, or an extra seed the table already has, is an error before anything runs."""
+    bench = _script("bench_federated")
+    assert bench.extra_pairs(PAIR[:1]) == PAIR
+    with pytest.raises(ValueError, match=r"--extra-rows \['random masks'\]: not a consensus row; allowed: \['consensus magnitude'"):
+        bench.extra_pairs(["random masks"])
+
+    calls = []
+    monkeypatch.setattr(bench, "run_or_reuse", lambda cfg, run_dir, source, what, **kw: calls.append((run_dir.name, source, cfg.seed,
+                                                                                                      cfg.pruning.criterion)) or {"seed": cfg.seed})
+    cfg = bench.load_config(ROOT / "configs" / "quick.toml")
+    rows = bench.federated_runs(cfg, [3, 4], tmp_path, labels=PAIR, dense=False)
+    assert list(rows) == PAIR and rows[PAIR[1]] == [{"seed": 3}, {"seed": 4}]
+    assert calls[:3] == [("warmup_s3", "none", 3, cfg.pruning.criterion),
+                         ("consensus_reconstruction_sensitivity_adaptive_widths_s3", "consensus", 3, "reconstruction"),
+                         ("random_masks_consensus_reconstruction_s_sensitivity_adaptive_widths_s3", "random", 3, "reconstruction")]
+    assert len(calls) == 6
+
+    shutil.copy(ROOT / "benchmarks" / "federated.json", tmp_path / "federated.json")
+    monkeypatch.setattr(bench, "federated_runs", lambda *a, **kw: pytest.fail("nothing may run"))
+    for extra, allowed in [(["--extra-seeds", "2"], "are in --seeds"), (["--extra-seeds", "9", "--extra-rows", "dense"], "not a consensus row")]:
+        with pytest.raises(SystemExit):
+            bench.main(["--skip", "accuracy", "cost", "scale", "--out", str(tmp_path), "--runs-dir", str(tmp_path / "no-runs"), *extra])
+    assert (tmp_path / "federated.json").read_bytes() == (ROOT / "benchmarks" / "federated.json").read_bytes()
+
+
+def test_bench_federated_reports_the_pair_over_every_seed(tmp_path, monkeypatch) -> None:
+    """The extra seeds' runs are paired with the table's by seed: differences, s.e. and a Student-t 95% CI over
+    all seeds; re-rendering keeps them, ``--extra-seeds`` with no seed drops them."""
+    import json
+
+    bench = _script("bench_federated")
+    state = json.loads((ROOT / "benchmarks" / "federated.json").read_text())
+    seeds = state["args"]["seeds"]
+    base = {lab: state["rows"][lab] for lab in PAIR}
+    extra = json.loads(json.dumps(base))  # copies of the table's seeds, the twin shifted down one point at every profile
+    for run in extra[PAIR[1]]:
+        for p in bench.PROFILES:
+            run["profiles"][p]["accuracy"] -= 0.01
+    state["extra"], state["args"]["extra_seeds"], state["args"]["extra_rows"] = extra, [7, 8, 9][:len(seeds)], PAIR[:1]
+    (tmp_path / "federated.json").write_text(json.dumps(state))
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
+    argv = ["--skip", "accuracy", "cost", "scale", "--out", str(tmp_path), "--runs-dir", str(tmp_path / "no-runs-here")]
+    assert bench.main(argv) == 0
+    text = (tmp_path / "federated.md").read_text()
+    n = 2 * len(seeds)
+    assert f"Over all {n} seeds" in text and f"{n - 1} degrees of freedom" in text
+
+    import numpy as np
+    d = [100 * (a["profiles"]["edge_gpu"]["accuracy"] - b["profiles"]["edge_gpu"]["accuracy"])
+         for a, b in zip(base[PAIR[0]] + extra[PAIR[0]], base[PAIR[1]] + extra[PAIR[1]])]
+    se = np.std(d, ddof=1) / np.sqrt(n)
+    t95 = bench.T95[n - 2]
+    section = text.split("## More seeds for one pair")[1]
+    row = next(line for line in section.splitlines() if line.startswith("| edge_gpu | "))
+    assert f"| {np.mean(d):+.1f} | {se:.1f} | [{np.mean(d) - t95 * se:+.1f}, {np.mean(d) + t95 * se:+.1f}] |" in row
+    assert row.endswith(f"| {sum(x > 0 for x in d)} of {n} |")
+    assert f"- With seeds {[7, 8, 9][:len(seeds)]} added for this pair: {PAIR[0]} over {PAIR[1]}" in text
+
+    assert bench.main(argv) == 0  # a re-render keeps the pair
+    assert (tmp_path / "federated.md").read_text() == text
+    assert bench.main([*argv, "--extra-seeds"]) == 0
+    assert "More seeds for one pair" not in (tmp_path / "federated.md").read_text()
+    assert "extra" not in json.loads((tmp_path / "federated.json").read_text())
