@@ -20,7 +20,7 @@ warm-up run that every other run continues from, see ``FederatedPruning.warm_sta
 
 ``--extra-seeds 3 4 5`` runs one consensus row and its random twin (``--extra-rows``; default the reconstruction
 row with sensitivity-adaptive widths) for more seeds, each with its own warm-up, and reports the pair over all seeds,
-paired by seed, with a 95% confidence interval ("More seeds for one pair"); with ``--skip accuracy cost scale`` only
+paired by seed, with a 95% confidence interval ("More seeds for selected pairs"); with ``--skip accuracy cost scale`` only
 those runs happen.
 
 All federated runs use Flower's Simulation Engine with the Ray backend (two
@@ -353,7 +353,7 @@ def more_seeds_section(rows, extra: dict, seeds, extra_seeds, ran: str | None = 
     everything = [*seeds, *extra_seeds]
     n = len(everything)
     t95 = T95[min(n - 1, len(T95)) - 1]
-    lines = ["", "## More seeds for one pair", "",
+    lines = ["", "## More seeds for selected pairs", "",
              f"The pairs below also ran for seeds {list(extra_seeds)}, each with its own warm-up (only these rows, not the "
              f"others{'; ' + ran if ran else ''}). Over all {n} seeds {everything}, paired by seed, in points: s.e. = sd of the "
              f"per-seed differences / √{n}; 95% CI = mean ± {t95:.2f} s.e. (Student's t, {n - 1} degrees of freedom; per profile, "
@@ -607,7 +607,7 @@ def render(rows, central, cost, scale, args, cfg, ran: dict | None = None, one_s
         + ". Per criterion in the last column of the table below.",
     ] + [
         f"- With seeds {list(args.extra_seeds)} added for this pair: {paired_lead(with_extra(rows, extra), lab)} "
-        "(see \"More seeds for one pair\")." for lab, src, *_ in FEDERATED if src == "consensus" and lab in (extra or {})
+        "(see \"More seeds for selected pairs\")." for lab, src, *_ in FEDERATED if src == "consensus" and lab in (extra or {})
     ] + [
         f"- {lab} vs {baseline('random', lab)}: {_gaps(rows, lab, baseline('random', lab))} points ({' / '.join(PROFILES)}); "
         f"vs random masks with the `{cfg.pruning.allocation}` widths: {_gaps(rows, lab, 'random masks')} points, at the MFLOPs above."
@@ -668,7 +668,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-nested", action="store_true", help="HeteroFL fine-tuning without nested training of the narrower profiles")
     parser.add_argument("--extra-seeds", type=int, nargs="*", default=None, metavar="SEED",
                         help="more seeds, each with its own warm-up, for the --extra-rows pairs only (about 37 min per seed on 2 cores), "
-                             "reported as paired differences over all seeds in 'More seeds for one pair'; not given: the saved pairs are "
+                             "reported as paired differences over all seeds in 'More seeds for selected pairs'; not given: the saved pairs are "
                              "kept when they ran with the same accuracy options; given with no seed: they are dropped")
     parser.add_argument("--extra-rows", nargs="+", default=EXTRA_ROWS, metavar="LABEL",
                         help=f"consensus rows that --extra-seeds runs, each with its random twin (default: {EXTRA_ROWS})")

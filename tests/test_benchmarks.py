@@ -142,7 +142,7 @@ def test_bench_federated_reports_the_pair_over_every_seed(tmp_path, monkeypatch)
          for a, b in zip(base[PAIR[0]] + extra[PAIR[0]], base[PAIR[1]] + extra[PAIR[1]])]
     se = np.std(d, ddof=1) / np.sqrt(n)
     t95 = bench.T95[n - 2]
-    section = text.split("## More seeds for one pair")[1]
+    section = text.split("## More seeds for selected pairs")[1]
     row = next(line for line in section.splitlines() if line.startswith("| edge_gpu | "))
     assert f"| {np.mean(d):+.1f} | {se:.1f} | [{np.mean(d) - t95 * se:+.1f}, {np.mean(d) + t95 * se:+.1f}] |" in row
     assert row.endswith(f"| {sum(x > 0 for x in d)} of {n} |")
@@ -151,5 +151,5 @@ def test_bench_federated_reports_the_pair_over_every_seed(tmp_path, monkeypatch)
     assert bench.main(argv) == 0  # a re-render keeps the pair
     assert (tmp_path / "federated.md").read_text() == text
     assert bench.main([*argv, "--extra-seeds"]) == 0
-    assert "More seeds for one pair" not in (tmp_path / "federated.md").read_text()
+    assert "More seeds for selected pairs" not in (tmp_path / "federated.md").read_text()
     assert "extra" not in json.loads((tmp_path / "federated.json").read_text())
