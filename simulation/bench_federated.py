@@ -364,12 +364,14 @@ def more_seeds_section(rows, extra: dict, seeds, extra_seeds, ran: str | None = 
         lines += ["", f"{label} minus {twin}:", "",
                   "| profile | consensus (mean ± std) | twin (mean ± std) | paired difference | s.e. | 95% CI | per seed | seeds ahead |",
                   "|---|---|---|---|---|---|---|---|"]
+        above = []
         for p, d in pairs.items():
             m, se = float(np.mean(d)), float(np.std(d, ddof=1) / np.sqrt(n))
+            if m - t95 * se > 0:
+                above.append(p)
             lines.append(f"| {p} | {fmt_mean_std(_acc(merged[label], p))} | {fmt_mean_std(_acc(merged[twin], p))} | {m:+.1f} | {se:.1f} | "
                          f"[{m - t95 * se:+.1f}, {m + t95 * se:+.1f}] | " + ", ".join(f"{x:+.1f}" for x in d) + f" | {sum(x > 0 for x in d)} of {n} |")
         every = sum(all(x > 0 for x in col) for col in zip(*pairs.values()))
-        above = [p for p, d in pairs.items() if np.mean(d) - t95 * np.std(d, ddof=1) / np.sqrt(n) > 0]
         lines += ["", f"Ahead at every profile in {every} of {n} seeds; the 95% CI lies above zero at "
                   + (", ".join(above) if above else "no profile") + "."]
     return lines
@@ -492,7 +494,6 @@ def budget_section(rows, fed) -> list[str]:
 def render(rows, central, cost, scale, args, cfg, ran: dict | None = None, one_shot: dict | None = None,
            extra: dict | None = None) -> str:
     ran = ran or {}
-    extra = extra if getattr(args, "extra_seeds", None) else None
 
     def when(part: str) -> str:
         return f"Run {ran[part]}." if part in ran else "From an earlier run of this script (not timed in this one)."
