@@ -655,6 +655,12 @@ def plot(rows, central, path: Path) -> None:
     save(fig, path)
 
 
+def _span(mtimes) -> str:
+    """``"<earliest> to <latest>"`` of file modification times (seconds since the epoch), local time to the minute."""
+    times = list(mtimes)
+    return " to ".join(time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) for t in (min(times), max(times)))
+
+
 #: Options that set the accuracy runs; ``--skip accuracy`` takes them from the saved results instead.
 ACCURACY_ARGS = ("data_dir", "seeds", "warmup_rounds", "finetune_rounds", "no_nested")
 
@@ -668,7 +674,7 @@ def main(argv=None) -> int:
     parser.add_argument("--finetune-rounds", type=int, default=20)
     parser.add_argument("--no-nested", action="store_true", help="HeteroFL fine-tuning without nested training of the narrower profiles")
     parser.add_argument("--extra-seeds", type=int, nargs="*", default=None, metavar="SEED",
-                        help="more seeds, each with its own warm-up, for the --extra-rows pairs only (about 37 min per seed on 2 cores), "
+                        help="more seeds, each with its own warm-up, for the --extra-rows pairs only (about 30 min per seed on 2 cores), "
                              "reported as paired differences over all seeds in 'More seeds for selected pairs'; not given: the saved pairs are "
                              "kept when they ran with the same accuracy options; given with no seed: they are dropped")
     parser.add_argument("--extra-rows", nargs="+", default=EXTRA_ROWS, metavar="LABEL",
@@ -699,9 +705,6 @@ def main(argv=None) -> int:
         saved = state.get("args", {})
         same = "extra" in state and all(saved.get(key) == getattr(args, key) for key in ACCURACY_ARGS)
         args.extra_seeds, args.extra_rows = (saved["extra_seeds"], saved["extra_rows"]) if same else ([], args.extra_rows)
-        if not same:
-            state.pop("extra", None)
-            state.get("ran", {}).pop("extra", None)
     if set(args.extra_seeds) & set(args.seeds):
         parser.error(f"--extra-seeds {sorted(set(args.extra_seeds) & set(args.seeds))} are in --seeds {args.seeds}: extra seeds must be new ones")
     data = {"data": {"data_dir": args.data_dir}}
@@ -715,18 +718,16 @@ def main(argv=None) -> int:
         state["rows"] = federated_runs(cfg, args.seeds, runs)
         state["central"] = centralized_runs(cfg, args.seeds, runs)
         state["one_shot"] = one_shot_runs(cfg, args.seeds, runs)
-        ran["one_shot"] = " to ".join(time.strftime("%Y-%m-%d %H:%M", time.localtime((runs / f"one_shot_s{seed}.json").stat().st_mtime))
-                                      for seed in (args.seeds[0], args.seeds[-1]))
-        done = [p.stat().st_mtime for seed in args.seeds for p in [*runs.glob(f"*_s{seed}/results.json"), runs / f"central_s{seed}.json"]]
-        ran["accuracy"] = " to ".join(time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) for t in (min(done), max(done))) + " (runs finished)"
-    if run_extra:
-        if args.extra_seeds:
-            state["extra"] = federated_runs(cfg, args.extra_seeds, runs, labels=pairs, dense=False)
-            done = [(runs / f"{run_tag(lab)}_s{seed}" / "results.json").stat().st_mtime for seed in args.extra_seeds for lab in pairs]
-            ran["extra"] = "run " + " to ".join(time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) for t in (min(done), max(done)))
-        else:
-            state.pop("extra", None)
-            ran.pop("extra", None)
+        ran["one_shot"] = _span((runs / f"one_shot_s{seed}.json").stat().st_mtime for seed in (args.seeds[0], args.seeds[-1]))
+        ran["accuracy"] = _span(p.stat().st_mtime for seed in args.seeds
+                                for p in [*runs.glob(f"*_s{seed}/results.json"), runs / f"central_s{seed}.json"]) + " (runs finished)"
+    if run_extra and args.extra_seeds:
+        state["extra"] = federated_runs(cfg, args.extra_seeds, runs, labels=pairs, dense=False)
+        ran["extra"] = "run " + _span((runs / f"{run_tag(lab)}_s{seed}" / "results.json").stat().st_mtime
+                                      for seed in args.extra_seeds for lab in pairs)
+    elif not args.extra_seeds:  # dropped, or not kept because they ran with other accuracy options
+        state.pop("extra", None)
+        ran.pop("extra", None)
     if "cost" not in args.skip:
         start = stamp()
         state["cost"] = framework_cost(quick, runs)
