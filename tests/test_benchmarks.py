@@ -141,7 +141,7 @@ def test_bench_federated_reports_the_pair_over_every_seed(tmp_path, monkeypatch)
     d = [100 * (a["profiles"]["edge_gpu"]["accuracy"] - b["profiles"]["edge_gpu"]["accuracy"])
          for a, b in zip(base[PAIR[0]] + extra[PAIR[0]], base[PAIR[1]] + extra[PAIR[1]])]
     se = np.std(d, ddof=1) / np.sqrt(n)
-    t95 = bench.T95[n - 2]
+    t95 = bench.t95(n)
     section = text.split("## More seeds for selected pairs")[1]
     row = next(line for line in section.splitlines() if line.startswith("| edge_gpu | "))
     assert f"| {np.mean(d):+.1f} | {se:.1f} | [{np.mean(d) - t95 * se:+.1f}, {np.mean(d) + t95 * se:+.1f}] |" in row
@@ -153,3 +153,26 @@ def test_bench_federated_reports_the_pair_over_every_seed(tmp_path, monkeypatch)
     assert bench.main([*argv, "--extra-seeds"]) == 0
     assert "More seeds for selected pairs" not in (tmp_path / "federated.md").read_text()
     assert "extra" not in json.loads((tmp_path / "federated.json").read_text())
+
+
+def test_bench_federated_seeds_verdict_names_the_profiles_that_do_not_lead() -> None:
+    """Hand-made pairs over four seeds: a profile whose mean lead is zero is NOT met (with its mean), and the
+    95% CI lies above zero only where mean - t(3 df) * s.e. > 0."""
+    bench = _script("bench_federated")
+    leads = {"edge_gpu": [1.0, 1.2, 0.8, 1.0], "mobile_cpu": [0.5, -0.5, 0.4, -0.4], "microcontroller": [2.0, -1.0, 2.0, 1.0]}
+
+    def runs(shift):
+        return [{"profiles": {p: {"accuracy": 0.5 + shift * d[i] / 100} for p, d in leads.items()}} for i in range(4)]
+
+    rows = {PAIR[0]: runs(1), PAIR[1]: runs(0)}
+    stats = bench.paired_stats(rows, PAIR[0])
+    assert stats["edge_gpu"][1] == pytest.approx(1.0) and stats["mobile_cpu"][1] == pytest.approx(0.0, abs=1e-9)
+    assert bench.ahead_every_profile(stats) == 2  # seeds 0 and 2
+    # microcontroller: mean 1.0, s.e. 1.5 / 2 = 0.71, 1.0 - 3.18 * 0.71 < 0
+    verdict = bench.seeds_verdict(rows, PAIR[0])
+    assert verdict.startswith("over all 4 seeds the target is NOT met on the mean at mobile_cpu (")
+    assert "microcontroller (" not in verdict and verdict.endswith("the 95% CI lies above zero at edge_gpu")
+    leads["mobile_cpu"] = [0.5, 0.5, 0.5, 0.6]
+    rows = {PAIR[0]: runs(1), PAIR[1]: runs(0)}
+    assert bench.seeds_verdict(rows, PAIR[0]) == ("over all 4 seeds the target is met on the mean at every profile; "
+                                                  "the 95% CI lies above zero at edge_gpu, mobile_cpu")
