@@ -359,11 +359,10 @@ def t95(n: int) -> float:
     return T95[min(n - 1, len(T95)) - 1]
 
 
-def seeds_verdict(rows, label: str) -> str:
-    """Whether ``label`` leads its random twin on the mean at every profile over all of ``rows``' seeds (a mean
-    of zero, an exact tie in images, is no lead), and where the 95% CI of the paired lead lies above zero."""
-    stats = paired_stats(rows, label)
-    n = len(rows[label])
+def seeds_verdict(stats: dict) -> str:
+    """From :func:`paired_stats`: whether the row leads its random twin on the mean at every profile over all
+    seeds (a mean of zero, an exact tie in images, is no lead), and where the 95% CI of the paired lead lies above zero."""
+    n = len(next(iter(stats.values()))[0])
     behind = [f"{p} ({m:+.1f})" for p, (_, m, _) in stats.items() if m <= 1e-9]  # a tie in images is a float ~1e-15
     above = [p for p, (_, m, se) in stats.items() if m - t95(n) * se > 0]
     return (f"over all {n} seeds the target is " + (f"NOT met on the mean at {', '.join(behind)}" if behind
@@ -397,7 +396,7 @@ def more_seeds_section(rows, extra: dict, seeds, extra_seeds, ran: str | None = 
         for p, (d, m, se) in stats.items():
             lines.append(f"| {p} | {fmt_mean_std(_acc(merged[label], p))} | {fmt_mean_std(_acc(merged[twin], p))} | {m:+.1f} | {se:.1f} | "
                          f"[{m - t * se:+.1f}, {m + t * se:+.1f}] | " + ", ".join(f"{x:+.1f}" for x in d) + f" | {sum(x > 0 for x in d)} of {n} |")
-        lines += ["", f"Ahead at every profile in {ahead_every_profile(stats)} of {n} seeds; {seeds_verdict(merged, label)}."]
+        lines += ["", f"Ahead at every profile in {ahead_every_profile(stats)} of {n} seeds; {seeds_verdict(stats)}."]
     return lines
 
 
@@ -633,7 +632,7 @@ def render(rows, central, cost, scale, args, cfg, ran: dict | None = None, one_s
         + ". Per criterion in the last column of the table below.",
     ] + [
         f"- With seeds {list(args.extra_seeds)} added for this pair: {paired_lead(with_extra(rows, extra), lab)}; "
-        f"{seeds_verdict(with_extra(rows, extra), lab)} (see \"More seeds for selected pairs\")." for lab, src, *_ in FEDERATED if src == "consensus" and lab in (extra or {})
+        f"{seeds_verdict(paired_stats(with_extra(rows, extra), lab))} (see \"More seeds for selected pairs\")." for lab, src, *_ in FEDERATED if src == "consensus" and lab in (extra or {})
     ] + [
         f"- {lab} vs {baseline('random', lab)}: {_gaps(rows, lab, baseline('random', lab))} points ({' / '.join(PROFILES)}); "
         f"vs random masks with the `{cfg.pruning.allocation}` widths: {_gaps(rows, lab, 'random masks')} points, at the MFLOPs above."

@@ -169,10 +169,10 @@ def test_bench_federated_seeds_verdict_names_the_profiles_that_do_not_lead() -> 
     assert stats["edge_gpu"][1] == pytest.approx(1.0) and stats["mobile_cpu"][1] == pytest.approx(0.0, abs=1e-9)
     assert bench.ahead_every_profile(stats) == 2  # seeds 0 and 2
     # microcontroller: mean 1.0, s.e. 1.5 / 2 = 0.71, 1.0 - 3.18 * 0.71 < 0
-    verdict = bench.seeds_verdict(rows, PAIR[0])
+    verdict = bench.seeds_verdict(stats)
     assert verdict.startswith("over all 4 seeds the target is NOT met on the mean at mobile_cpu (")
     assert "microcontroller (" not in verdict and verdict.endswith("the 95% CI lies above zero at edge_gpu")
     leads["mobile_cpu"] = [0.5, 0.5, 0.5, 0.6]
     rows = {PAIR[0]: runs(1), PAIR[1]: runs(0)}
-    assert bench.seeds_verdict(rows, PAIR[0]) == ("over all 4 seeds the target is met on the mean at every profile; "
+    assert bench.seeds_verdict(bench.paired_stats(rows, PAIR[0])) == ("over all 4 seeds the target is met on the mean at every profile; "
                                                   "the 95% CI lies above zero at edge_gpu, mobile_cpu")
