@@ -168,7 +168,7 @@ def test_bench_federated_seeds_verdict_names_the_profiles_that_do_not_lead() -> 
     stats = bench.paired_stats(rows, PAIR[0])
     assert stats["edge_gpu"][1] == pytest.approx(1.0) and stats["mobile_cpu"][1] == pytest.approx(0.0, abs=1e-9)
     assert bench.ahead_every_profile(stats) == 2  # seeds 0 and 2
-    # microcontroller: mean 1.0, s.e. 1.5 / 2 = 0.71, 1.0 - 3.18 * 0.71 < 0
+    # microcontroller: mean 1.0, sd 1.41, s.e. 1.41 / 2 = 0.71, 1.0 - 3.18 * 0.71 < 0
     verdict = bench.seeds_verdict(stats)
     assert verdict.startswith("over all 4 seeds the target is NOT met on the mean at mobile_cpu (")
     assert "microcontroller (" not in verdict and verdict.endswith("the 95% CI lies above zero at edge_gpu")
