@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--resume", metavar="DIR", help="continue the killed run in DIR from its last complete round (config from its checkpoint)")
     p.add_argument("--warm-start", metavar="DIR", help="start after the dense warm-up of the run in DIR (same config but for "
                    "pruning, fine-tuning and evaluation keys) instead of training it again")
-    p.add_argument("--engine", choices=["ray", "inprocess"], default="ray", help="ray: Flower Simulation Engine; inprocess: same apps without Flower/Ray (debugging, baselines)")
+    p.add_argument("--engine", choices=["ray", "inprocess"], default="ray", help="ray: Flower Simulation Engine; inprocess: the same ClientApp handlers and Flower messages in this process, one client after another, no Ray (debugging, baselines)")
     return parser
 
 

@@ -57,6 +57,9 @@ from fedprune.training import evaluate, set_seed  # noqa: E402
 
 log = logging.getLogger("bench_hardware")
 #: Passes over all widths when timing them for the latency-table comparison (median taken).
+#: How much batch-1 host timings (about 1 ms per image) move on this 2-core VM from one minute to the next
+#: (the build-to-build ranges of the latency table, the misses of the end-of-run re-timing).
+TIMING_DRIFT = "batch-1 timings of about 1 ms on this 2-core VM move by up to a third from one minute to the next"
 LUT_PASSES = 3
 #: Independent table builds (each with its own timing of every width) in the latency-table comparison.
 LUT_BUILDS = 3
@@ -253,8 +256,8 @@ def render(lut: dict | None, sections: dict[float, list[dict]] | None, cfg, args
             f"for its budget check (`fedprune.metrics.host_latency_ms`, warm caches), median of {LUT_PASSES} passes over all widths; "
             f"error = predicted / measured - 1. The table is built {lut['builds']} times from scratch, each build followed by its own "
             "timing of every width; the table below shows the median over builds (error range in brackets) and the lines under "
-            "it each build alone, which is what one run gets. Batch-1 timings on this 2-core VM drift by up to 15-20% between "
-            "minutes, so budgets are not left to the table: every chosen sub-network with a latency budget is timed and "
+            f"it each build alone, which is what one run gets. {TIMING_DRIFT[0].upper() + TIMING_DRIFT[1:]}, "
+            "so budgets are not left to the table: every chosen sub-network with a latency budget is timed and "
             "re-allocated if needed (`HardwareModel.refit_latency`).",
             "",
             "| width | channels kept | b1 predicted | b1 measured | b1 error [range] | b64 predicted | b64 measured | b64 error [range] |",
@@ -335,8 +338,8 @@ def budget_section(per_seed: list[dict], cfg, args, n_test: int | None, scale: f
         lines += [f"## Tighter latency budgets (x{scale:g}): accuracy after fine-tuning and compliance", "",
                   f"As above, with every latency budget of configs/profiles.toml times {scale:g} (profiles with a latency budget "
                   f"only; the dense references are retrained with the same seeds{'' if seeds == args.seeds else ': ' + ', '.join(map(str, seeds))}). "
-                  "At the default budgets all allocations prune "
-                  "only 20-40% of channels and end within a point of each other; a tighter budget forces each allocation "
+                  "At the default budgets the allocations prune less than half of these profiles' channels "
+                  "and end within a point of each other; a tighter budget forces each allocation "
                   "to choose which layers to thin.", ""]
     if scale == 1.0:  # the method, once; later sections say "as above"
         lines += [
@@ -352,8 +355,8 @@ def budget_section(per_seed: list[dict], cfg, args, n_test: int | None, scale: f
         f"Measured: latency timed on this host ({host}) on the extracted model, bytes and MACs counted on it. "
         f"'met' counts seeds × budgets that hold as measured; 'met, re-timed at the end': every chosen sub-network with a "
         f"latency budget timed again after all runs, all in one session ({RETIME_PASSES} passes over all of them, median; bytes and MACs as "
-        "counted), with the re-timed values of those that miss: batch-1 timings of ~0.5 ms on this VM move by 20-35% from one "
-        "minute to the next, so a miss in 'met' alone may be the minute, not the width."
+        f"counted), with the re-timed values of those that miss: {TIMING_DRIFT}, so a miss in 'met' alone may be the minute, "
+        "not the width."
         + _added_seeds(args), ""]
     lines += [
         f"Dense references: {fmt_mean_std(r['dense']['accuracy'] for r in per_seed)} after {first['dense']['epochs']} epochs, "
