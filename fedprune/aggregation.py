@@ -51,10 +51,13 @@ def normalize_scores(scores: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _ranks(v: np.ndarray) -> np.ndarray:
-    """Normalised ranks in [0, 1]: 1 = most important (ties favour the lower index, as in masks)."""
-    order = np.lexsort((-np.arange(v.size), v))
+    """Normalised ranks in [0, 1]: 1 = most important. Tied scores share the mean of their ranks, so a
+    constant vector (a client that cannot tell the channels apart) ranks every channel 0.5 and casts no vote."""
+    v = np.asarray(v, dtype=np.float64)
+    order = np.argsort(v, kind="stable")
+    _, start, count = np.unique(v[order], return_index=True, return_counts=True)
     r = np.empty(v.size, dtype=np.float64)
-    r[order] = np.arange(v.size)
+    r[order] = np.repeat(start + (count - 1) / 2, count)
     return r / max(v.size - 1, 1)
 
 

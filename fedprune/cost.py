@@ -44,7 +44,7 @@ import torch.nn as nn
 from fedprune.config import BUDGET_KEYS
 from fedprune.groups import EXAMPLE_INPUT_SHAPE, ChannelGroups, build_dependency_graph, discover_groups, root_handler
 from fedprune.masks import StructuredMask, extract_submodel
-from fedprune.metrics import LATENCY_PASSES, median_host_latency_ms, torch_threads
+from fedprune.metrics import LATENCY_PASSES, median_host_latency_ms, timing_input, torch_threads
 from fedprune.reporting import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -597,11 +597,11 @@ def _standalone_layer(module: nn.Module, dims: LayerDims, kept: Kept, batch_size
             c_in, c_out, module.kernel_size, module.stride, module.padding, module.dilation,
             groups=c_in if dims.depthwise else dims.groups_conv, bias=True, padding_mode=module.padding_mode,
         )
-        x = torch.randn(batch_size, c_in, *dims.in_shape[1:]).contiguous(memory_format=torch.channels_last)
+        x = timing_input(batch_size, c_in, *dims.in_shape[1:]).contiguous(memory_format=torch.channels_last)
         layer = layer.to(memory_format=torch.channels_last)
     else:
         layer = nn.Linear(c_in, c_out, bias=True)
-        x = torch.randn(batch_size, *dims.in_shape[:-1], c_in)
+        x = timing_input(batch_size, *dims.in_shape[:-1], c_in)
     return layer.eval(), x
 
 
@@ -876,8 +876,9 @@ class LatencyLUT:
             return cached
         if cached is not None:
             log.info("latency table %s has a different key; rebuilding", path)
-        torch.manual_seed(0)
-        model = get_model(model_name, **dict(model_kwargs or {}))
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG stream stays as it was
+            torch.manual_seed(0)
+            model = get_model(model_name, **dict(model_kwargs or {}))
         lut = cls.measure(model, discover_groups(model), batch_size, threads, grid, repeats, warmup, key=key, calibrate=calibrate)
         lut.save(path)
         return lut

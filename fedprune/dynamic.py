@@ -364,14 +364,14 @@ def gated_latency_ms(gated: GatedCNN, budgets: Sequence[float], threads: int | N
     row (:func:`_side_by_side_ms`), so their ratios are fair. Keys:
     ``"static"`` and ``"gated@<budget>"``.
     """
-    from fedprune.metrics import deployment_form
+    from fedprune.metrics import deployment_form, timing_input
 
     gated.eval()
     static = deployment_form(nn.Sequential(gated.features, gated.pool, gated.classifier))
     runs: dict[str, Callable[[torch.Tensor], Any]] = {"static": static}
     for b in budgets:
         runs[f"gated@{b:g}"] = lambda x, b=b: gated.forward_sliced(x, b)
-    xs = [torch.randn(1, 3, 32, 32) for _ in range(8)]
+    xs = list(timing_input(8, 1, 3, 32, 32))
     times = _side_by_side_ms(runs, xs, math.ceil(repeats / len(xs)), warmup, threads)
     return {k: statistics.median(t for per_input in v for t in per_input) for k, v in times.items()}
 

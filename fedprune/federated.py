@@ -228,6 +228,7 @@ class FederatedPruning:
         self.test_loader = make_loader(test, 256, train=False)
         self.profiles = profile_order(self.cfg.profiles)
         self.nodes: dict[int, NodeInfo] = {}
+        self.registration_bytes = (0, 0)  # (down, up) of the register messages, in bytes
         self.node_masks: dict[int, StructuredMask] = {}
         self.profile_masks: dict[str, StructuredMask] = {}
         self.rounds: list[dict] = []
@@ -399,7 +400,7 @@ class FederatedPruning:
     def _combine_attempts(recs: list[dict], t0: float) -> dict:
         """One round record for all attempts: the last attempt's values, bytes/clients/failures summed."""
         rec = dict(recs[-1])
-        for key in ("bytes_up", "bytes_down", "clients", "failures", "evaluation_bytes_down", "evaluation_bytes_up"):
+        for key in ("bytes_up", "bytes_down", "clients", "failures", "model_delivery_bytes_down", "model_delivery_bytes_up"):
             if key in rec:
                 rec[key] = sum(r[key] for r in recs)
         rec["failed_clients"] = [f for r in recs for f in r["failed_clients"]]
@@ -427,6 +428,7 @@ class FederatedPruning:
         finally:
             if timeout:
                 self.transport.timeout = timeout
+        self.registration_bytes = (sum(r.bytes_down for r in replies), sum(r.bytes_up for r in replies))
         ok, failed = self._check_replies(replies, "register")
         for r in ok:
             try:
@@ -672,9 +674,10 @@ class FederatedPruning:
         fed, pr = self.cfg.federated, self.cfg.pruning
         what = f"importance round {round_num}"
         nodes = self.sample(round_num, attempt)
-        # The dense global model reaches the clients with the evaluation just before; they cache it.
+        # The dense global model reaches the clients in an evaluate message just before; they cache it. Those
+        # messages are part of this round's traffic (``model_delivery_bytes_*``, counted in ``bytes_*``).
         _, eval_replies = self.federated_evaluate(nodes, dense=True)
-        eval_bytes = (sum(r.bytes_down for r in eval_replies), sum(r.bytes_up for r in eval_replies))
+        delivery = (sum(r.bytes_down for r in eval_replies), sum(r.bytes_up for r in eval_replies))
 
         def request(n, with_model):
             conf = self._config(round=round_num, criterion=pr.criterion, sensitivity=self.measure_sensitivity,
@@ -706,7 +709,9 @@ class FederatedPruning:
             if imp.sensitivity is not None:
                 sens.append(imp.sensitivity)
         rec = self._round_record(round_num, "importance", t0, replies, nodes, failed, len(scores))
-        rec["evaluation_bytes_down"], rec["evaluation_bytes_up"] = eval_bytes
+        rec["model_delivery_bytes_down"], rec["model_delivery_bytes_up"] = delivery
+        rec["bytes_down"] += delivery[0]
+        rec["bytes_up"] += delivery[1]
         return rec, (scores, weights, sens, owners)
 
     def build_masks(self, scores, weights, sens, owners, sparsity_scale: float = 1.0, round_num: int = 0) -> None:
@@ -788,12 +793,24 @@ class FederatedPruning:
         sub.load_state_dict(self.substate(mask), strict=False)
         return sub
 
+    def evaluated_masks(self) -> dict[str, dict[str, StructuredMask]]:
+        """Per profile, the sub-networks its clients train, by name: the profile's mask (name: the profile), or
+        with mask source ``local`` each client's own mask (name: ``profile/client-<partition>``; profiles
+        without clients are left out). Per-round accuracy and the saved sub-networks and masks use these."""
+        if self.mask_source != "local":
+            return {p: {p: m} for p, m in self.profile_masks.items()}
+        out: dict[str, dict[str, StructuredMask]] = {}
+        for n in sorted(self.nodes, key=lambda n: self.nodes[n].partition_id):
+            info = self.nodes[n]
+            out.setdefault(info.profile, {})[f"{info.profile}/client-{info.partition_id}"] = self._mask_for(n)
+        return {p: out[p] for p in self.profile_masks if p in out}
+
     def _evaluate_round(self, rec: dict) -> None:
         every = self.cfg.federated.eval_every
         if not every or rec["round"] % every:
             return
-        if self.profile_masks:
-            rec["accuracy"] = {p: self.test_accuracy(m) for p, m in self.profile_masks.items()}
+        if self.profile_masks:  # a profile's accuracy: the mean over its sub-networks (one unless masks are local)
+            rec["accuracy"] = {p: float(np.mean([self.test_accuracy(m) for m in ms.values()])) for p, ms in self.evaluated_masks().items()}
         else:
             rec["accuracy"] = {"dense": self.test_accuracy()}
 
@@ -969,7 +986,7 @@ class FederatedPruning:
         log.info("[evaluate] final models: test split, local validation, params, FLOPs, latency")
         profiles = {}
         local_nodes = self.final_eval_nodes()
-        local_acc, _ = self.federated_evaluate(local_nodes)
+        local_acc, final_replies = self.federated_evaluate(local_nodes)
         for p in self.profiles:
             clients = [n for n, i in self.nodes.items() if i.profile == p]
             if not clients:
@@ -1013,9 +1030,14 @@ class FederatedPruning:
                             else "averaged from the clients' local models of the last dense round")}
         if ev.latency:
             dense["latency_ms"] = model_costs(self.model, True, ev.latency_threads, ev.latency_repeats)["latency_ms"]
-        totals = {
-            "bytes_up": sum(r["bytes_up"] for r in self.rounds),
-            "bytes_down": sum(r["bytes_down"] for r in self.rounds),
+        reg_down, reg_up = self.registration_bytes
+        outside = {"registration_bytes_down": reg_down, "registration_bytes_up": reg_up,
+                   "final_evaluation_bytes_down": sum(r.bytes_down for r in final_replies),
+                   "final_evaluation_bytes_up": sum(r.bytes_up for r in final_replies)}
+        totals = {  # every message of the run: the rounds', plus registration and the final evaluation (listed too)
+            "bytes_up": sum(r["bytes_up"] for r in self.rounds) + reg_up + outside["final_evaluation_bytes_up"],
+            "bytes_down": sum(r["bytes_down"] for r in self.rounds) + reg_down + outside["final_evaluation_bytes_down"],
+            **outside,
             "wall_s": wall_s,
         }
         def budget_note(e: dict) -> str:
@@ -1099,9 +1121,11 @@ class FederatedPruning:
         out = self.out_dir
         out.mkdir(parents=True, exist_ok=True)
         torch.save(self.state, out / "global_model.pt")
-        # Each profile's final sub-network as evaluated (extracted weights and its own BatchNorm statistics).
-        torch.save({p: self.extracted(m).state_dict() for p, m in self.profile_masks.items()}, out / "subnetworks.pt")
-        np.savez(out / "masks.npz", **{f"{p}/{g}": v for p, m in self.profile_masks.items() for g, v in m.to_arrays().items()})
+        # Each profile's final sub-network as evaluated (extracted weights and its own BatchNorm statistics);
+        # with local masks one per client, named profile/client-<partition> (:meth:`evaluated_masks`).
+        named = {name: m for ms in self.evaluated_masks().values() for name, m in ms.items()}
+        torch.save({name: self.extracted(m).state_dict() for name, m in named.items()}, out / "subnetworks.pt")
+        np.savez(out / "masks.npz", **{f"{name}/{g}": v for name, m in named.items() for g, v in m.to_arrays().items()})
         write_csv(out / "rounds.csv", [_flat_round(r) for r in results["rounds"]])
         budget_rows = [{"profile": p, "budget": k, **b} for p, e in results["profiles"].items() for k, b in e.get("budgets", {}).items()]
         if budget_rows:

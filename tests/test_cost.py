@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from fedprune.cost import (
     BUDGET_KEYS,
@@ -218,6 +219,22 @@ def test_lut_cache_reuse_and_rebuild(tmp_path, monkeypatch) -> None:
     files[0].write_text("{not json")
     LatencyLUT.build("seed_cnn", **args)
     assert fake.calls == 4
+
+
+def test_building_and_timing_leave_the_global_rng_alone(tmp_path, monkeypatch) -> None:
+    """A seeded run draws the same stream after a latency table is built (cache miss or hit) or a model is
+    timed: whether the cache was warm, or how often a budget refit timed a sub-network, cannot change its numbers."""
+    from fedprune.metrics import measure_latency_ms
+    from fedprune.models import get_model
+
+    monkeypatch.setattr(LatencyLUT, "measure", _FakeMeasure())
+    args = dict(model_kwargs={}, batch_size=1, threads=1, grid=(0.125, 1.0), cache_dir=tmp_path)
+    model = get_model("seed_cnn")
+    for step in (lambda: LatencyLUT.build("seed_cnn", **args), lambda: LatencyLUT.build("seed_cnn", **args),
+                 lambda: measure_latency_ms(model, repeats=2, warmup=1)):
+        torch.manual_seed(5)
+        step()
+        assert torch.equal(torch.rand(4), torch.manual_seed(5) and torch.rand(4))
 
 
 def test_lut_cache_dir_env(tmp_path, monkeypatch) -> None:

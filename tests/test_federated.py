@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedprune.aggregation import aggregate_importance, mask_agreement, normalize_scores
+from fedprune.aggregation import aggregate_importance, mask_agreement, normalize_scores, screen_clients
 from fedprune.config import load_config
 from fedprune.federated import FederatedPruning, InProcessTransport, simulate
 from fedprune.masks import StructuredMask, extraction_index_map, slice_state
@@ -30,11 +30,23 @@ def test_aggregation_math_on_hand_made_vectors():
     assert np.allclose(aggregate_importance([a, b, c], method="median")["g"], [0.5, 1.0, 1.5])
     # trim 1 of 3 at each end with fraction 0.34 -> the median
     assert np.allclose(aggregate_importance([a, b, c], method="trimmed_mean", trim_fraction=0.34)["g"], [0.5, 1.0, 1.5])
-    # rank vote: ranks a=[0, .5, 1]; b=[1, .5, 0] (tie between 0 and 1 favours the lower index)
+    # rank vote: ranks a=[0, .5, 1]; b=[.75, .75, 0] (channels 0 and 1 tie and share ranks 1 and 2 of 0..2)
     votes = aggregate_importance([a, a, b], method="rank_vote")["g"]
-    assert np.allclose(votes, [1 / 3, 0.5, 2 / 3])
+    assert np.allclose(votes, [0.25, 1.75 / 3, 2 / 3])
     with pytest.raises(ValueError, match="unknown aggregation 'avg'"):
         aggregate_importance([a], method="avg")
+
+
+def test_clients_that_cannot_tell_channels_apart_cast_no_rank_vote():
+    """A constant score vector ranks every channel 0.5: under rank_vote it cannot outvote the clients that do
+    rank the channels, and screening has no ranking of it to compare, so it drops nobody."""
+    honest = [{"g": np.array([1.0, 2.0, 3.0, 4.0, 5.0])}, {"g": np.array([1.5, 2.0, 2.5, 4.5, 5.0])}]
+    blank = [{"g": np.zeros(5)} for _ in range(3)]
+    votes = aggregate_importance(honest + blank, method="rank_vote")["g"]
+    assert np.allclose(votes[[0, 4]], [(0 + 0 + 3 * 0.5) / 5, (1 + 1 + 3 * 0.5) / 5])
+    assert np.argsort(votes).tolist() == [0, 1, 2, 3, 4]
+    kept, agreement = screen_clients(honest + blank)
+    assert kept == [0, 1, 2, 3, 4] and agreement == [1.0] * 5
 
 
 def test_robust_aggregators_resist_one_inverted_client():
@@ -98,7 +110,17 @@ def test_tiny_inprocess_run_schema_and_invariants(tiny_run, tiny_cfg):
         for key in ("round", "phase", "wall_s", "bytes_up", "bytes_down", "clients", "failures"):
             assert key in r
     warm, imp = res["rounds"][0], res["rounds"][1]
-    assert imp["bytes_up"] + imp["bytes_down"] < 0.01 * (warm["bytes_up"] + warm["bytes_down"])
+    dense_round = warm["bytes_up"] + warm["bytes_down"]
+    # the importance round counts the delivery of the dense model (an evaluate message the clients cache): about
+    # half a dense round, which also sends the model back; the score messages alone are under 1% of one
+    delivery = imp["model_delivery_bytes_down"] + imp["model_delivery_bytes_up"]
+    assert 0.45 < delivery / dense_round < 0.55 and imp["bytes_down"] > imp["model_delivery_bytes_down"]
+    assert imp["bytes_up"] + imp["bytes_down"] - delivery < 0.01 * dense_round
+    totals = res["totals"]  # every message: the rounds', registration and the final evaluation
+    for way in ("up", "down"):
+        assert totals[f"final_evaluation_bytes_{way}"] > 0 and totals[f"registration_bytes_{way}"] > 0
+        assert totals[f"bytes_{way}"] == (sum(r[f"bytes_{way}"] for r in res["rounds"]) + totals[f"registration_bytes_{way}"]
+                                          + totals[f"final_evaluation_bytes_{way}"])
     assert res["consensus"]["nested"] and res["consensus"]["clients"] == 3
     # masks on disk are nested: microcontroller ⊆ mobile_cpu ⊆ edge_gpu
     z = np.load(out / "masks.npz")
@@ -120,10 +142,19 @@ def test_same_seed_same_numbers(tiny_run, tiny_cfg, tmp_path):
     assert strip(again["rounds"]) == strip(res["rounds"])
 
 
-def test_local_and_random_mask_baselines_run(tiny_cfg):
+def test_local_and_random_mask_baselines_run(tiny_cfg, tmp_path):
     for source in ("local", "random"):
-        res = FederatedPruning(tiny_cfg, InProcessTransport(3), None, mask_source=source).run()
+        run = FederatedPruning(tiny_cfg, InProcessTransport(3), tmp_path / source, mask_source=source)
+        res = run.run()
         assert res["mask_source"] == source and set(res["profiles"]) == {"edge_gpu", "mobile_cpu", "microcontroller"}
+        # per-round accuracy and the saved sub-networks are those the clients train: with local masks, each client's own
+        named = {name: m for ms in run.evaluated_masks().values() for name, m in ms.items()}
+        trained = {run._mask_for(n).key() for n in run.nodes}
+        assert {m.key() for m in named.values()} == trained
+        if source == "local":
+            assert sorted(named) == sorted(f"{i.profile}/client-{i.partition_id}" for i in run.nodes.values())
+        assert set(torch.load(tmp_path / source / "subnetworks.pt")) == set(named)
+        assert set(res["rounds"][-2]["accuracy"]) == set(res["profiles"])  # the last fine-tune round was evaluated
     dense = FederatedPruning(tiny_cfg, InProcessTransport(3), None, mask_source="none").run()
     assert dense["profiles"] == {} or all(p["channel_sparsity"] == 0 for p in dense["profiles"].values())
     assert [r["phase"] for r in dense["rounds"]] == ["dense", "dense", "bn_calibration"]
