@@ -10,6 +10,11 @@ Message types (the server sends the resolved experiment config in every
                           ``inner-mask.<i>`` records: also train those nested
                           sub-networks, see :mod:`fedprune.nested`)
 * ``evaluate``         -> accuracy of the received sub-network on local val
+
+With ``cache-model`` in its config, an ``evaluate`` or ``train`` message's model is
+kept in ``context.state`` for the ``query.importance`` that follows, which then
+carries no model (the last warm-up round's ``train`` with
+``federated.score_model = "last_warmup"``; else an ``evaluate`` just before).
 * ``query.bnstats``    -> static BN after the last round: BatchNorm statistics of
                           the received final sub-network on the training shard
                           (forward passes only; with a ``gates`` record of dynamic
@@ -47,6 +52,15 @@ app = ClientApp()
 
 #: Keys of ``context.state`` where the last global model sent for evaluation is cached.
 CACHED_MODEL, CACHED_META = "cached-global-model", "cached-global-meta"
+
+
+def _cache_model(msg: Message, context: Context) -> None:
+    """Keep the message's global model in ``context.state`` when the server asks for it (``cache-model``): the
+    importance round that follows scores it without sending it again."""
+    conf = msg.content["config"]
+    if bool(conf.get("cache-model", False)):
+        context.state[CACHED_MODEL] = msg.content["arrays"]
+        context.state[CACHED_META] = ConfigRecord({"version": conf["model-version"]})
 
 
 def _partition(context: Context) -> tuple[int, int]:
@@ -102,8 +116,8 @@ def importance(msg: Message, context: Context) -> Message:
         if meta is None or meta["version"] != conf["model-version"]:
             return Message(RecordDict({"metrics": MetricRecord({"needs-model": 1})}), reply_to=msg)
         state = record_to_state(context.state[CACHED_MODEL])
-        # Used once: dropping it keeps the node's Context small between rounds (every importance
-        # round, and each retry of one, is preceded by an evaluation that caches the model again).
+        # Used once: dropping it keeps the node's Context small between rounds (a retry, or a later
+        # importance round, is preceded by an evaluation that caches the model again, or sends it).
         del context.state[CACHED_MODEL], context.state[CACHED_META]
     out = client_importance(
         cfg, *_partition(context), state, str(conf["criterion"]), int(conf["num-batches"]),
@@ -121,6 +135,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg = record_to_config(conf)
     if (failure := _simulated_failure(msg, context, cfg, "train")) is not None:
         return failure
+    _cache_model(msg, context)  # federated.score_model = "last_warmup": the last warm-up round's model, before training
     mask = record_to_mask(msg.content["mask"], model_groups(cfg))
     gates = record_to_state(msg.content["gates"]) if "gates" in msg.content else None
     inner = get_inner_masks(msg.content, model_groups(cfg))
@@ -154,9 +169,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     conf = msg.content["config"]
     cfg = record_to_config(conf)
     mask = record_to_mask(msg.content["mask"], model_groups(cfg))
-    if bool(conf.get("cache-model", False)):
-        context.state[CACHED_MODEL] = msg.content["arrays"]
-        context.state[CACHED_META] = ConfigRecord({"version": conf["model-version"]})
+    _cache_model(msg, context)
     metrics = client_evaluate(cfg, *_partition(context), mask, record_to_state(msg.content["arrays"]))
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 

@@ -98,6 +98,8 @@ ADVERSARIAL_MODES = ("inverted", "random", "scaled")
 #: How a failing client fails (see fedprune.reliability).
 FAILURE_MODES = ("crash", "hang", "drop")
 TOO_FEW_REPLIES_POLICIES = ("retry", "skip")
+#: Which global model the clients score in the importance round after the warm-up (``federated.score_model``).
+SCORE_MODELS = ("current", "last_warmup")
 
 
 @dataclass
@@ -180,6 +182,11 @@ class FederatedConfig:
     adversarial_mode: str = _spec("inverted", choices=ADVERSARIAL_MODES, doc="'inverted' (ranking reversed), 'random' (uniform noise "
                                   "in the honest range), 'scaled' (inverted, own bottom half x adversarial_scale)")
     adversarial_scale: float = _spec(100.0, lo=0.0, lo_open=True, doc="boost factor of the 'scaled' mode")
+    score_model: str = _spec("current", choices=SCORE_MODELS, doc="the model the clients score in the importance round after the "
+                             "warm-up: 'current' -- the global model after the last warm-up round, delivered to them in an evaluate "
+                             "message (about half a dense round of bytes); 'last_warmup' -- the global model they received for the "
+                             "last warm-up round, cached before training, so that importance round sends only configs and score "
+                             "vectors (the model scored is one round older than the one pruned; later progressive rounds score the current model)")
     sensitivity: bool = _spec(False, doc="clients also measure layer sensitivity (turned on for allocation='sensitivity' and for "
                               "allocation='budget' with pruning.budget_sensitivity > 0)")
     profiles_file: str = _spec("", doc="'' = configs/profiles.toml")
@@ -447,6 +454,9 @@ def _check_cross_field(cfg: ExperimentConfig) -> None:
     for r in cfg.pruning.sensitivity_ratios:
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < 1:
             raise ConfigError(f"config key 'pruning.sensitivity_ratios' holds {r!r}; each ratio must be in (0, 1)")
+    if cfg.federated.score_model == "last_warmup" and cfg.federated.warmup_rounds == 0:
+        raise ConfigError("config key 'federated.score_model' = 'last_warmup' needs a warm-up round to score, but "
+                          "federated.warmup_rounds = 0; use score_model = 'current' or warmup_rounds >= 1")
     if cfg.pruning.budget_sensitivity > 0 and cfg.pruning.allocation != "budget":
         raise ConfigError(f"config key 'pruning.budget_sensitivity' = {cfg.pruning.budget_sensitivity:g} applies to "
                           f"pruning.allocation = 'budget' only, not {cfg.pruning.allocation!r}; set it to 0")

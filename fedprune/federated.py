@@ -229,6 +229,9 @@ class FederatedPruning:
         self.profiles = profile_order(self.cfg.profiles)
         self.nodes: dict[int, NodeInfo] = {}
         self.registration_bytes = (0, 0)  # (down, up) of the register messages, in bytes
+        # federated.score_model = "last_warmup": the model sent in the last warm-up round, which its clients cached
+        # ({"version", "state", "partitions"}), until the importance round after the warm-up has scored it.
+        self.warmup_input: dict | None = None
         self.node_masks: dict[int, StructuredMask] = {}
         self.profile_masks: dict[str, StructuredMask] = {}
         self.rounds: list[dict] = []
@@ -465,6 +468,13 @@ class FederatedPruning:
         what = f"{phase} round {round_num}"
         nodes = self.sample(round_num, attempt)
         requests, sent = [], {}
+        fed = self.cfg.federated
+        cache = {}
+        if fed.score_model == "last_warmup" and round_num == fed.warmup_rounds and phase in ("warmup", "dense"):
+            # the clients keep the model they receive; the importance round after the warm-up scores it (no delivery)
+            cache = {"cache-model": True, "model-version": self.model_version}
+            self.warmup_input = {"version": self.model_version, "state": self.substate(StructuredMask.dense(self.groups)),
+                                 "partitions": [self.nodes[n].partition_id for n in nodes]}
         for n in nodes:
             mask = self._mask_for(n)
             imap = self.index_map(mask)
@@ -473,7 +483,7 @@ class FederatedPruning:
             content = RecordDict({
                 "arrays": state_to_record(sub),
                 "mask": mask_to_record(mask),
-                "config": self._config(round=round_num, epochs=prof.local_epochs, **{"batch-size": prof.batch_size}, **_attempt_key(attempt)),
+                "config": self._config(round=round_num, epochs=prof.local_epochs, **{"batch-size": prof.batch_size}, **_attempt_key(attempt), **cache),
             })
             if phase == "finetune" and self.cfg.federated.nested_training:
                 put_inner_masks(content, self.inner_masks(mask))
@@ -643,9 +653,10 @@ class FederatedPruning:
         t0 = time.perf_counter()
         what = f"importance round {round_num}"
         collected = []
+        cached = self.warmup_input if round_num == self.cfg.federated.warmup_rounds + 1 else None
 
         def attempt(k: int) -> dict:
-            rec, data = self._importance_attempt(round_num, k)
+            rec, data = self._importance_attempt(round_num, k, cached)
             collected.append(data)
             return rec
 
@@ -658,34 +669,46 @@ class FederatedPruning:
                 log.warning("%s: skipped after %d attempt(s): %d valid replies, fewer than the minimum %d; keeping the previous masks",
                             what, rec["attempts"], rec["valid_replies"], rec["min_replies"])
                 rec["skipped"] = True
+                self.warmup_input = None
                 return rec
             if not scores:
                 raise RuntimeError(f"{what}: no valid client reply after {rec['attempts']} attempt(s) ({rec['failures']} failures, "
                                    f"see the log); cannot build a consensus mask")
             log.warning("%s: only %d valid replies (minimum %d) after %d attempt(s) and no previous masks; building the consensus from them",
                         what, rec["valid_replies"], rec["min_replies"], rec["attempts"])
-        self.build_masks(scores, weights, sens, owners, sparsity_scale, round_num)
+        self.build_masks(scores, weights, sens, owners, sparsity_scale, round_num, cached["state"] if cached else None)
+        self.warmup_input = None
         return rec
 
-    def _importance_attempt(self, round_num: int, attempt: int) -> tuple[dict, tuple[list, list, list, list]]:
+    def _importance_attempt(self, round_num: int, attempt: int, cached: dict | None = None) -> tuple[dict, tuple[list, list, list, list]]:
+        """One attempt of an importance round. ``cached``: the last warm-up round's input (:attr:`warmup_input`),
+        which the clients it went to hold, so it needs no delivery; else the current global model is delivered."""
         from flwr.app import RecordDict
 
         t0 = time.perf_counter()
         fed, pr = self.cfg.federated, self.cfg.pruning
         what = f"importance round {round_num}"
-        nodes = self.sample(round_num, attempt)
-        # The dense global model reaches the clients in an evaluate message just before; they cache it. Those
-        # messages are part of this round's traffic (``model_delivery_bytes_*``, counted in ``bytes_*``).
-        _, eval_replies = self.federated_evaluate(nodes, dense=True)
-        delivery = (sum(r.bytes_down for r in eval_replies), sum(r.bytes_up for r in eval_replies))
+        if cached is not None and attempt == 0:  # the clients that received it (a retry samples afresh; they get the model)
+            by_pid = {i.partition_id: n for n, i in self.nodes.items()}
+            nodes = [by_pid[pid] for pid in cached["partitions"] if pid in by_pid]
+        else:
+            nodes = self.sample(round_num, attempt)
+        if cached is None:
+            # The dense global model reaches the clients in an evaluate message just before; they cache it. Those
+            # messages are part of this round's traffic (``model_delivery_bytes_*``, counted in ``bytes_*``).
+            _, eval_replies = self.federated_evaluate(nodes, dense=True)
+            delivery = (sum(r.bytes_down for r in eval_replies), sum(r.bytes_up for r in eval_replies))
+            version, scored = self.model_version, self.state
+        else:
+            delivery, version, scored = (0, 0), cached["version"], cached["state"]
 
         def request(n, with_model):
             conf = self._config(round=round_num, criterion=pr.criterion, sensitivity=self.measure_sensitivity,
                                 ratios=[float(r) for r in pr.sensitivity_ratios],
-                                **{"num-batches": pr.num_batches, "model-version": self.model_version}, **_attempt_key(attempt))
+                                **{"num-batches": pr.num_batches, "model-version": version}, **_attempt_key(attempt))
             content = {"config": conf}
             if with_model:
-                content["arrays"] = state_to_record(self.state)
+                content["arrays"] = state_to_record(scored)
             return (n, "query.importance", RecordDict(content))
 
         replies = self.transport.exchange([request(n, False) for n in nodes])
@@ -710,11 +733,15 @@ class FederatedPruning:
                 sens.append(imp.sensitivity)
         rec = self._round_record(round_num, "importance", t0, replies, nodes, failed, len(scores))
         rec["model_delivery_bytes_down"], rec["model_delivery_bytes_up"] = delivery
+        rec["scored_model_version"] = version  # the global model's version (merges so far) that the clients scored
         rec["bytes_down"] += delivery[0]
         rec["bytes_up"] += delivery[1]
         return rec, (scores, weights, sens, owners)
 
-    def build_masks(self, scores, weights, sens, owners, sparsity_scale: float = 1.0, round_num: int = 0) -> None:
+    def build_masks(self, scores, weights, sens, owners, sparsity_scale: float = 1.0, round_num: int = 0,
+                    scored_state: dict | None = None) -> None:
+        """Consensus masks from the clients' scores. ``scored_state``: the model they scored, if not the current
+        global model (mask source ``central`` scores it at the server)."""
         fed, pr = self.cfg.federated, self.cfg.pruning
         kept = screen_clients(scores)[0] if fed.screen_clients else list(range(len(scores)))
         consensus = aggregate_importance([scores[i] for i in kept], [weights[i] for i in kept], fed.aggregation, fed.trim_fraction)
@@ -730,7 +757,8 @@ class FederatedPruning:
             rng = np.random.default_rng([self.cfg.seed, 31337])
             ranking = {g.name: rng.random(g.size) for g in self.groups}
         elif self.mask_source == "central":  # the baseline: what the server would compute with all the clients' data
-            ranking, central_sens = central_importance(self.cfg, fed.num_clients, self.state, self.measure_sensitivity, round_num)
+            ranking, central_sens = central_importance(self.cfg, fed.num_clients, self.state if scored_state is None else scored_state,
+                                                       self.measure_sensitivity, round_num)
             sens_agg = central_sens if central_sens is not None else sens_agg
         group_weights = budget_group_weights(self.cfg, sens_agg)
         if pr.allocation in BUDGET_ALLOCATIONS:
@@ -918,6 +946,7 @@ class FederatedPruning:
             "consensus_log": self.consensus_log,
             "model_version": self.model_version,
             "dense_acc": self.dense_acc,
+            "warmup_input": self.warmup_input,
             "rng": rng_states(),
         }
 
@@ -938,6 +967,7 @@ class FederatedPruning:
                 self.node_masks[n] = StructuredMask.from_arrays(own, self.groups) if own is not None else self.profile_masks[info.profile]
         self.rounds, self.consensus_log = ckpt["rounds"], ckpt["consensus_log"]
         self.model_version, self.dense_acc = ckpt["model_version"], ckpt["dense_acc"]
+        self.warmup_input = ckpt.get("warmup_input")  # the restarted clients lack their copy: it is sent to them (counted)
         restore_rng_states(ckpt["rng"])
         return int(ckpt["steps_done"]), float(ckpt["wall_s"])
 
@@ -978,6 +1008,11 @@ class FederatedPruning:
         self.rounds = [{**rec, "phase": kinds[rec["round"]]} for rec in ckpt["rounds"]]
         self.model_version = ckpt["model_version"]
         self.dense_acc = ckpt["dense_acc"] if any(kind == "dense_eval" for kind, *_ in plan[:k]) else None
+        if self.cfg.federated.score_model == "last_warmup":
+            self.warmup_input = ckpt.get("warmup_input")
+            if self.warmup_input is None:
+                raise CheckpointError("cannot warm-start: federated.score_model = 'last_warmup' scores the model sent in the last "
+                                      "warm-up round, and the checkpoint's run did not keep it (run its warm-up with the same setting)")
         restore_rng_states(ckpt["rng"])
         return k, float(ckpt["wall_s"])
 
@@ -1156,7 +1191,7 @@ AFTER_WARMUP_KEYS: dict[str, tuple[str, ...] | None] = {
     "pruning": None,
     "dynamic": None,
     "eval": None,
-    "federated": ("finetune_rounds", "repeat_every", "aggregation", "trim_fraction", "screen_clients", "adversarial_fraction",
+    "federated": ("finetune_rounds", "repeat_every", "score_model", "aggregation", "trim_fraction", "screen_clients", "adversarial_fraction",
                   "adversarial_mode", "adversarial_scale", "sensitivity", "nested_training", "nested_distill", "final_eval_clients"),
 }
 #: Keys of each profile that act only after the warm-up.
@@ -1174,13 +1209,23 @@ def warmup_config(config: dict) -> dict:
     return config_without(config, AFTER_WARMUP_KEYS, AFTER_WARMUP_PROFILE_KEYS)
 
 
+#: Keys added after runs were made, with the value that does what those runs did: :func:`acting_config` drops them
+#: at that value, so a run made before a key existed still matches a config that has it.
+ADDED_KEYS = {("federated", "score_model"): "current"}
+
+
 def acting_config(config: dict) -> dict:
     """A config dict without the settings that cannot act in its run: with ``dynamic.enabled`` false, the
-    rest of the ``dynamic`` section. Two configs that differ only there describe the same run (e.g. a run
-    finished before a ``dynamic`` key was added or its default changed), so a restart may reuse it."""
+    rest of the ``dynamic`` section; :data:`ADDED_KEYS` at their old behaviour. Two configs that differ only
+    there describe the same run (e.g. a run finished before a key was added or a default changed), so a
+    restart may reuse it."""
     dyn = config.get("dynamic")
     if isinstance(dyn, dict) and not dyn.get("enabled", False):
         config = {**config, "dynamic": {"enabled": False}}
+    for (section, key), old in ADDED_KEYS.items():
+        sec = config.get(section)
+        if isinstance(sec, dict) and sec.get(key, old) == old and key in sec:
+            config = {**config, section: {k: v for k, v in sec.items() if k != key}}
     return config
 
 

@@ -20,8 +20,12 @@ warm-up run that every other run continues from, see ``FederatedPruning.warm_sta
 
 ``--extra-seeds 3 4 5`` runs one consensus row and its random twin (``--extra-rows``; default the reconstruction
 row with sensitivity-adaptive widths) for more seeds, each with its own warm-up, and reports the pair over all seeds,
-paired by seed, with a 95% confidence interval ("More seeds for selected pairs"); with ``--skip accuracy cost scale`` only
-those runs happen.
+paired by seed, with a 95% confidence interval ("More seeds for selected pairs"); with ``--skip accuracy cost scale traffic``
+only those runs happen.
+
+The "traffic" part runs consensus Taylor with ``federated.score_model = "last_warmup"`` (the importance round scores
+the model the clients received for the last warm-up round, so it sends no model) for the table's seeds, each with its
+own warm-up, against the table's consensus Taylor, which scores the model after the warm-up, delivered to the clients.
 
 All federated runs use Flower's Simulation Engine with the Ray backend (two
 clients at a time on 2 cores). The framework's cost is measured as wall time of configs/quick.toml
@@ -278,6 +282,25 @@ def one_shot_runs(cfg, seeds, runs: Path) -> dict[str, list[dict]]:
     return out
 
 
+#: The row of the "traffic" part: consensus Taylor scoring the model its clients received for the last warm-up
+#: round (``federated.score_model = "last_warmup"``), so the importance round sends no model; compared with the
+#: table's "consensus Taylor", which scores the model after the warm-up, delivered to the clients.
+NO_DELIVERY = "consensus Taylor, scoring the last warm-up round's model"
+
+
+def no_delivery_runs(cfg, seeds, runs: Path) -> list[dict]:
+    """The :data:`NO_DELIVERY` row per seed, each with its own warm-up (a shared warm-up does not keep the model its
+    last round sent, and restarted clients would need it sent again); reused when finished with the same config."""
+    out = []
+    for seed in seeds:
+        c = copy.deepcopy(cfg)
+        c.seed = seed
+        c.pruning = dataclasses.replace(c.pruning, criterion="taylor")
+        c.federated = dataclasses.replace(c.federated, score_model="last_warmup")
+        out.append(run_or_reuse(c, runs / f"{run_tag(NO_DELIVERY)}_s{seed}", "consensus", f"seed {seed}: {NO_DELIVERY} (own warm-up)"))
+    return out
+
+
 def framework_cost(quick_cfg, out: Path) -> dict:
     """configs/quick.toml under Flower + Ray vs the same ClientApp in a plain in-process loop."""
     res = {}
@@ -530,8 +553,31 @@ def budget_section(rows, fed) -> list[str]:
     return lines + ["", text]
 
 
+def no_delivery_lines(no_delivery: list[dict], rows, warm_b: int, ran: str | None) -> tuple[list[str], float]:
+    """Traffic bullet of the :data:`NO_DELIVERY` runs against "consensus Taylor" (paired by seed), and their
+    importance round's bytes as a fraction of a dense round's."""
+    imp = [r for r in no_delivery[0]["rounds"] if r["phase"] == "importance"][0]
+    (down, up), (deliv_down, deliv_up) = importance_traffic(imp)
+    frac = (down + up + deliv_down + deliv_up) / warm_b
+    base = rows["consensus Taylor"]
+    same_warmup = all(a["dense"]["accuracy"] == b["dense"]["accuracy"] for a, b in zip(no_delivery, base))
+    diffs = {p: [100 * (a - b) for a, b in zip(_acc(no_delivery, p), _acc(base, p))] for p in PROFILES}
+    line = (f"- Scoring the model the clients received for the last warm-up round instead (`federated.score_model = \"last_warmup\"`: "
+            f"they keep it in `context.state` before training; row \"{NO_DELIVERY}\", seeds as above, each with its own warm-up"
+            + (f", {ran}" if ran else "") + f"): the importance round moves {down / 1e3:.1f} kB down + {up / 1e3:.1f} kB up"
+            + (f" + {(deliv_down + deliv_up) / 1e6:.1f} MB of model delivery" if deliv_down + deliv_up else ", no model")
+            + f" = **{100 * frac:.3f}% of a dense round**. The model it scores is one round older than the one pruned. "
+            f"Accuracy after fine-tuning ({' / '.join(PROFILES)}): "
+            + " / ".join(fmt_mean_std(_acc(no_delivery, p)) for p in PROFILES)
+            + ", minus consensus Taylor's, paired by seed: "
+            + " / ".join(f"{np.mean(d):+.1f} (per seed " + ", ".join(f"{x:+.1f}" for x in d) + ")" for d in diffs.values())
+            + ". Its warm-up " + ("is the shared one's: the dense model's accuracy is identical in every seed."
+                                  if same_warmup else "differs from the shared one's (dense accuracy differs): compare with care."))
+    return [line], frac
+
+
 def render(rows, central, cost, scale, args, cfg, ran: dict | None = None, one_shot: dict | None = None,
-           extra: dict | None = None) -> str:
+           extra: dict | None = None, no_delivery: list[dict] | None = None) -> str:
     ran = ran or {}
 
     def when(part: str) -> str:
@@ -592,6 +638,7 @@ def render(rows, central, cost, scale, args, cfg, ran: dict | None = None, one_s
     warm = [r for r in first["rounds"] if r["phase"] == "warmup"][0]
     (score_down, score_up), (deliv_down, deliv_up) = importance_traffic(imp)
     imp_b, deliv_b, warm_b = score_down + score_up, deliv_down + deliv_up, warm["bytes_up"] + warm["bytes_down"]
+    nd_lines, nd_frac = no_delivery_lines(no_delivery, rows, warm_b, ran.get("no_delivery")) if no_delivery else ([], None)
     agreement = {lab: mean_std(r["consensus"]["agreement_mean"] for r in rows[lab])[0] for lab, src, *_ in FEDERATED if src == "consensus"}
     mob = "mobile_cpu"
     mob_cons, _ = mean_std(_acc(rows["consensus Taylor"], mob))
@@ -623,6 +670,7 @@ def render(rows, central, cost, scale, args, cfg, ran: dict | None = None, one_s
         f"`context.state`; nothing is sent back but the evaluation's metrics, so it is about half a dense round). The importance "
         f"messages themselves, config down and one score vector per channel group up, are {score_down / 1e3:.1f} kB down + "
         f"{score_up / 1e3:.1f} kB up = {100 * imp_b / warm_b:.3f}% of a dense round.",
+    ] + nd_lines + [
         f"- A fine-tune round moves {[r for r in first['rounds'] if r['phase'] == 'finetune'][0]['bytes_down'] / 1e6:.1f} MB down "
         f"vs {warm['bytes_down'] / 1e6:.1f} MB for a dense round: sub-networks are physically smaller.",
         f"- Agreement of clients' own top-k sets with the consensus (mean Jaccard over profiles): "
@@ -667,8 +715,10 @@ def render(rows, central, cost, scale, args, cfg, ran: dict | None = None, one_s
         for lab, src, _, o in FEDERATED if src == "consensus" and other_widths(o, cfg)
     ] + [
         f"- Importance round ≤ 1% of a dense round's bytes: {'met' if imp_b + deliv_b <= 0.01 * warm_b else 'NOT met'} "
-        f"({100 * (imp_b + deliv_b) / warm_b:.1f}% with the delivery of the dense model, which scoring the current global model "
-        f"needs; the score messages alone {100 * imp_b / warm_b:.3f}%).",
+        f"with the default `score_model = \"current\"` ({100 * (imp_b + deliv_b) / warm_b:.1f}% with the delivery of the dense model, "
+        f"which scoring the current global model needs; the score messages alone {100 * imp_b / warm_b:.3f}%)"
+        + (f"; {'met' if nd_frac <= 0.01 else 'NOT met'} with `score_model = \"last_warmup\"` ({100 * nd_frac:.3f}%; accuracy in the "
+           f"Traffic section)." if no_delivery else "."),
         f"- Flower + Ray wall time ≤ 1.3x the plain loop on the quick config: {'met' if ratio <= 1.3 else 'NOT met'} ({ratio:.2f}x; "
         "Ray's start-up of ~10-20 s is included; Ray runs two clients at a time on the 2 cores, the plain loop one after "
         "another with train.threads = 1 as quick.toml sets it).",
@@ -735,9 +785,10 @@ def main(argv=None) -> int:
     parser.add_argument("--extra-rows", nargs="+", default=EXTRA_ROWS, metavar="LABEL",
                         help=f"consensus rows that --extra-seeds runs, each with its random twin (default: {EXTRA_ROWS})")
     parser.add_argument("--scale-clients", type=int, nargs="+", default=[10, 50, 100])
-    parser.add_argument("--skip", nargs="*", default=[], choices=["accuracy", "cost", "scale"],
-                        help="parts to take from the saved federated.json instead of running them; with all three the tables are "
-                             "only written again (with 'accuracy', the data dir, seeds and rounds are the saved runs')")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["accuracy", "cost", "scale", "traffic"],
+                        help="parts to take from the saved federated.json instead of running them ('traffic': the importance round "
+                             "without model delivery, federated.score_model = 'last_warmup'); with all four the tables are only "
+                             "written again (with 'accuracy', the data dir, seeds and rounds are the saved runs')")
     parser.add_argument("--runs-dir", default=str(ROOT / "runs/bench_federated"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks"))
     args = parser.parse_args(argv)
@@ -783,6 +834,10 @@ def main(argv=None) -> int:
     elif not args.extra_seeds:  # dropped, or not kept because they ran with other accuracy options
         state.pop("extra", None)
         ran.pop("extra", None)
+    if "traffic" not in args.skip:
+        state["no_delivery"] = no_delivery_runs(cfg, args.seeds, runs)
+        ran["no_delivery"] = "run " + _span((runs / f"{run_tag(NO_DELIVERY)}_s{seed}" / "results.json").stat().st_mtime
+                                            for seed in (args.seeds[0], args.seeds[-1]))
     if "cost" not in args.skip:
         start = stamp()
         state["cost"] = framework_cost(quick, runs)
@@ -798,7 +853,7 @@ def main(argv=None) -> int:
     write_json(state_path, state)
     plot(state["rows"], state["central"], out / "federated_accuracy_vs_flops.png")
     write_text(out / "federated.md", render(state["rows"], state["central"], state["cost"], state["scale"], args, cfg, ran,
-                                            state.get("one_shot"), state.get("extra")))
+                                            state.get("one_shot"), state.get("extra"), state.get("no_delivery")))
     print((out / "federated.md").read_text())
     return 0
 

@@ -28,10 +28,10 @@ def test_render_only_rewrites_the_committed_table(script: str, table: str, tmp_p
 
 
 def test_bench_federated_skipping_every_part_rewrites_the_committed_table(tmp_path, monkeypatch) -> None:
-    """With ``--skip accuracy cost scale`` nothing runs; the data dir, seeds and rounds come from the saved runs."""
+    """With ``--skip accuracy cost scale traffic`` nothing runs; the data dir, seeds and rounds come from the saved runs."""
     shutil.copy(ROOT / "benchmarks" / "federated.json", tmp_path / "federated.json")
     monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
-    argv = ["--skip", "accuracy", "cost", "scale", "--out", str(tmp_path), "--data-dir", str(tmp_path / "no-data-here"),
+    argv = ["--skip", "accuracy", "cost", "scale", "traffic", "--out", str(tmp_path), "--data-dir", str(tmp_path / "no-data-here"),
             "--seeds", "7", "--runs-dir", str(tmp_path / "no-runs-here")]
     assert _script("bench_federated").main(argv) == 0
     assert (tmp_path / "federated.md").read_text() == (ROOT / "benchmarks" / "federated.md").read_text()
@@ -111,7 +111,7 @@ def test_bench_federated_extra_seeds_run_only_the_pair(tmp_path, monkeypatch) ->
     monkeypatch.setattr(bench, "federated_runs", lambda *a, **kw: pytest.fail("nothing may run"))
     for extra, allowed in [(["--extra-seeds", "2"], "are in --seeds"), (["--extra-seeds", "9", "--extra-rows", "dense"], "not a consensus row")]:
         with pytest.raises(SystemExit):
-            bench.main(["--skip", "accuracy", "cost", "scale", "--out", str(tmp_path), "--runs-dir", str(tmp_path / "no-runs"), *extra])
+            bench.main(["--skip", "accuracy", "cost", "scale", "traffic", "--out", str(tmp_path), "--runs-dir", str(tmp_path / "no-runs"), *extra])
     assert (tmp_path / "federated.json").read_bytes() == (ROOT / "benchmarks" / "federated.json").read_bytes()
 
 
@@ -131,7 +131,7 @@ def test_bench_federated_reports_the_pair_over_every_seed(tmp_path, monkeypatch)
     state["extra"], state["args"]["extra_seeds"], state["args"]["extra_rows"] = extra, [7, 8, 9][:len(seeds)], PAIR[:1]
     (tmp_path / "federated.json").write_text(json.dumps(state))
     monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
-    argv = ["--skip", "accuracy", "cost", "scale", "--out", str(tmp_path), "--runs-dir", str(tmp_path / "no-runs-here")]
+    argv = ["--skip", "accuracy", "cost", "scale", "traffic", "--out", str(tmp_path), "--runs-dir", str(tmp_path / "no-runs-here")]
     assert bench.main(argv) == 0
     text = (tmp_path / "federated.md").read_text()
     n = 2 * len(seeds)
@@ -184,3 +184,36 @@ def test_bench_federated_seeds_verdict_names_the_profiles_that_do_not_lead() -> 
     rows = {PAIR[0]: runs(1), PAIR[1]: runs(0)}
     assert bench.seeds_verdict(bench.paired_stats(rows, PAIR[0])) == ("over all 4 seeds the target is met on the mean at every profile; "
                                                   "the 95% CI lies above zero at edge_gpu, mobile_cpu")
+
+
+def test_bench_federated_reports_the_importance_round_without_model_delivery(tmp_path, monkeypatch) -> None:
+    """The "traffic" part: runs with federated.score_model = "last_warmup" are reported beside consensus Taylor,
+    their importance round's bytes against the target and their accuracy paired by seed; the default's importance
+    round counts the model's delivery, whichever way its record counted it."""
+    import json
+
+    bench = _script("bench_federated")
+    state = json.loads((ROOT / "benchmarks" / "federated.json").read_text())
+    runs = json.loads(json.dumps(state["rows"]["consensus Taylor"]))
+    for run in runs:  # no delivery, and one point more at every profile
+        imp = next(r for r in run["rounds"] if r["phase"] == "importance")
+        imp.pop("evaluation_bytes_down"), imp.pop("evaluation_bytes_up")
+        imp["model_delivery_bytes_down"] = imp["model_delivery_bytes_up"] = 0
+        for p in bench.PROFILES:
+            run["profiles"][p]["accuracy"] += 0.01
+    old = next(r for r in state["rows"]["consensus Taylor"][0]["rounds"] if r["phase"] == "importance")
+    new = {**old, "bytes_down": old["bytes_down"] + old["evaluation_bytes_down"], "bytes_up": old["bytes_up"] + old["evaluation_bytes_up"],
+           "model_delivery_bytes_down": old["evaluation_bytes_down"], "model_delivery_bytes_up": old["evaluation_bytes_up"]}
+    assert bench.importance_traffic(old) == bench.importance_traffic(new)
+    state["no_delivery"] = runs
+    (tmp_path / "federated.json").write_text(json.dumps(state))
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
+    argv = ["--skip", "accuracy", "cost", "scale", "traffic", "--out", str(tmp_path), "--runs-dir", str(tmp_path / "no-runs-here")]
+    assert bench.main(argv) == 0
+    text = (tmp_path / "federated.md").read_text()
+    frac = 100 * (old["bytes_down"] + old["bytes_up"]) / next(r["bytes_down"] + r["bytes_up"] for r in runs[0]["rounds"] if r["phase"] == "warmup")
+    assert f", no model = **{frac:.3f}% of a dense round**" in text
+    assert "minus consensus Taylor's, paired by seed: +1.0 (per seed +1.0, +1.0, +1.0) / +1.0" in text
+    assert "Its warm-up is the shared one's" in text
+    assert "- Importance round ≤ 1% of a dense round's bytes: NOT met with the default" in text
+    assert f"; met with `score_model = \"last_warmup\"` ({frac:.3f}%;" in text

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedprune.aggregation import aggregate_importance, mask_agreement, normalize_scores, screen_clients
-from fedprune.config import load_config
+from fedprune.config import ConfigError, load_config
 from fedprune.federated import FederatedPruning, InProcessTransport, simulate
 from fedprune.masks import StructuredMask, extraction_index_map, slice_state
 from fedprune.records import config_to_record, record_to_config, recorddict_nbytes, state_to_record
@@ -158,6 +158,37 @@ def test_local_and_random_mask_baselines_run(tiny_cfg, tmp_path):
     dense = FederatedPruning(tiny_cfg, InProcessTransport(3), None, mask_source="none").run()
     assert dense["profiles"] == {} or all(p["channel_sparsity"] == 0 for p in dense["profiles"].values())
     assert [r["phase"] for r in dense["rounds"]] == ["dense", "dense", "bn_calibration"]
+
+
+def test_scoring_the_last_warmup_model_sends_no_model():
+    """federated.score_model = "last_warmup": the clients keep the model of the last warm-up round's train message,
+    and the importance round after it scores that model without sending it: configs and score vectors only."""
+    l2 = TINY + ["pruning.criterion='l2'"]
+    cfg = load_config(None, l2 + ["federated.warmup_rounds=2", "federated.score_model='last_warmup'"])
+    fp = FederatedPruning(cfg, InProcessTransport(3), None)
+    res = fp.run()
+    last_warmup, imp = res["rounds"][1], res["rounds"][2]
+    assert (last_warmup["phase"], imp["phase"]) == ("warmup", "importance")
+    assert imp["model_delivery_bytes_down"] == 0 and imp["scored_model_version"] == 1  # the input of the 2nd warm-up round
+    assert imp["bytes_down"] + imp["bytes_up"] < 0.01 * (last_warmup["bytes_down"] + last_warmup["bytes_up"])
+    assert fp.warmup_input is None  # dropped once scored
+    # With a weight-only criterion, the masks are those of a run whose warm-up ends a round earlier and scores its
+    # current model; the server's own scoring (mask source "central") scores the same model.
+    one_round = FederatedPruning(load_config(None, l2), InProcessTransport(3), None)
+    one_round.run()
+    assert one_round.rounds[1]["scored_model_version"] == 1
+    central = FederatedPruning(cfg, InProcessTransport(3), None, mask_source="central")
+    central.run()
+    for p, m in fp.profile_masks.items():
+        assert m == one_round.profile_masks[p] and m == central.profile_masks[p]
+    # Sampled rounds: the importance round asks the clients that hold the model, so nobody needs it sent.
+    sampled = load_config(None, l2 + ["federated.warmup_rounds=2", "federated.score_model='last_warmup'", "federated.clients_per_round=2"])
+    imp = FederatedPruning(sampled, InProcessTransport(3), None).run()["rounds"][2]
+    assert imp["clients"] == 2 and imp["bytes_down"] < 0.01 * last_warmup["bytes_down"]
+    with pytest.raises(ConfigError, match=r"'federated.score_model' = 'last_warmup' needs a warm-up round.*warmup_rounds = 0"):
+        load_config(None, TINY + ["federated.warmup_rounds=0", "federated.score_model='last_warmup'"])
+    with pytest.raises(ConfigError, match=r"'federated.score_model' = 'latest' is not allowed; choose one of \['current', 'last_warmup'\]"):
+        load_config(None, TINY + ["federated.score_model='latest'"])
 
 
 def test_central_mask_source_scores_pooled_client_data(tiny_cfg):

@@ -168,3 +168,31 @@ def test_warm_start_refuses_other_warmups(tmp_path) -> None:
     fine = load_config(None, TINY + ["federated.finetune_rounds=2"])
     with pytest.raises(CheckpointError, match="are not dense rounds that begin this run"):
         simulate(fine, tmp_path / "d", engine="inprocess", warm_start=tmp_path / "full")
+
+
+def test_scoring_the_last_warmup_model_survives_a_restart(tmp_path) -> None:
+    """federated.score_model = "last_warmup" keeps the model sent in the last warm-up round in the checkpoint: a run
+    killed before its importance round, or warm-started from a warm-up that kept it, scores that model (its restarted
+    clients lack their copy and are sent it, counted in the round's bytes) and ends with the same numbers."""
+    cfg = load_config(None, TINY + ["federated.score_model='last_warmup'"])
+    full = FederatedPruning(cfg, InProcessTransport(3), tmp_path / "full").run()
+    with pytest.raises(Killed):  # exchanges: register, warm-up 1, warm-up 2, importance
+        FederatedPruning(cfg, DyingTransport(3, die_at=4), tmp_path / "killed").run()
+    assert load_checkpoint(tmp_path / "killed")["warmup_input"]["version"] == 1
+    resumed = FederatedPruning(cfg, InProcessTransport(3), tmp_path / "killed").run(resume=True)
+
+    def numbers(res):
+        return res["profiles"], [(r["round"], r["phase"], r.get("accuracy"), r.get("scored_model_version")) for r in res["rounds"]]
+
+    assert numbers(resumed) == numbers(full)
+    imp = {r["phase"]: r for r in full["rounds"]}["importance"], {r["phase"]: r for r in resumed["rounds"]}["importance"]
+    assert imp[1]["bytes_down"] > 100 * imp[0]["bytes_down"]  # the model, resent to the restarted clients
+    # warm starts: from a warm-up that kept the model, the same numbers; from one that did not, a clear error
+    warm = load_config(None, TINY + ["federated.score_model='last_warmup'", "federated.finetune_rounds=0"])
+    simulate(warm, tmp_path / "warm", engine="inprocess", mask_source="none")
+    forked = simulate(cfg, tmp_path / "forked", engine="inprocess", warm_start=tmp_path / "warm")
+    assert numbers(forked) == numbers(full)
+    plain = load_config(None, TINY + ["federated.finetune_rounds=0"])
+    simulate(plain, tmp_path / "plain", engine="inprocess", mask_source="none")
+    with pytest.raises(CheckpointError, match="score_model = 'last_warmup'.*did not keep it"):
+        simulate(cfg, tmp_path / "refused", engine="inprocess", warm_start=tmp_path / "plain")
