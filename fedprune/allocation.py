@@ -61,6 +61,17 @@ def check_sparsity(sparsity: float, what: str = "sparsity") -> float:
     return float(sparsity)
 
 
+def check_min_channels(groups: ChannelGroups, min_channels: int) -> None:
+    """Raise :class:`~fedprune.config.ConfigError` when ``pruning.min_channels`` is at least every group's size:
+    then no channel can be pruned and every profile would silently stay dense."""
+    from fedprune.config import ConfigError
+
+    largest = max(groups, key=lambda g: g.size, default=None)
+    if largest is not None and min_channels >= largest.size:
+        raise ConfigError(f"config key 'pruning.min_channels' = {min_channels} keeps every channel of every group (the largest, "
+                          f"{largest.name!r}, has {largest.size}), so nothing can be pruned; allowed: below {largest.size}")
+
+
 def _min_keep(size: int, min_channels: int) -> int:
     return max(1, min(min_channels, size))
 

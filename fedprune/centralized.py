@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from fedprune.allocation import check_feasible
+from fedprune.allocation import check_feasible, check_min_channels
 from fedprune.config import BUDGET_ALLOCATIONS, ConfigError, ExperimentConfig, config_to_dict, config_without
 from fedprune.data import ImageArrays, make_loader
 from fedprune.masks import extract_submodel
@@ -101,6 +101,25 @@ def compare_outputs(a: nn.Module, b: nn.Module, loader) -> float:
     return float((a(x) - b(x)).abs().max())
 
 
+def check_budget_config(cfg: ExperimentConfig, model: nn.Module | None = None):
+    """Raise a clear error when pruning cannot work as configured (``pruning.min_channels`` keeps every channel;
+    for a budget allocation: ``pruning.budget_profile`` missing or its budgets infeasible), and return the cost
+    model (:func:`~fedprune.task.hardware_model`) of a budget allocation, else None. Costs depend on the layer
+    shapes only, so ``model`` may be untrained (default: a fresh one): call it before training to fail early."""
+    p = cfg.pruning
+    check_min_channels(model_groups(cfg), p.min_channels)
+    if p.allocation not in BUDGET_ALLOCATIONS:
+        return None
+    if not p.budget_profile:
+        raise ConfigError(
+            f"config key 'pruning.allocation' = {p.allocation!r} in a centralized run needs pruning.budget_profile "
+            f"(one of {sorted(n for n, pr in cfg.profiles.items() if pr.budgets)})"
+        )
+    hardware = hardware_model(cfg, model if model is not None else build_model(cfg))
+    check_feasible(model_groups(cfg), profile_constraints(cfg, hardware, [p.budget_profile]), p.min_channels, budget_round_to(cfg))
+    return hardware
+
+
 def prune_experiment(cfg: ExperimentConfig, dense: DenseRun, data=None) -> dict:
     """Prune a copy of ``dense.model`` as configured and report accuracy and costs."""
     set_seed(cfg.seed + 1)
@@ -108,17 +127,11 @@ def prune_experiment(cfg: ExperimentConfig, dense: DenseRun, data=None) -> dict:
     train_loader, score_loader, test_loader = _loaders(cfg, train_arrays, test_arrays)
     groups = model_groups(cfg)
     p = cfg.pruning
-    hardware, budget = None, None
-    if p.allocation in BUDGET_ALLOCATIONS:
-        if not p.budget_profile:
-            raise ConfigError(
-                f"config key 'pruning.allocation' = {p.allocation!r} in a centralized run needs pruning.budget_profile "
-                f"(one of {sorted(n for n, pr in cfg.profiles.items() if pr.budgets)})"
-            )
-        hardware = hardware_model(cfg, dense.model)
+    budget = None
+    hardware = check_budget_config(cfg, dense.model)  # before any fine-tuning
+    if hardware is not None:
         budget = lambda scale, scores, sens: profile_budget_masks(  # noqa: E731
             cfg, hardware, scores, [p.budget_profile], scale, budget_group_weights(cfg, sens))[0]
-        check_feasible(groups, profile_constraints(cfg, hardware, [p.budget_profile]), p.min_channels, budget_round_to(cfg))  # before any fine-tuning
     round_to = budget_round_to(cfg) if budget is not None else p.round_to or None
     spec = PruneSpec(p.criterion, p.sparsity, p.allocation, p.num_batches, p.min_channels, round_to, tuple(p.sensitivity_ratios), budget,
                      budget_needs_sensitivity=p.budget_weighted)
@@ -190,6 +203,8 @@ def prune_experiment(cfg: ExperimentConfig, dense: DenseRun, data=None) -> dict:
 
 def run_centralized(cfg: ExperimentConfig, out_dir: str | Path | None = None) -> dict:
     """Train dense, prune, fine-tune; write ``results.json``, ``mask.npz`` and weights to ``out_dir``."""
+    with torch.random.fork_rng(devices=[]):
+        check_budget_config(cfg)  # a bad budget fails before the dense training, not after
     data = load_data(cfg)
     dense = train_dense(cfg, data=data)
     run = prune_experiment(cfg, dense, data)

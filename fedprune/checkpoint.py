@@ -47,20 +47,28 @@ def save_checkpoint(out_dir: str | Path, payload: dict) -> Path:
     return path
 
 
-def load_checkpoint(out_dir: str | Path) -> dict:
-    """Read the checkpoint of a run directory; :class:`CheckpointError` names what is wrong."""
+#: Keys every checkpoint holds (:meth:`fedprune.federated.FederatedPruning.checkpoint_payload`).
+REQUIRED_KEYS = ("config", "mask_source", "steps_done", "plan", "state", "rounds", "model_version", "rng")
+
+
+def load_checkpoint(out_dir: str | Path, purpose: str = "resume") -> dict:
+    """Read the checkpoint of a run directory; :class:`CheckpointError` names what is wrong (``purpose``: what the
+    caller wanted to do with it, for the message, e.g. "resume" or "warm-start")."""
     path = Path(out_dir) / CHECKPOINT_FILE
     if not Path(out_dir).is_dir():
-        raise CheckpointError(f"cannot resume: run directory {str(out_dir)!r} does not exist")
+        raise CheckpointError(f"cannot {purpose}: run directory {str(out_dir)!r} does not exist")
     if not path.is_file():
-        raise CheckpointError(f"cannot resume: {str(path)!r} does not exist (the run wrote no complete round yet, or this is not a run directory)")
+        raise CheckpointError(f"cannot {purpose}: {str(path)!r} does not exist (the run wrote no complete round yet, or this is not a run directory)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise CheckpointError(f"cannot resume: {str(path)!r} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"cannot {purpose}: {str(path)!r} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"cannot resume: {str(path)!r} has checkpoint format {payload.get('format') if isinstance(payload, dict) else '?'}; "
+        raise CheckpointError(f"cannot {purpose}: {str(path)!r} has checkpoint format {payload.get('format') if isinstance(payload, dict) else '?'}; "
                               f"this version of fedprune reads format {FORMAT_VERSION}")
+    missing = [k for k in REQUIRED_KEYS if k not in payload]
+    if missing:
+        raise CheckpointError(f"cannot {purpose}: {str(path)!r} is not a complete checkpoint (it lacks {', '.join(missing)})")
     return payload
 
 

@@ -11,11 +11,31 @@ import logging
 import sys
 from pathlib import Path
 
-from fedprune.config import ConfigError, load_config
+from fedprune.config import ConfigError, _deep_update, load_config, parse_overrides
+from fedprune.reporting import check_out_dir, nonnegative_int
 
-__all__ = ["main"]
+__all__ = ["main", "run_reporting_errors"]
 
 EXIT_USAGE = 2
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors caused by what the user gave (config, data, budgets, checkpoints): one line, no traceback."""
+    from fedprune.allocation import InfeasibleBudgetError
+    from fedprune.checkpoint import CheckpointError
+    from fedprune.data import DataNotFoundError, InvalidDataError
+
+    return (ConfigError, DataNotFoundError, InvalidDataError, InfeasibleBudgetError, CheckpointError)
+
+
+def run_reporting_errors(fn, prog: str) -> int:
+    """``fn()``, with a user error (:func:`user_errors`) printed as ``prog: error: ...`` and exit code 2; the
+    command-line scripts under simulation/ run their ``main`` through it."""
+    try:
+        return fn()
+    except user_errors() as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -28,14 +48,18 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args, default_config: str | None = None) -> "ExperimentConfig":  # noqa: F821
-    overrides = list(args.overrides)
-    if args.data_dir:
-        overrides.append(f'data.data_dir="{args.data_dir}"')
-    if args.dataset:
-        overrides.append(f'data.dataset="{args.dataset}"')
+    """The config file with ``--set`` overrides, then the flags (which win); flag values are taken as they are,
+    not parsed as TOML, so any directory name works."""
+    overrides = parse_overrides(list(args.overrides))
+    flags: dict = {}
+    data = {k: v for k, v in (("data_dir", args.data_dir), ("dataset", args.dataset)) if v}
+    if data:
+        if not isinstance(overrides.get("data", {}), dict):
+            raise ConfigError(f"override data = {overrides['data']!r} conflicts with --data-dir/--dataset: 'data' is a table")
+        flags["data"] = data
     if args.seed is not None:
-        overrides.append(f"seed={args.seed}")
-    return load_config(args.config or default_config, overrides)
+        flags["seed"] = args.seed
+    return load_config(args.config or default_config, _deep_update(overrides, flags))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train the dense model centrally and print test accuracy")
     _common(p)
-    p.add_argument("--epochs", type=int, help="same as train.epochs")
+    p.add_argument("--epochs", type=nonnegative_int, help="same as train.epochs")
 
     p = sub.add_parser("prune", help="one centralized pruning experiment -> OUT/results.json")
     _common(p)
@@ -74,12 +98,22 @@ def _cmd_prune(args) -> int:
     from fedprune.centralized import run_centralized
 
     cfg = _load(args)
+    check_out_dir(args.out)
     res = run_centralized(cfg, args.out)
     d, p = res["dense"], res["pruned"]
     print(f"dense accuracy {d['accuracy']:.4f}; pruned ({p['schedule']}, {p['criterion']}, {100 * p['channel_sparsity']:.0f}% channels) "
           f"{p['accuracy_before_finetune']:.4f} -> {p['accuracy']:.4f} after fine-tuning; MACs {p['flops_reduction']:.2f}x fewer")
     print(f"wrote {Path(args.out) / 'results.json'}")
     return 0
+
+
+def _refuse_unfinished_run(out: Path) -> None:
+    """A fresh run into ``out`` would delete the checkpoint of the unfinished run there: refuse."""
+    from fedprune.checkpoint import CHECKPOINT_FILE
+
+    if (out / CHECKPOINT_FILE).is_file() and not (out / "results.json").is_file():
+        raise ConfigError(f"--out {str(out)!r} holds the checkpoint of an unfinished run; continue it with --resume {str(out)!r}, "
+                          f"or give another --out (or delete {str(out / CHECKPOINT_FILE)!r} to start over there)")
 
 
 def _cmd_simulate(args) -> int:
@@ -95,7 +129,9 @@ def _cmd_simulate(args) -> int:
         cfg, mask_source = resume_config(args.resume)
         res = simulate(cfg, out_dir=args.resume, engine=args.engine, mask_source=mask_source, resume=True)
     else:
-        res = simulate(_load(args, default_config="configs/quick.toml"), out_dir=args.out, engine=args.engine, warm_start=args.warm_start)
+        cfg = _load(args, default_config="configs/quick.toml")
+        _refuse_unfinished_run(check_out_dir(args.out))
+        res = simulate(cfg, out_dir=args.out, engine=args.engine, warm_start=args.warm_start)
     print(res["summary"])
     return 0
 
@@ -103,15 +139,8 @@ def _cmd_simulate(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from fedprune.allocation import InfeasibleBudgetError
-    from fedprune.checkpoint import CheckpointError
-    from fedprune.data import DataNotFoundError
-
-    try:
-        return {"train": _cmd_train, "prune": _cmd_prune, "simulate": _cmd_simulate}[args.command](args)
-    except (ConfigError, DataNotFoundError, InfeasibleBudgetError, CheckpointError) as exc:
-        print(f"fedprune: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    command = {"train": _cmd_train, "prune": _cmd_prune, "simulate": _cmd_simulate}[args.command]
+    return run_reporting_errors(lambda: command(args), "fedprune")
 
 
 if __name__ == "__main__":

@@ -339,7 +339,7 @@ def _build(cls, values: Mapping[str, Any], prefix: str):
 def load_profiles(path: str | Path | None = None) -> dict[str, ProfileConfig]:
     """Read and validate a profiles file (``[NAME]`` tables of :class:`ProfileConfig` fields)."""
     path = Path(path) if path else DEFAULT_PROFILES_FILE
-    raw = _read_toml(path)
+    raw = read_toml(path)
     return {name: _build_profile(name, table) for name, table in raw.items()}
 
 
@@ -353,19 +353,33 @@ def _build_profile(name: str, table: Mapping) -> "ProfileConfig":
     return prof
 
 
-def _read_toml(path: Path) -> dict:
+def read_toml(path: str | Path, what: str = "config file") -> dict:
+    """The TOML file at ``path`` as a dict; :class:`ConfigError` (naming ``what`` and the path) when it is
+    missing, a directory, not UTF-8 or not valid TOML."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} is a directory; give a .toml file")
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start}); TOML files are UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+        raise ConfigError(f"{what} {str(path)!r} is not valid TOML: {exc}") from None
 
 
-def _deep_update(base: dict, extra: Mapping) -> dict:
+
+
+#: Config keys whose value is a whole table (not a section): an override replaces it instead of merging into it,
+#: so ``--set 'federated.proportions={edge_gpu=1.0}'`` means only edge GPUs.
+TABLE_VALUES = {("federated", "proportions")}
+
+
+def _deep_update(base: dict, extra: Mapping, _path: tuple[str, ...] = ()) -> dict:
     for k, v in extra.items():
-        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
-            _deep_update(base[k], v)
+        if isinstance(v, Mapping) and isinstance(base.get(k), dict) and (*_path, k) not in TABLE_VALUES:
+            _deep_update(base[k], v, (*_path, k))
         else:
             base[k] = v
     return base
@@ -510,7 +524,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | Mapping |
     base_dir = None
     if path is not None:
         path = Path(path)
-        raw = _read_toml(path)
+        raw = read_toml(path)
         base_dir = path.resolve().parent
     extra = parse_overrides(list(overrides)) if isinstance(overrides, (list, tuple)) else dict(overrides or {})
     return config_from_dict(_deep_update(raw, extra), base_dir)

@@ -109,23 +109,41 @@ class DataNotFoundError(RuntimeError):
     """Raised when a dataset cannot be found locally nor downloaded."""
 
 
+class InvalidDataError(ValueError):
+    """Raised when a dataset file exists but is not what it should be (e.g. a truncated CIFAR-10 batch)."""
+
+
 def _pickle_get(batch: dict[Any, Any], key: str, path: Path) -> Any:
     """Read ``key`` from a CIFAR batch dict whose keys may be ``bytes`` or ``str``."""
+    if not isinstance(batch, dict):
+        raise InvalidDataError(f"{path} is not a CIFAR-10 batch: it holds a {type(batch).__name__}, not a dict")
     if key.encode() in batch:
         return batch[key.encode()]
     if key in batch:
         return batch[key]
-    raise ValueError(f"{path} is not a CIFAR-10 batch: missing key {key!r}")
+    raise InvalidDataError(f"{path} is not a CIFAR-10 batch: missing key {key!r}")
 
 
 def _read_batch(path: Path) -> ImageArrays:
-    """Read one ``cifar-10-batches-py`` pickle (``data``: uint8 N x 3072 R,G,B planes)."""
-    with path.open("rb") as fh:
-        batch = pickle.load(fh, encoding="bytes")
-    data = np.asarray(_pickle_get(batch, "data", path), dtype=np.uint8)
-    labels = np.asarray(_pickle_get(batch, "labels", path), dtype=np.int64)
+    """Read one ``cifar-10-batches-py`` pickle (``data``: uint8 N x 3072 R,G,B planes); a file that is not one
+    raises :class:`InvalidDataError` naming it."""
+    try:
+        with path.open("rb") as fh:
+            batch = pickle.load(fh, encoding="bytes")
+    except Exception as exc:  # noqa: BLE001 - truncated, empty or foreign files all get one clear message
+        raise InvalidDataError(f"{path} is not a readable CIFAR-10 batch ({type(exc).__name__}: {exc}); expected the "
+                               "official cifar-10-batches-py pickles") from None
+    try:
+        data = np.asarray(_pickle_get(batch, "data", path), dtype=np.uint8)
+        labels = np.asarray(_pickle_get(batch, "labels", path), dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as exc:
+        if isinstance(exc, InvalidDataError):
+            raise
+        raise InvalidDataError(f"{path} is not a CIFAR-10 batch: its 'data' or 'labels' are not arrays of numbers ({exc})") from None
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise ValueError(f"{path}: 'data' must have shape (N, 3072), got {data.shape}")
+        raise InvalidDataError(f"{path}: 'data' must have shape (N, 3072), got {data.shape}")
+    if labels.shape != (data.shape[0],):
+        raise InvalidDataError(f"{path}: 'labels' must hold one label per image ({data.shape[0]}), got shape {labels.shape}")
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return ImageArrays(images=np.ascontiguousarray(images), labels=labels)
 
@@ -221,6 +239,8 @@ def load_cifar10(
     env_value = os.environ.get(DATA_DIR_ENV, "").strip()
     if data_dir is not None or env_value:
         source = "data_dir/--data-dir" if data_dir is not None else DATA_DIR_ENV
+        if data_dir is not None and env_value and Path(env_value).expanduser().resolve() == Path(data_dir).expanduser().resolve():
+            source = f"data_dir, or {DATA_DIR_ENV}, which sets it when it is empty"
         explicit = Path(data_dir if data_dir is not None else env_value).expanduser()
         folder = _find_cifar_folder(explicit)
         if folder is None:

@@ -32,7 +32,7 @@ import torch
 
 from fedprune.adversarial import adversarial_partitions
 from fedprune.aggregation import aggregate_importance, mask_agreement, merge_substates, pool_bn_stats, screen_clients
-from fedprune.allocation import check_feasible, nested_masks
+from fedprune.allocation import check_feasible, check_min_channels, nested_masks
 from fedprune.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from fedprune.config import BUDGET_ALLOCATIONS, ExperimentConfig, config_to_dict, config_without
 from fedprune.data import make_loader
@@ -46,7 +46,7 @@ from fedprune.records import (
     recorddict_nbytes,
     state_to_record,
 )
-from fedprune.reporting import write_csv, write_json
+from fedprune.reporting import check_out_dir, write_csv, write_json
 from fedprune.task import budget_group_weights, budget_round_to, build_model, central_importance, gate_state, gated_model, hardware_model, initial_width_state, load_data, model_groups, profile_budget_masks, profile_constraints
 from fedprune.training import evaluate, set_seed
 from fedprune.validation import InvalidReply, parse_bn_stats_reply, parse_evaluate_reply, parse_importance_reply, parse_register_reply, parse_train_reply, state_spec
@@ -255,8 +255,11 @@ class FederatedPruning:
         return self._hardware
 
     def check_budgets(self) -> None:
-        """Fail before training when a budget allocation cannot meet some profile's budget."""
+        """Fail before training when pruning cannot work (``pruning.min_channels`` keeps every channel) or a budget
+        allocation cannot meet some profile's budget."""
         pr = self.cfg.pruning
+        if self.mask_source != "none":
+            check_min_channels(self.groups, pr.min_channels)
         if pr.allocation in BUDGET_ALLOCATIONS and self.mask_source != "none":
             check_feasible(self.groups, profile_constraints(self.cfg, self.hardware, self.profiles), pr.min_channels, budget_round_to(self.cfg))
 
@@ -904,7 +907,7 @@ class FederatedPruning:
             done, elapsed = self.restore(load_checkpoint(self.out_dir))
             log.info("[resume] %s: %d of %d steps were complete; continuing", self.out_dir, done, len(steps))
         elif warm_start:
-            done, elapsed = self.warm_start(load_checkpoint(warm_start))
+            done, elapsed = self.warm_start(load_checkpoint(warm_start, "warm-start"))
             log.info("[warm start] %s: its %d dense warm-up round(s) are this run's first %d of %d steps; continuing",
                      warm_start, len(self.rounds), done, len(steps))
         if not resume and self.out_dir:  # a fresh run never leaves another run's checkpoint behind
@@ -1306,14 +1309,14 @@ def simulate(cfg: ExperimentConfig, out_dir: str | Path, engine: str = "ray", ma
     over instead of training it (:meth:`FederatedPruning.warm_start`).
     """
     _quiet_env()
+    out = check_out_dir(out_dir, "out_dir")  # a file or an unwritable place fails now, not after the first round
     cfg = resolve_data_dir(cfg)
     load_data(cfg)  # fail early and clearly if the data is missing
-    out = Path(out_dir)
     fed = cfg.federated
     if resume:
         load_checkpoint(out)  # fail early with a clear message
     if warm_start:
-        load_checkpoint(warm_start)
+        load_checkpoint(warm_start, "warm-start")
     if engine == "inprocess":
         return FederatedPruning(cfg, InProcessTransport(fed.num_clients), out, mask_source).run(resume=resume, warm_start=warm_start)
     if engine != "ray":

@@ -98,6 +98,51 @@ def fmt_mean_std(values: Iterable[float], scale: float = 100.0, digits: int = 1)
     return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
 
 
+def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
+    """``path`` as an output directory: an existing writable directory, or one that can be created there. Raises
+    :class:`~fedprune.config.ConfigError` naming ``flag`` otherwise, before any work, and creates nothing."""
+    from fedprune.config import ConfigError
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{flag} {str(path)!r} is a file; give a directory (it is created if missing)")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{flag} {str(path)!r} cannot be created: {str(parent)!r} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {str(path)!r} is not writable ({str(parent)!r} does not allow it)")
+    return out
+
+
+def read_saved_json(path: str | Path, flag: str) -> Any:
+    """The JSON a benchmark wrote before, for an option (``flag``) that only reuses it; a clear
+    :class:`~fedprune.config.ConfigError` when it is missing or unreadable."""
+    from fedprune.config import ConfigError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{flag} reads {str(path)!r}, which does not exist: run the benchmark without {flag} first (or give its --out)")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{flag} reads {str(path)!r}, which is not valid JSON ({exc})") from None
+
+
+def nonnegative_int(text: str) -> int:
+    """``argparse`` type: an integer >= 0 (seeds, epochs, counts)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; allowed: an integer >= 0")
+    return value
+
+
 def benchmark_parser(doc: str | None, seeds: Sequence[int] = (0, 1, 2), epochs: int = 8, finetune_epochs: int = 4):
     """``argparse`` parser with the options every centralized benchmark script shares:
     ``--data-dir``, ``--seeds``, ``--epochs`` (dense), ``--finetune-epochs`` and ``--out``."""
@@ -105,8 +150,8 @@ def benchmark_parser(doc: str | None, seeds: Sequence[int] = (0, 1, 2), epochs: 
 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=str(SHARED_SUBSET), help="folder holding cifar-10-batches-py")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(seeds))
-    parser.add_argument("--epochs", type=int, default=epochs, help="dense training epochs")
-    parser.add_argument("--finetune-epochs", type=int, default=finetune_epochs)
+    parser.add_argument("--seeds", type=nonnegative_int, nargs="+", default=list(seeds))
+    parser.add_argument("--epochs", type=nonnegative_int, default=epochs, help="dense training epochs")
+    parser.add_argument("--finetune-epochs", type=nonnegative_int, default=finetune_epochs)
     parser.add_argument("--out", default=str(BENCHMARKS_DIR), help="where the .md/.json/.png tables go")
     return parser

@@ -40,14 +40,13 @@ import math
 import re
 import shutil
 import time
-import tomllib
 import traceback
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from fedprune.config import PROFILE_NAMES, ConfigError, ExperimentConfig, config_from_dict, config_to_dict
+from fedprune.config import PROFILE_NAMES, ConfigError, ExperimentConfig, config_from_dict, config_to_dict, read_toml
 from fedprune.reporting import mean_std, to_jsonable, write_csv, write_json, write_text
 
 __all__ = [
@@ -207,7 +206,10 @@ class SweepGrid:
 
     def raw_config(self, cell: Cell, data_dir: str | Path | None = None) -> dict:
         """The cell's config as a nested dict: base file, then [fixed], then the cell's values and seed."""
-        raw = tomllib.loads(self.base.read_text()) if self.base else {}
+        try:
+            raw = read_toml(self.base, "base config") if self.base else {}
+        except ConfigError as exc:
+            raise SweepError(f"sweep grid '{self.path}': {exc}") from None
         for key, value in {**self.fixed, **cell.values}.items():
             _set_dotted(raw, key, value)
         raw["seed"] = cell.seed
@@ -237,12 +239,10 @@ def load_grid(path: str | Path) -> SweepGrid:
     distinct seeds and cell ids. Config keys and values are checked per cell by
     :meth:`SweepGrid.validate` (done by :func:`run_sweep` before anything runs)."""
     path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"sweep grid file '{path}' does not exist")
     try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise _grid_error(path, f"not valid TOML: {exc}") from None
+        raw = read_toml(path, "sweep grid file")
+    except ConfigError as exc:
+        raise SweepError(str(exc)) from None
     unknown = sorted(set(raw) - set(GRID_FILE_KEYS))
     if unknown:
         raise _grid_error(path, f"unknown key '{unknown[0]}'; allowed top-level keys: {list(GRID_FILE_KEYS)}")

@@ -61,7 +61,7 @@ from fedprune.dynamic import (GatedCNN, NestedWidthCNN, WidthCascade, cascade_la
 from fedprune.masks import SoftMaskHook  # noqa: E402
 from fedprune.metrics import count_macs  # noqa: E402
 from fedprune.plots import finish, label  # noqa: E402
-from fedprune.reporting import benchmark_parser, fmt_mean_std, mean_std, write_json, write_text  # noqa: E402
+from fedprune.reporting import benchmark_parser, fmt_mean_std, mean_std, nonnegative_int, read_saved_json, write_json, write_text  # noqa: E402
 from fedprune.task import load_data, make_train_fn, model_groups, train_config  # noqa: E402
 from fedprune.training import evaluate, set_seed  # noqa: E402
 
@@ -327,7 +327,7 @@ def plot(per_seed: list[dict], lat: dict, args, path: Path) -> None:
 
 def main(argv=None) -> int:
     parser = benchmark_parser(__doc__, seeds=tuple(range(10)))
-    parser.add_argument("--gate-epochs", type=int, default=3)
+    parser.add_argument("--gate-epochs", type=nonnegative_int, default=3)
     parser.add_argument("--gate-lr", type=float, default=1e-3)
     parser.add_argument("--distill", type=float, default=1.0, help="gates: weight of distillation from the full budget")
     parser.add_argument("--frozen", action="store_true", help="train only the gates on the frozen sub-network (default: joint, sandwich rule)")
@@ -354,7 +354,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.render_only:  # the tables again from the last run's JSON: nothing is trained or timed
-        saved = json.loads((out / "dynamic.json").read_text())
+        saved = read_saved_json(out / "dynamic.json", "--render-only")
         args = argparse.Namespace(**{**saved["args"], "out": args.out, "render_only": True})  # as the run had them
     if sorted(args.widths) != args.widths or args.widths[-1] != 1.0 or args.widths[0] <= 0:
         parser.error(f"--widths {args.widths} must ascend in (0, 1] and end with 1")
@@ -397,4 +397,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fedprune.cli import run_reporting_errors  # noqa: E402
+
+    sys.exit(run_reporting_errors(main, "bench_dynamic.py"))

@@ -60,7 +60,7 @@ from fedprune.metrics import process_tree_rss  # noqa: E402
 from fedprune.checkpoint import CHECKPOINT_FILE, load_checkpoint  # noqa: E402
 from fedprune.federated import acting_config, resolve_data_dir, simulate, without_final_eval  # noqa: E402
 from fedprune.plots import save  # noqa: E402
-from fedprune.reporting import fmt_mean_std, mean_std, write_json, write_text  # noqa: E402
+from fedprune.reporting import fmt_mean_std, mean_std, nonnegative_int, write_json, write_text  # noqa: E402
 from fedprune.masks import StructuredMask  # noqa: E402
 from fedprune.task import load_data, model_groups, pruned_accuracy  # noqa: E402
 
@@ -773,11 +773,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared/data/cifar10-subset"))
     parser.add_argument("--config", default=str(ROOT / "configs/quick.toml"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--warmup-rounds", type=int, default=30)
-    parser.add_argument("--finetune-rounds", type=int, default=20)
+    parser.add_argument("--seeds", type=nonnegative_int, nargs="+", default=[0, 1])
+    parser.add_argument("--warmup-rounds", type=nonnegative_int, default=30)
+    parser.add_argument("--finetune-rounds", type=nonnegative_int, default=20)
     parser.add_argument("--no-nested", action="store_true", help="HeteroFL fine-tuning without nested training of the narrower profiles")
-    parser.add_argument("--extra-seeds", type=int, nargs="*", default=None, metavar="SEED",
+    parser.add_argument("--extra-seeds", type=nonnegative_int, nargs="*", default=None, metavar="SEED",
                         help="more seeds, each with its own warm-up, for the --extra-rows pairs only (about 30 min per seed on 2 cores), "
                              "reported as paired differences over all seeds in 'More seeds for selected pairs'; not given: the saved pairs are "
                              "kept when they ran with the same accuracy options; given with no seed: they are dropped; to add seeds, "
@@ -859,4 +859,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fedprune.cli import run_reporting_errors  # noqa: E402
+
+    sys.exit(run_reporting_errors(main, "bench_federated.py"))

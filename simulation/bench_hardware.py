@@ -51,7 +51,7 @@ from fedprune.masks import StructuredMask, extract_submodel  # noqa: E402
 from fedprune.metrics import median_host_latency_ms  # noqa: E402
 from fedprune.models import get_model  # noqa: E402
 from fedprune.plots import finish  # noqa: E402
-from fedprune.reporting import benchmark_parser, fmt_mean_std, mean_std, to_jsonable, write_json, write_text  # noqa: E402
+from fedprune.reporting import benchmark_parser, fmt_mean_std, mean_std, nonnegative_int, read_saved_json, to_jsonable, write_json, write_text  # noqa: E402
 from fedprune.task import load_data, make_train_fn, profile_budget_masks, train_config  # noqa: E402
 from fedprune.training import evaluate, set_seed  # noqa: E402
 
@@ -424,7 +424,7 @@ def main(argv=None) -> int:
     parser.add_argument("--latency-scales", type=float, nargs="+", default=[1.0, 0.5],
                         help="equal-budget comparisons to run: each profile's latency budgets times each scale (1 = configs/profiles.toml; "
                              "other scales run the profiles with a latency budget only)")
-    parser.add_argument("--scaled-seeds", type=int, nargs="*", default=[],
+    parser.add_argument("--scaled-seeds", type=nonnegative_int, nargs="*", default=[],
                         help="seeds of the comparisons at scaled latency budgets (default, or an empty list: the same as --seeds)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["lut", "budgets"])
     parser.add_argument("--render-only", action="store_true", help="write OUT/hardware.md again from OUT/hardware.json (same numbers)")
@@ -444,7 +444,7 @@ def main(argv=None) -> int:
     })
     out = Path(args.out)
     if args.render_only:  # the tables again from the last run's JSON: nothing is trained or timed
-        saved = json.loads((out / "hardware.json").read_text())
+        saved = read_saved_json(out / "hardware.json", "--render-only")
         sections = {float(k): v for k, v in {"1": saved["seeds"], **saved["scaled"]}.items() if v}
         args.seeds, args.threads = saved["args"]["seeds"], saved["args"]["threads"]  # as the run had them
         args.scaled_seeds = saved["args"].get("scaled_seeds")
@@ -478,4 +478,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fedprune.cli import run_reporting_errors  # noqa: E402
+
+    sys.exit(run_reporting_errors(main, "bench_hardware.py"))

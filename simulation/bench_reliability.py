@@ -327,4 +327,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fedprune.cli import run_reporting_errors  # noqa: E402
+
+    sys.exit(run_reporting_errors(main, "bench_reliability.py"))

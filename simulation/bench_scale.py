@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fedprune import federated as fed_mod  # noqa: E402
-from fedprune.config import load_config  # noqa: E402
+from fedprune.config import config_from_dict, config_to_dict, load_config  # noqa: E402
 from fedprune.metrics import process_tree_rss  # noqa: E402
 from fedprune.reporting import BENCHMARKS_DIR, SHARED_SUBSET, write_json, write_text  # noqa: E402
 
@@ -137,7 +137,7 @@ def scale_config(base, clients: int, per_round: int, cpus_per_client: float, arg
         c.federated.final_eval_clients = final_eval_clients
     c.data = dataclasses.replace(c.data, partition="iid")
     c.eval = dataclasses.replace(c.eval, latency=False)
-    return c
+    return config_from_dict(config_to_dict(c), resolved=True)  # validated like any config (e.g. --clients 0 is an error)
 
 
 # ---------------------------------------------------------------- reporting
@@ -287,4 +287,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fedprune.cli import run_reporting_errors  # noqa: E402
+
+    sys.exit(run_reporting_errors(main, "bench_scale.py"))

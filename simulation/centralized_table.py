@@ -37,7 +37,7 @@ from fedprune.masks import StructuredMask, apply_soft_mask, extract_submodel  # 
 from fedprune.models import get_model  # noqa: E402
 from fedprune.metrics import count_macs, count_params, latency_side_by_side  # noqa: E402
 from fedprune.plots import finish  # noqa: E402
-from fedprune.reporting import benchmark_parser, fmt_mean_std, mean_std, write_json, write_text  # noqa: E402
+from fedprune.reporting import benchmark_parser, check_out_dir, fmt_mean_std, mean_std, read_saved_json, write_json, write_text  # noqa: E402
 from fedprune.task import load_data, make_train_fn, train_config  # noqa: E402
 from fedprune.training import evaluate, set_seed  # noqa: E402
 
@@ -222,10 +222,9 @@ def main(argv=None) -> int:
         "pruning": {"finetune_epochs": args.finetune_epochs},
         "eval": {"latency_threads": args.latency_threads},
     })
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_out_dir(args.out)
     if args.latency_only:  # reuse the accuracy rows, time the architectures again
-        saved = json.loads((out / "centralized.json").read_text())
+        saved = read_saved_json(out / "centralized.json", "--latency-only")
         per_seed, n_test = saved["seeds"], saved["n_test"]
         args.seeds, args.epochs, args.finetune_epochs = saved["args"]["seeds"], saved["args"]["epochs"], saved["args"]["finetune_epochs"]
     else:
@@ -247,4 +246,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fedprune.cli import run_reporting_errors  # noqa: E402
+
+    sys.exit(run_reporting_errors(main, "centralized_table.py"))

@@ -26,6 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from fedprune.reporting import BENCHMARKS_DIR, SHARED_SUBSET  # noqa: E402
 from fedprune.sweep import SweepError, load_grid, run_sweep, write_report  # noqa: E402
+from fedprune.config import ConfigError  # noqa: E402
+from fedprune.reporting import check_out_dir  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -53,6 +55,7 @@ def main(argv=None) -> int:
     try:
         grid = load_grid(args.grid)
         cells = grid.validate(args.data_dir or None)
+        check_out_dir(args.out)
         if args.dry_run:
             print(f"{args.grid}: {len(cells)} cells ({grid.engine} engine), all configs valid")
             for cell, _ in cells:
@@ -72,7 +75,7 @@ def main(argv=None) -> int:
                                             "see error.txt" if (cdir / "error.txt").is_file() else "not run"))
         else:
             rows = run_sweep(grid, args.out, args.data_dir or None)
-    except SweepError as exc:
+    except (SweepError, ConfigError) as exc:
         print(f"sweep: error: {exc}", file=sys.stderr)
         return 2
     bench = None if args.benchmarks is None else (args.benchmarks_dir)
@@ -84,4 +87,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fedprune.cli import run_reporting_errors  # noqa: E402
+
+    sys.exit(run_reporting_errors(main, "sweep.py"))

@@ -1,0 +1,176 @@
+"""Bad input from the command line and the scripts: one clear line naming the value and what is allowed, exit
+code 2, before any work, and nothing lost or half-written. Nothing here trains."""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedprune import cli
+from fedprune.config import ConfigError, load_config
+
+from conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tiny_toml(tmp_path: Path) -> Path:
+    """TINY as a config file."""
+    path = tmp_path / "tiny.toml"
+    path.write_text("\n".join(f"{k} = {v}" for k, v in (o.split("=", 1) for o in TINY if not o.startswith("federated.proportions")))
+                    + "\n[federated.proportions]\nedge_gpu = 0.34\nmobile_cpu = 0.33\nmicrocontroller = 0.33\n")
+    return path
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_out_that_cannot_be_a_directory_fails_before_any_work(tmp_path, capsys, monkeypatch) -> None:
+    import fedprune.federated as federated
+
+    monkeypatch.setattr(federated, "simulate", lambda *a, **k: pytest.fail("nothing may run"))
+    monkeypatch.setattr("fedprune.centralized.run_centralized", lambda *a, **k: pytest.fail("nothing may run"))
+    cfg = _tiny_toml(tmp_path)
+    (tmp_path / "a_file").write_text("keep")
+    for command in ("simulate", "prune"):
+        for out in (tmp_path / "a_file", tmp_path / "a_file" / "sub"):
+            assert cli.main([command, "--config", str(cfg), "--out", str(out)]) == 2
+            line = _error_line(capsys)
+            assert "--out" in line and "a_file" in line
+    assert (tmp_path / "a_file").read_text() == "keep"
+
+
+def test_a_fresh_run_does_not_delete_an_unfinished_runs_checkpoint(tmp_path, capsys, monkeypatch) -> None:
+    import fedprune.federated as federated
+
+    monkeypatch.setattr(federated, "simulate", lambda *a, **k: pytest.fail("nothing may run"))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"an unfinished run")
+    assert cli.main(["simulate", "--config", str(_tiny_toml(tmp_path)), "--out", str(run)]) == 2
+    line = _error_line(capsys)
+    assert "unfinished run" in line and f"--resume '{run}'" in line
+    assert (run / "checkpoint.pt").read_bytes() == b"an unfinished run"
+
+
+def test_flag_values_are_taken_as_given(tmp_path) -> None:
+    """--data-dir is a path, not TOML: quotes, backslashes and escapes stay as they are; --set can still set it."""
+    parser = cli.build_parser()
+    for name in ('q"uote', "back\\dir", "tab\\tdir"):
+        weird = str(tmp_path / name)
+        Path(weird).mkdir()
+        args = parser.parse_args(["train", "--dataset", "synthetic", "--data-dir", weird, "--seed", "3"])
+        cfg = cli._load(args)
+        assert cfg.data.data_dir == weird and cfg.seed == 3 and cfg.data.dataset == "synthetic"
+    args = parser.parse_args(["train", "--set", f"data.data_dir={tmp_path}", "seed=1", "--seed", "4"])
+    cfg = cli._load(args)
+    assert cfg.data.data_dir == str(tmp_path) and cfg.seed == 4  # flags win over --set
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--epochs", "-1"])
+
+
+def test_corrupt_cifar_files_name_the_file(tmp_path, capsys) -> None:
+    from fedprune.data import InvalidDataError, read_cifar10_batches
+
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    good = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]}
+    for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"):
+        (root / name).write_bytes(pickle.dumps(good))
+    cases = [b"", b"garbage, not a pickle", pickle.dumps([1, 2, 3]), pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}),
+             pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]})]
+    for content in cases:
+        (root / "test_batch").write_bytes(content)
+        with pytest.raises(InvalidDataError, match="test_batch"):
+            read_cifar10_batches(root)
+    assert cli.main(["train", "--data-dir", str(tmp_path), "--epochs", "0"]) == 2
+    assert "test_batch" in _error_line(capsys)
+
+
+def test_config_files_that_are_not_toml_text(tmp_path) -> None:
+    (tmp_path / "latin1.toml").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ConfigError, match=r"'.*latin1.toml' is not UTF-8 text"):
+        load_config(tmp_path / "latin1.toml")
+    with pytest.raises(ConfigError, match="is a directory; give a .toml file"):
+        load_config(tmp_path)
+
+
+def test_pruning_that_cannot_prune_is_an_error() -> None:
+    from fedprune.allocation import check_min_channels
+    from fedprune.task import model_groups
+
+    cfg = load_config(None, TINY + ["pruning.min_channels=100000"])
+    with pytest.raises(ConfigError, match=r"'pruning.min_channels' = 100000 keeps every channel.*allowed: below \d+"):
+        check_min_channels(model_groups(cfg), cfg.pruning.min_channels)
+
+
+def test_a_proportions_override_replaces_the_table() -> None:
+    cfg = load_config(ROOT / "configs/quick.toml", ["federated.proportions={edge_gpu=1.0}"])
+    assert cfg.federated.proportions == {"edge_gpu": 1.0}
+
+
+def test_prune_checks_its_budget_before_training(monkeypatch) -> None:
+    import fedprune.centralized as centralized
+
+    monkeypatch.setattr(centralized, "train_dense", lambda *a, **k: pytest.fail("trained before checking the budget"))
+    cfg = load_config(None, TINY + ["pruning.allocation='budget'"])
+    with pytest.raises(ConfigError, match="needs pruning.budget_profile"):
+        centralized.run_centralized(cfg)
+
+
+def test_checkpoints_missing_keys_and_warm_start_messages(tmp_path) -> None:
+    from fedprune.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint
+
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"format": FORMAT_VERSION}, run / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match=r"cannot resume: .* is not a complete checkpoint \(it lacks config"):
+        load_checkpoint(run)
+    with pytest.raises(CheckpointError, match=r"cannot warm-start: run directory .* does not exist"):
+        load_checkpoint(tmp_path / "nowhere", "warm-start")
+
+
+def test_scripts_report_user_errors_in_one_line(tmp_path, capsys) -> None:
+    import importlib.util
+
+    def script(name):
+        spec = importlib.util.spec_from_file_location(name, ROOT / "simulation" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    for name, argv, fragment in [
+        ("bench_hardware", ["--render-only", "--out", str(tmp_path / "none")], "--render-only reads"),
+        ("bench_dynamic", ["--render-only", "--out", str(tmp_path / "none")], "--render-only reads"),
+        ("centralized_table", ["--latency-only", "--out", str(tmp_path / "none")], "--latency-only reads"),
+        ("bench_hardware", ["--criterion", "l3", "--out", str(tmp_path / "b"), "--runs-dir", str(tmp_path / "r")], "'l3'"),
+    ]:
+        main = script(name).main
+        assert cli.run_reporting_errors(lambda: main(argv), f"{name}.py") == 2
+        line = _error_line(capsys)
+        assert line.startswith(f"{name}.py: error: ") and fragment in line, line
+    assert not (tmp_path / "none").exists()
+    with pytest.raises(SystemExit):
+        script("bench_federated").main(["--seeds", "-1"])
+    with pytest.raises(argparse.ArgumentTypeError):
+        from fedprune.reporting import nonnegative_int
+
+        nonnegative_int("-3")
+
+
+def test_a_sweep_with_a_broken_base_config(tmp_path) -> None:
+    from fedprune.sweep import SweepError, load_grid
+
+    (tmp_path / "base.toml").write_text("seed = = 1\n")
+    (tmp_path / "grid.toml").write_text('base = "base.toml"\nseeds = [0]\n[grid]\n"train.lr" = [0.1]\n')
+    grid = load_grid(tmp_path / "grid.toml")
+    with pytest.raises(SweepError, match=r"grid.toml'.*base config '.*base.toml' is not valid TOML"):
+        grid.validate()
