@@ -76,7 +76,13 @@ def aggregate_importance(
     method: str = "mean",
     trim_fraction: float = 0.2,
 ) -> dict[str, np.ndarray]:
-    """Combine per-client importance into one consensus vector per group (higher = keep)."""
+    """Combine per-client importance into one consensus vector per group (higher = keep).
+
+    Each client's vector is first divided by its mean (:func:`normalize_scores`). ``mean`` and ``rank_vote``
+    weight the clients by ``weights`` (their sample counts); ``median`` and ``trimmed_mean`` count every client
+    once, as robust statistics do (a weight would let one large client outvote the rest). ``trimmed_mean``
+    drops floor(n x ``trim_fraction``) clients at each end per channel, so with fewer than 1 / trim_fraction
+    clients it trims nothing."""
     if method not in AGGREGATORS:
         raise ValueError(f"unknown aggregation {method!r}; allowed: {list(AGGREGATORS)}")
     if not client_scores:

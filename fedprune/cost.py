@@ -296,6 +296,9 @@ def measure_peak_activation_bytes(model: nn.Module, dtype_bytes: int = 1, input_
     int8): the largest live input+output pair of any layer, the MCUNet-style
     SRAM estimate. Operations outside modules (residual additions) are not
     counted separately. ``input_shape`` includes the batch size (default 1).
+    BatchNorm and activation modules count as layers, so a deployment that fuses
+    them into the conv needs less; a residual block's skip tensor, live across
+    the block, is not counted, so a residual network needs more (README).
     """
     peak = 0
     handles = []
@@ -786,11 +789,18 @@ class LatencyLUT:
         key: Mapping[str, Any] | None = None,
         calibrate: bool = True,
     ) -> "LatencyLUT":
-        """Measure a table for ``model`` now (no cache)."""
+        """Measure a table for ``model`` now (no cache); ``model`` itself is left as it was (it is timed in eval mode)."""
         if not grid or any(not 0.0 < f <= 1.0 for f in grid):
             raise ValueError(f"grid fractions must be in (0, 1], got {list(grid)}")
+        was_training = model.training
+        try:
+            return cls._measure(model.eval(), groups, batch_size, threads, grid, repeats, warmup, key, calibrate)
+        finally:
+            model.train(was_training)
+
+    @classmethod
+    def _measure(cls, model, groups, batch_size, threads, grid, repeats, warmup, key, calibrate) -> "LatencyLUT":
         groups = groups if groups is not None else discover_groups(model)
-        model = model.eval()
         analytic = AnalyticCostModel(model, groups)
         tables: dict[str, LayerTable] = {}
         # Batch-1 layer calls take tens of microseconds: time them more often than large batches.

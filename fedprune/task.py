@@ -296,7 +296,7 @@ def client_train(
         out = train_nested(model, groups, local, loader, tc, cfg.federated.nested_distill)
     else:
         out = train(model, loader, tc)
-    # Static BN: exact statistics of the final weights on this shard (see recalibrate_bn).
+    # Static BN: statistics of the final weights on this shard (batch-averaged, see recalibrate_bn).
     stats_loader = make_loader(train_arrays.subset(shard.train_idx), 256, train=False)
     recalibrate_bn(model, stats_loader)
     metrics = {"num-examples": shard.num_train, "train-loss": float(out["loss"]), "compute-s": time.perf_counter() - start}
