@@ -116,8 +116,11 @@ def screen_clients(client_scores: Sequence[Mapping[str, np.ndarray]], ratio: flo
     A client's *agreement* is the Pearson correlation between its channel ranks
     and the element-wise median of all clients' ranks (a Spearman correlation
     with a robust reference ranking), averaged over groups weighted by group
-    size; groups of one channel, or where either rank vector is constant, are
-    left out. A client is dropped when its agreement is below ``ratio`` times
+    size. Groups of one channel are left out, and so is a client's constant
+    rank vector in a group (scores that cannot tell the channels apart): it
+    takes no part in that group's reference and gets no agreement there, and a
+    client with no such group at all has agreement 0, since it agrees with
+    nothing. A client is dropped when its agreement is below ``ratio`` times
     the median agreement: inverted or scaled-inverted importance correlates
     negatively, random importance about zero, honest clients (even on non-IID
     shards) clearly positively. The reference and the threshold use medians,
@@ -130,20 +133,27 @@ def screen_clients(client_scores: Sequence[Mapping[str, np.ndarray]], ratio: flo
         return list(range(n)), [1.0] * n
     names = list(client_scores[0])
     ranks = {g: np.stack([_ranks(np.asarray(s[g], dtype=np.float64)) for s in client_scores]) for g in names}
-    num, den = np.zeros(n), 0.0
+    num, den = np.zeros(n), np.zeros(n)
     for g in names:
         r = ranks[g]
         if r.shape[1] < 2:
             continue
-        ref = np.median(r, axis=0)
-        ref = ref - ref.mean()
         dev = r - r.mean(axis=1, keepdims=True)
-        norms = np.linalg.norm(dev, axis=1) * np.linalg.norm(ref)
-        if not norms.all():
+        norm = np.linalg.norm(dev, axis=1)
+        informative = norm > 1e-12
+        if not informative.any():
             continue
-        num += r.shape[1] * (dev @ ref) / norms
-        den += r.shape[1]
-    agreement = num / den if den else np.ones(n)
+        ref = np.median(r[informative], axis=0)
+        ref = ref - ref.mean()
+        if np.linalg.norm(ref) <= 1e-12:
+            continue
+        corr = (dev[informative] @ ref) / (norm[informative] * np.linalg.norm(ref))
+        num[informative] += r.shape[1] * corr
+        den[informative] += r.shape[1]
+    if not den.any():
+        agreement = np.ones(n)
+    else:
+        agreement = np.divide(num, den, out=np.zeros(n), where=den > 0)
     med = float(np.median(agreement))
     if med <= 0:
         return list(range(n)), agreement.tolist()

@@ -111,9 +111,11 @@ def _refuse_unfinished_run(out: Path) -> None:
     """A fresh run into ``out`` would delete the checkpoint of the unfinished run there: refuse."""
     from fedprune.checkpoint import CHECKPOINT_FILE
 
-    if (out / CHECKPOINT_FILE).is_file() and not (out / "results.json").is_file():
+    ckpt, results = out / CHECKPOINT_FILE, out / "results.json"
+    # a run writes its checkpoint after every step and results.json last: a checkpoint newer than the results is unfinished
+    if ckpt.is_file() and (not results.is_file() or results.stat().st_mtime < ckpt.stat().st_mtime):
         raise ConfigError(f"--out {str(out)!r} holds the checkpoint of an unfinished run; continue it with --resume {str(out)!r}, "
-                          f"or give another --out (or delete {str(out / CHECKPOINT_FILE)!r} to start over there)")
+                          f"or give another --out (or delete {str(ckpt)!r} to start over there)")
 
 
 def _cmd_simulate(args) -> int:

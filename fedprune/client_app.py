@@ -11,15 +11,16 @@ Message types (the server sends the resolved experiment config in every
                           sub-networks, see :mod:`fedprune.nested`)
 * ``evaluate``         -> accuracy of the received sub-network on local val
 
-With ``cache-model`` in its config, an ``evaluate`` or ``train`` message's model is
-kept in ``context.state`` for the ``query.importance`` that follows, which then
-carries no model (the last warm-up round's ``train`` with
-``federated.score_model = "last_warmup"``; else an ``evaluate`` just before).
 * ``query.bnstats``    -> static BN after the last round: BatchNorm statistics of
                           the received final sub-network on the training shard
                           (forward passes only; with a ``gates`` record of dynamic
                           method "widths" also each narrower width's), and the
                           number of examples
+
+With ``cache-model`` in its config, an ``evaluate`` or ``train`` message's model is
+kept in ``context.state`` for the ``query.importance`` that follows, which then
+carries no model (the last warm-up round's ``train`` with
+``federated.score_model = "last_warmup"``; else an ``evaluate`` just before).
 
 ``train`` and ``query.importance`` may fail on purpose, deterministically from the
 seed, with the client profile's ``failure_prob`` (see :mod:`fedprune.reliability`).

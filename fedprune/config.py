@@ -371,15 +371,10 @@ def read_toml(path: str | Path, what: str = "config file") -> dict:
 
 
 
-#: Config keys whose value is a whole table (not a section): an override replaces it instead of merging into it,
-#: so ``--set 'federated.proportions={edge_gpu=1.0}'`` means only edge GPUs.
-TABLE_VALUES = {("federated", "proportions")}
-
-
-def _deep_update(base: dict, extra: Mapping, _path: tuple[str, ...] = ()) -> dict:
+def _deep_update(base: dict, extra: Mapping) -> dict:
     for k, v in extra.items():
-        if isinstance(v, Mapping) and isinstance(base.get(k), dict) and (*_path, k) not in TABLE_VALUES:
-            _deep_update(base[k], v, (*_path, k))
+        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
         else:
             base[k] = v
     return base
@@ -451,7 +446,9 @@ def _check_cross_field(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"config key 'federated.proportions.{name}' = {p!r} must be a number >= 0")
     total = sum(props.values())
     if abs(total - 1.0) > 1e-6:
-        raise ConfigError(f"config key 'federated.proportions' sums to {total:g}; the proportions must sum to 1")
+        given = ", ".join(f"{n}={p:g}" for n, p in props.items())
+        raise ConfigError(f"config key 'federated.proportions' = {{{given}}} sums to {total:g}; the proportions must sum to 1 "
+                          "(an override merges into the config's table: give every profile, 0 for those without clients)")
     used = [n for n, p in props.items() if p > 0]
     if len(used) > cfg.federated.num_clients:
         raise ConfigError(

@@ -794,7 +794,8 @@ class LatencyLUT:
             raise ValueError(f"grid fractions must be in (0, 1], got {list(grid)}")
         was_training = model.training
         try:
-            return cls._measure(model.eval(), groups, batch_size, threads, grid, repeats, warmup, key, calibrate)
+            with torch.random.fork_rng(devices=[]):  # the stand-alone layers it times are initialised from the RNG
+                return cls._measure(model.eval(), groups, batch_size, threads, grid, repeats, warmup, key, calibrate)
         finally:
             model.train(was_training)
 

@@ -473,6 +473,8 @@ class FederatedPruning:
         requests, sent = [], {}
         fed = self.cfg.federated
         cache = {}
+        if phase == "dense" and round_num > fed.warmup_rounds:
+            self.warmup_input = None  # a dense run past its warm-up: nothing will score it
         if fed.score_model == "last_warmup" and round_num == fed.warmup_rounds and phase in ("warmup", "dense"):
             # the clients keep the model they receive; the importance round after the warm-up scores it (no delivery)
             cache = {"cache-model": True, "model-version": self.model_version}
@@ -715,10 +717,12 @@ class FederatedPruning:
             return (n, "query.importance", RecordDict(content))
 
         replies = self.transport.exchange([request(n, False) for n in nodes])
+        resent = 0
         resend = [r.node_id for r in replies if r.content is not None and "importance" not in r.content]
-        if resend:  # a client without the cached model gets it now (bytes are counted)
+        if resend:  # a client without the cached model gets it now (bytes are counted, as model delivery)
             log.info("[importance] %d clients lacked the cached model; sending it", len(resend))
             again = {r.node_id: r for r in self.transport.exchange([request(n, True) for n in resend])}
+            resent = sum(r.bytes_down for r in again.values())  # in the replies' bytes already
             replies = [Reply(r.node_id, again[r.node_id].content, again[r.node_id].error, r.bytes_down + again[r.node_id].bytes_down,
                              r.bytes_up + again[r.node_id].bytes_up) if r.node_id in again else r for r in replies]
         ok, failed = self._check_replies(replies, what, attempt)
@@ -735,7 +739,7 @@ class FederatedPruning:
             if imp.sensitivity is not None:
                 sens.append(imp.sensitivity)
         rec = self._round_record(round_num, "importance", t0, replies, nodes, failed, len(scores))
-        rec["model_delivery_bytes_down"], rec["model_delivery_bytes_up"] = delivery
+        rec["model_delivery_bytes_down"], rec["model_delivery_bytes_up"] = delivery[0] + resent, delivery[1]
         rec["scored_model_version"] = version  # the global model's version (merges so far) that the clients scored
         rec["bytes_down"] += delivery[0]
         rec["bytes_up"] += delivery[1]
@@ -840,8 +844,9 @@ class FederatedPruning:
         every = self.cfg.federated.eval_every
         if not every or rec["round"] % every:
             return
-        if self.profile_masks:  # a profile's accuracy: the mean over its sub-networks (one unless masks are local)
-            rec["accuracy"] = {p: float(np.mean([self.test_accuracy(m) for m in ms.values()])) for p, ms in self.evaluated_masks().items()}
+        if self.profile_masks:  # a profile's accuracy: the mean over its distinct sub-networks (one unless masks are local), as at the end
+            rec["accuracy"] = {p: float(np.mean([self.test_accuracy(m) for m in {m.key(): m for m in ms.values()}.values()]))
+                               for p, ms in self.evaluated_masks().items()}
         else:
             rec["accuracy"] = {"dense": self.test_accuracy()}
 
@@ -1011,7 +1016,9 @@ class FederatedPruning:
         self.rounds = [{**rec, "phase": kinds[rec["round"]]} for rec in ckpt["rounds"]]
         self.model_version = ckpt["model_version"]
         self.dense_acc = ckpt["dense_acc"] if any(kind == "dense_eval" for kind, *_ in plan[:k]) else None
-        if self.cfg.federated.score_model == "last_warmup":
+        last = self.cfg.federated.warmup_rounds
+        if self.cfg.federated.score_model == "last_warmup" and any(kind != "dense_eval" and r == last for kind, r, _ in plan[:k]):
+            # the warm-up's last round is taken over: so must be the model it sent (else this run trains that round itself)
             self.warmup_input = ckpt.get("warmup_input")
             if self.warmup_input is None:
                 raise CheckpointError("cannot warm-start: federated.score_model = 'last_warmup' scores the model sent in the last "

@@ -59,6 +59,13 @@ def test_a_fresh_run_does_not_delete_an_unfinished_runs_checkpoint(tmp_path, cap
     line = _error_line(capsys)
     assert "unfinished run" in line and f"--resume '{run}'" in line
     assert (run / "checkpoint.pt").read_bytes() == b"an unfinished run"
+    # results.json of an earlier, finished run does not make a later, killed run's newer checkpoint finished
+    import os
+
+    (run / "results.json").write_text("{}")
+    os.utime(run / "results.json", (1, 1))
+    assert cli.main(["simulate", "--config", str(_tiny_toml(tmp_path)), "--out", str(run)]) == 2
+    assert "unfinished run" in _error_line(capsys)
 
 
 def test_flag_values_are_taken_as_given(tmp_path) -> None:
@@ -112,9 +119,12 @@ def test_pruning_that_cannot_prune_is_an_error() -> None:
         check_min_channels(model_groups(cfg), cfg.pruning.min_channels)
 
 
-def test_a_proportions_override_replaces_the_table() -> None:
-    cfg = load_config(ROOT / "configs/quick.toml", ["federated.proportions={edge_gpu=1.0}"])
-    assert cfg.federated.proportions == {"edge_gpu": 1.0}
+def test_a_proportions_override_that_does_not_sum_to_one_shows_the_merged_table() -> None:
+    with pytest.raises(ConfigError, match=r"'federated.proportions' = \{edge_gpu=1, mobile_cpu=0.4, microcontroller=0.3\} sums to 1.7;"
+                                          r".*merges into the config's table: give every profile"):
+        load_config(ROOT / "configs/quick.toml", ["federated.proportions={edge_gpu=1.0}"])
+    cfg = load_config(ROOT / "configs/quick.toml", ["federated.proportions={edge_gpu=1.0, mobile_cpu=0, microcontroller=0}"])
+    assert cfg.federated.proportions["edge_gpu"] == 1.0
 
 
 def test_prune_checks_its_budget_before_training(monkeypatch) -> None:

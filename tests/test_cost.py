@@ -227,9 +227,13 @@ def test_building_and_timing_leave_the_global_rng_alone(tmp_path, monkeypatch) -
     from fedprune.metrics import measure_latency_ms
     from fedprune.models import get_model
 
+    model = get_model("seed_cnn").train()
+    measure = lambda: LatencyLUT.measure(model, grid=(1.0,), repeats=1, warmup=0, calibrate=False)  # noqa: E731
+    torch.manual_seed(5)
+    measure()
+    assert torch.equal(torch.rand(4), torch.manual_seed(5) and torch.rand(4)) and model.training  # mode restored too
     monkeypatch.setattr(LatencyLUT, "measure", _FakeMeasure())
     args = dict(model_kwargs={}, batch_size=1, threads=1, grid=(0.125, 1.0), cache_dir=tmp_path)
-    model = get_model("seed_cnn")
     for step in (lambda: LatencyLUT.build("seed_cnn", **args), lambda: LatencyLUT.build("seed_cnn", **args),
                  lambda: measure_latency_ms(model, repeats=2, warmup=1)):
         torch.manual_seed(5)

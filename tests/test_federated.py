@@ -39,14 +39,20 @@ def test_aggregation_math_on_hand_made_vectors():
 
 def test_clients_that_cannot_tell_channels_apart_cast_no_rank_vote():
     """A constant score vector ranks every channel 0.5: under rank_vote it cannot outvote the clients that do
-    rank the channels, and screening has no ranking of it to compare, so it drops nobody."""
+    rank the channels; screening gives it agreement 0 and leaves it out of the reference, so it neither hides
+    an adversary nor passes as honest."""
     honest = [{"g": np.array([1.0, 2.0, 3.0, 4.0, 5.0])}, {"g": np.array([1.5, 2.0, 2.5, 4.5, 5.0])}]
     blank = [{"g": np.zeros(5)} for _ in range(3)]
     votes = aggregate_importance(honest + blank, method="rank_vote")["g"]
     assert np.allclose(votes[[0, 4]], [(0 + 0 + 3 * 0.5) / 5, (1 + 1 + 3 * 0.5) / 5])
     assert np.argsort(votes).tolist() == [0, 1, 2, 3, 4]
     kept, agreement = screen_clients(honest + blank)
-    assert kept == [0, 1, 2, 3, 4] and agreement == [1.0] * 5
+    assert kept == [0, 1, 2, 3, 4] and agreement[2:] == [0.0] * 3  # median agreement 0: nothing to screen against
+    rng = np.random.default_rng(0)
+    honest = [{"g": np.arange(8.0) + rng.normal(0, 0.5, 8)} for _ in range(4)]
+    inverted = {"g": 7.0 - np.arange(8.0)}
+    kept, agreement = screen_clients(honest + [inverted, {"g": np.zeros(8)}])
+    assert kept == [0, 1, 2, 3] and agreement[4] < 0 and agreement[5] == 0.0
 
 
 def test_robust_aggregators_resist_one_inverted_client():

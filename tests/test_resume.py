@@ -186,13 +186,19 @@ def test_scoring_the_last_warmup_model_survives_a_restart(tmp_path) -> None:
 
     assert numbers(resumed) == numbers(full)
     imp = {r["phase"]: r for r in full["rounds"]}["importance"], {r["phase"]: r for r in resumed["rounds"]}["importance"]
-    assert imp[1]["bytes_down"] > 100 * imp[0]["bytes_down"]  # the model, resent to the restarted clients
+    assert imp[1]["bytes_down"] > 100 * imp[0]["bytes_down"]  # the model, resent to the restarted clients ...
+    assert imp[0]["model_delivery_bytes_down"] == 0 < imp[1]["model_delivery_bytes_down"] < imp[1]["bytes_down"]  # ... as delivery
+    assert imp[1]["bytes_down"] - imp[1]["model_delivery_bytes_down"] == imp[0]["bytes_down"]  # the score requests are the same
     # warm starts: from a warm-up that kept the model, the same numbers; from one that did not, a clear error
     warm = load_config(None, TINY + ["federated.score_model='last_warmup'", "federated.finetune_rounds=0"])
     simulate(warm, tmp_path / "warm", engine="inprocess", mask_source="none")
     forked = simulate(cfg, tmp_path / "forked", engine="inprocess", warm_start=tmp_path / "warm")
     assert numbers(forked) == numbers(full)
     plain = load_config(None, TINY + ["federated.finetune_rounds=0"])
+    with pytest.raises(Killed):  # a warm-up stopped after its first round: the run trains the last one itself
+        FederatedPruning(plain, DyingTransport(3, die_at=3), tmp_path / "plain", mask_source="none").run()
+    part = simulate(cfg, tmp_path / "part", engine="inprocess", warm_start=tmp_path / "plain")
+    assert numbers(part) == numbers(full) and [r for r in part["rounds"] if r["phase"] == "importance"][0]["model_delivery_bytes_down"] == 0
     simulate(plain, tmp_path / "plain", engine="inprocess", mask_source="none")
     with pytest.raises(CheckpointError, match="score_model = 'last_warmup'.*did not keep it"):
         simulate(cfg, tmp_path / "refused", engine="inprocess", warm_start=tmp_path / "plain")
