@@ -356,10 +356,17 @@ def main(argv=None) -> int:
     if args.render_only:  # the tables again from the last run's JSON: nothing is trained or timed
         saved = read_saved_json(out / "dynamic.json", "--render-only")
         args = argparse.Namespace(**{**saved["args"], "out": args.out, "render_only": True})  # as the run had them
+    for flag, values in (("--budgets", args.budgets), ("--train-budgets", args.train_budgets)):
+        if any(not 0 < b <= 1 for b in values):
+            parser.error(f"{flag} {values}: every budget must be in (0, 1]")
+    if args.round_to < 1:
+        parser.error(f"--round-to {args.round_to}: must be >= 1")
     if sorted(args.widths) != args.widths or args.widths[-1] != 1.0 or args.widths[0] <= 0:
         parser.error(f"--widths {args.widths} must ascend in (0, 1] and end with 1")
     if args.thresholds is None:
         args.thresholds = DEFAULT_THRESHOLDS[args.exit_rule]
+    if any(not 0 <= t <= 1 for t in args.thresholds):
+        parser.error(f"--thresholds {args.thresholds}: every threshold is a confidence in [0, 1]")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     profiles = load_config(None).profiles
     cfg = load_config(ROOT / "configs/centralized.toml", {

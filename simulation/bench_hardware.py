@@ -433,6 +433,11 @@ def main(argv=None) -> int:
     for scale in args.latency_scales:
         if not scale > 0:
             parser.error(f"--latency-scales: every scale must be > 0, got {scale:g}")
+    from fedprune.config import PROFILE_NAMES
+
+    unknown = [p for p in args.profiles if p not in PROFILE_NAMES]
+    if unknown:
+        parser.error(f"--profiles {unknown[0]!r} is not a profile; allowed: {list(PROFILE_NAMES)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     cfg = load_config(ROOT / "configs/centralized.toml", {
         "data": {"data_dir": "" if args.render_only else args.data_dir},  # rendering reads no data

@@ -284,6 +284,17 @@ def main(argv=None) -> int:
                         help="honest scores are saved here; with --reuse-scores they are read back instead of recomputed")
     parser.add_argument("--reuse-scores", action="store_true")
     args = parser.parse_args(argv)
+    from fedprune.config import CRITERIA
+
+    for flag, values, ok, allowed in [("--fractions", args.fractions, lambda v: 0 <= v < 1, "in [0, 1)"),
+                                      ("--target-fraction", [args.target_fraction], lambda v: 0 < v < 1, "in (0, 1)"),
+                                      ("--sparsity", [args.sparsity], lambda v: 0 < v < 1, "in (0, 1)"),
+                                      ("--trims", args.trims, lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+                                      ("--scale", [args.scale], lambda v: v > 0, "> 0"),
+                                      ("--criteria", [*args.criteria, args.plot_criterion], lambda v: v in CRITERIA, f"one of {list(CRITERIA)}")]:
+        bad = [v for v in values if not ok(v)]
+        if bad:
+            parser.error(f"{flag} {bad[0]!r} is not allowed: each value must be {allowed}")
     if args.target_fraction not in args.fractions:
         args.fractions = sorted(set(args.fractions) | {args.target_fraction})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
