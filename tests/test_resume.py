@@ -70,14 +70,17 @@ def test_checkpoint_after_every_round_is_atomic(tiny_cfg, tiny_run):
 
 
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path):
-    save_checkpoint(tmp_path, {"steps_done": 1})
+    from fedprune.checkpoint import REQUIRED_KEYS
+
+    complete = dict.fromkeys(REQUIRED_KEYS)
+    save_checkpoint(tmp_path, {**complete, "steps_done": 1})
 
     class Unpicklable:
         def __reduce__(self):
             raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        save_checkpoint(tmp_path, {"steps_done": 2, "bad": Unpicklable()})
+        save_checkpoint(tmp_path, {**complete, "steps_done": 2, "bad": Unpicklable()})
     assert load_checkpoint(tmp_path)["steps_done"] == 1
 
 
