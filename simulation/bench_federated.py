@@ -836,8 +836,8 @@ def main(argv=None) -> int:
         ran.pop("extra", None)
     if "traffic" not in args.skip:
         state["no_delivery"] = no_delivery_runs(cfg, args.seeds, runs)
-        ran["no_delivery"] = "run " + _span((runs / f"{run_tag(NO_DELIVERY)}_s{seed}" / "results.json").stat().st_mtime
-                                            for seed in (args.seeds[0], args.seeds[-1]))
+        ran["no_delivery"] = _span((runs / f"{run_tag(NO_DELIVERY)}_s{seed}" / "results.json").stat().st_mtime
+                                   for seed in (args.seeds[0], args.seeds[-1])) + " (runs finished)"
     if "cost" not in args.skip:
         start = stamp()
         state["cost"] = framework_cost(quick, runs)
