@@ -258,9 +258,10 @@ class FederatedPruning:
         """Fail before training when pruning cannot work (``pruning.min_channels`` keeps every channel) or a budget
         allocation cannot meet some profile's budget."""
         pr = self.cfg.pruning
-        if self.mask_source != "none":
-            check_min_channels(self.groups, pr.min_channels)
-        if pr.allocation in BUDGET_ALLOCATIONS and self.mask_source != "none":
+        if self.mask_source == "none":
+            return
+        check_min_channels(self.groups, pr.min_channels)
+        if pr.allocation in BUDGET_ALLOCATIONS:
             check_feasible(self.groups, profile_constraints(self.cfg, self.hardware, self.profiles), pr.min_channels, budget_round_to(self.cfg))
 
     # ------------------------------------------------------------ helpers
