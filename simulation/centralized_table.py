@@ -217,7 +217,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     cfg = load_config(ROOT / "configs/centralized.toml", {
-        "data": {"dataset": args.dataset, "data_dir": args.data_dir if args.dataset == "cifar10" else ""},
+        "data": {"dataset": args.dataset, "data_dir": args.data_dir if args.dataset == "cifar10" and not args.latency_only else ""},  # --latency-only reads no data
         "train": {"epochs": args.epochs, "threads": args.threads},
         "pruning": {"finetune_epochs": args.finetune_epochs},
         "eval": {"latency_threads": args.latency_threads},
