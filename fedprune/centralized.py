@@ -101,7 +101,7 @@ def compare_outputs(a: nn.Module, b: nn.Module, loader) -> float:
     return float((a(x) - b(x)).abs().max())
 
 
-def check_budget_config(cfg: ExperimentConfig, model: nn.Module | None = None):
+def check_pruning_config(cfg: ExperimentConfig, model: nn.Module | None = None):
     """Raise a clear error when pruning cannot work as configured (``pruning.min_channels`` keeps every channel;
     for a budget allocation: ``pruning.budget_profile`` missing or its budgets infeasible), and return the cost
     model (:func:`~fedprune.task.hardware_model`) of a budget allocation, else None. Costs depend on the layer
@@ -128,7 +128,7 @@ def prune_experiment(cfg: ExperimentConfig, dense: DenseRun, data=None) -> dict:
     groups = model_groups(cfg)
     p = cfg.pruning
     budget = None
-    hardware = check_budget_config(cfg, dense.model)  # before any fine-tuning
+    hardware = check_pruning_config(cfg, dense.model)  # before any fine-tuning
     if hardware is not None:
         budget = lambda scale, scores, sens: profile_budget_masks(  # noqa: E731
             cfg, hardware, scores, [p.budget_profile], scale, budget_group_weights(cfg, sens))[0]
@@ -204,7 +204,7 @@ def prune_experiment(cfg: ExperimentConfig, dense: DenseRun, data=None) -> dict:
 def run_centralized(cfg: ExperimentConfig, out_dir: str | Path | None = None) -> dict:
     """Train dense, prune, fine-tune; write ``results.json``, ``mask.npz`` and weights to ``out_dir``."""
     with torch.random.fork_rng(devices=[]):
-        check_budget_config(cfg)  # a bad budget fails before the dense training, not after
+        check_pruning_config(cfg)  # a bad budget or min_channels fails before the dense training, not after
     data = load_data(cfg)
     dense = train_dense(cfg, data=data)
     run = prune_experiment(cfg, dense, data)

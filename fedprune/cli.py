@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from fedprune.config import ConfigError, _deep_update, load_config, parse_overrides
+from fedprune.config import ConfigError, deep_update, load_config, parse_overrides
 from fedprune.reporting import check_out_dir, nonnegative_int
 
 __all__ = ["main", "run_reporting_errors"]
@@ -59,7 +59,7 @@ def _load(args, default_config: str | None = None) -> "ExperimentConfig":  # noq
         flags["data"] = data
     if args.seed is not None:
         flags["seed"] = args.seed
-    return load_config(args.config or default_config, _deep_update(overrides, flags))
+    return load_config(args.config or default_config, deep_update(overrides, flags))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -369,12 +369,11 @@ def read_toml(path: str | Path, what: str = "config file") -> dict:
         raise ConfigError(f"{what} {str(path)!r} is not valid TOML: {exc}") from None
 
 
-
-
-def _deep_update(base: dict, extra: Mapping) -> dict:
+def deep_update(base: dict, extra: Mapping) -> dict:
+    """Merge ``extra`` into ``base`` in place (tables recursively, other values replaced); returns ``base``."""
     for k, v in extra.items():
         if isinstance(v, Mapping) and isinstance(base.get(k), dict):
-            _deep_update(base[k], v)
+            deep_update(base[k], v)
         else:
             base[k] = v
     return base
@@ -430,7 +429,7 @@ def config_from_dict(raw: Mapping, base_dir: Path | None = None, resolved: bool 
         merged = dataclasses.asdict(profiles[name])
         if "budgets" in table:  # a budgets table replaces the file's budgets instead of merging into them
             merged.pop("budgets")
-        merged = _deep_update(merged, table)
+        merged = deep_update(merged, table)
         profiles[name] = _build_profile(name, merged)
     cfg.profiles = profiles
     _check_cross_field(cfg)
@@ -524,7 +523,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | Mapping |
         raw = read_toml(path)
         base_dir = path.resolve().parent
     extra = parse_overrides(list(overrides)) if isinstance(overrides, (list, tuple)) else dict(overrides or {})
-    return config_from_dict(_deep_update(raw, extra), base_dir)
+    return config_from_dict(deep_update(raw, extra), base_dir)
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict:

@@ -136,9 +136,9 @@ def _read_batch(path: Path) -> ImageArrays:
     try:
         data = np.asarray(_pickle_get(batch, "data", path), dtype=np.uint8)
         labels = np.asarray(_pickle_get(batch, "labels", path), dtype=np.int64)
+    except InvalidDataError:
+        raise
     except (TypeError, ValueError, OverflowError) as exc:
-        if isinstance(exc, InvalidDataError):
-            raise
         raise InvalidDataError(f"{path} is not a CIFAR-10 batch: its 'data' or 'labels' are not arrays of numbers ({exc})") from None
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise InvalidDataError(f"{path}: 'data' must have shape (N, 3072), got {data.shape}")

@@ -561,7 +561,7 @@ def no_delivery_lines(no_delivery: list[dict], rows, warm_b: int, ran: str | Non
     frac = (down + up + deliv_down + deliv_up) / warm_b
     base = rows["consensus Taylor"]
     same_warmup = all(a["dense"]["accuracy"] == b["dense"]["accuracy"] for a, b in zip(no_delivery, base))
-    diffs = {p: [100 * (a - b) for a, b in zip(_acc(no_delivery, p), _acc(base, p))] for p in PROFILES}
+    diffs = {p: _paired({NO_DELIVERY: no_delivery, "consensus Taylor": base}, NO_DELIVERY, "consensus Taylor", p) for p in PROFILES}
     line = (f"- Scoring the model the clients received for the last warm-up round instead (`federated.score_model = \"last_warmup\"`: "
             f"they keep it in `context.state` before training; row \"{NO_DELIVERY}\", seeds as above, each with its own warm-up"
             + (f", {ran}" if ran else "") + f"): the importance round moves {down / 1e3:.1f} kB down + {up / 1e3:.1f} kB up"
