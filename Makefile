@@ -12,7 +12,7 @@ export MPLCONFIGDIR ?= $(CURDIR)/.cache/matplotlib
 SHARED_CIFAR := $(wildcard $(CURDIR)/../shared/data/cifar10-subset)
 export FEDPRUNE_DATA_DIR ?= $(SHARED_CIFAR)
 
-.PHONY: demo test install bench-centralized bench-federated bench-hardware bench-dynamic bench-reliability bench-scale sweep-noniid sweep-profile-mix clean
+.PHONY: demo test install bench-centralized bench-federated bench-hardware bench-dynamic bench-reliability bench-scale sweep-noniid sweep-profile-mix sweep-progressive clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,9 @@ sweep-noniid: $(STAMP)
 
 sweep-profile-mix: $(STAMP)
 	$(PY) simulation/sweep.py --grid configs/sweeps/profile_mix.toml --out runs/sweeps/profile_mix --benchmarks profile_mix --data-dir $${FEDPRUNE_DATA_DIR:-../shared/data/cifar10-subset}
+
+sweep-progressive: $(STAMP)
+	$(PY) simulation/sweep.py --grid configs/sweeps/progressive.toml --out runs/sweeps/progressive --benchmarks progressive --data-dir $${FEDPRUNE_DATA_DIR:-../shared/data/cifar10-subset}
 
 clean:
 	rm -rf runs .pytest_cache .cache

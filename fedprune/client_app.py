@@ -17,10 +17,13 @@ Message types (the server sends the resolved experiment config in every
                           method "widths" also each narrower width's), and the
                           number of examples
 
-With ``cache-model`` in its config, an ``evaluate`` or ``train`` message's model is
-kept in ``context.state`` for the ``query.importance`` that follows, which then
-carries no model (the last warm-up round's ``train`` with
-``federated.score_model = "last_warmup"``; else an ``evaluate`` just before).
+With ``cache-model`` in its config, an ``evaluate`` or ``train`` message's model and
+mask are kept in ``context.state`` for the ``query.importance`` that follows, which
+then carries no model (the last warm-up round's ``train`` with
+``federated.score_model = "last_warmup"``; else an ``evaluate`` just before). The
+model scored is the mask's sub-network (dense before the first consensus; in
+progressive pruning, the channels some client still holds), physically extracted;
+its scores go back in the original index space, 0 outside it.
 
 ``train`` and ``query.importance`` may fail on purpose, deterministically from the
 seed, with the client profile's ``failure_prob`` (see :mod:`fedprune.reliability`).
@@ -51,16 +54,17 @@ from fedprune.task import client_bn_stats, client_evaluate, client_importance, c
 
 app = ClientApp()
 
-#: Keys of ``context.state`` where the last global model sent for evaluation is cached.
-CACHED_MODEL, CACHED_META = "cached-global-model", "cached-global-meta"
+#: Keys of ``context.state`` where the last global model sent for evaluation is cached, with its mask.
+CACHED_MODEL, CACHED_MASK, CACHED_META = "cached-global-model", "cached-global-mask", "cached-global-meta"
 
 
 def _cache_model(msg: Message, context: Context) -> None:
-    """Keep the message's global model in ``context.state`` when the server asks for it (``cache-model``): the
-    importance round that follows scores it without sending it again."""
+    """Keep the message's global model (the sub-network of its mask) in ``context.state`` when the server asks
+    for it (``cache-model``): the importance round that follows scores it without sending it again."""
     conf = msg.content["config"]
     if bool(conf.get("cache-model", False)):
         context.state[CACHED_MODEL] = msg.content["arrays"]
+        context.state[CACHED_MASK] = msg.content["mask"]
         context.state[CACHED_META] = ConfigRecord({"version": conf["model-version"]})
 
 
@@ -111,18 +115,19 @@ def importance(msg: Message, context: Context) -> Message:
     if (failure := _simulated_failure(msg, context, cfg, "importance")) is not None:
         return failure
     if "arrays" in msg.content:
-        state = record_to_state(msg.content["arrays"])
+        state, scope = record_to_state(msg.content["arrays"]), msg.content["mask"]
     else:  # use the global model cached by the last evaluate message, if it is the right version
         meta = context.state.get(CACHED_META)
         if meta is None or meta["version"] != conf["model-version"]:
             return Message(RecordDict({"metrics": MetricRecord({"needs-model": 1})}), reply_to=msg)
-        state = record_to_state(context.state[CACHED_MODEL])
+        state, scope = record_to_state(context.state[CACHED_MODEL]), context.state[CACHED_MASK]
         # Used once: dropping it keeps the node's Context small between rounds (a retry, or a later
         # importance round, is preceded by an evaluation that caches the model again, or sends it).
-        del context.state[CACHED_MODEL], context.state[CACHED_META]
+        del context.state[CACHED_MODEL], context.state[CACHED_MASK], context.state[CACHED_META]
     out = client_importance(
         cfg, *_partition(context), state, str(conf["criterion"]), int(conf["num-batches"]),
         bool(conf["sensitivity"]), tuple(float(r) for r in conf["ratios"]), int(conf["round"]),
+        record_to_mask(scope, model_groups(cfg)),
     )
     content = {"importance": vectors_to_record(out["scores"]), "metrics": MetricRecord({"num-examples": out["num-examples"], "scored-samples": out["scored-samples"]})}
     if out["sensitivity"] is not None:

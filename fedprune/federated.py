@@ -15,8 +15,10 @@ physically smaller sub-networks with HeteroFL-style merging; evaluation.
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
+import functools
 import itertools
 import logging
 import math
@@ -285,6 +287,27 @@ class FederatedPruning:
         sub.update({k: v.clone() for k, v in self.bn_stats.get(mask.key(), {}).items()})
         return sub
 
+    def scope(self) -> StructuredMask:
+        """The channels still in the network: those some client's sub-network holds (every channel before the
+        first consensus). An importance round scores this network, and its masks stay inside it: a later
+        round of progressive pruning never brings back a channel that no client has trained since."""
+        masks = {m.key(): m for m in self.node_masks.values()}
+        return functools.reduce(StructuredMask.union, masks.values()) if masks else StructuredMask.dense(self.groups)
+
+    def scope_substate(self, scope: StructuredMask) -> dict[str, torch.Tensor]:
+        """The sub-network of :meth:`scope`, as it is scored: global weights and the BatchNorm statistics of the
+        sub-network that is the scope (with nested consensus masks, the largest one in use). When no sub-network
+        in use is the scope (mask source ``local``: the union of the clients' own), each statistic is the mean
+        over the sub-networks in use that hold it, weighted by their clients."""
+        if not self.node_masks or scope.key() in self.bn_stats:
+            return self.substate(scope)
+        masks = {m.key(): m for m in self.node_masks.values()}
+        clients = collections.Counter(m.key() for m in self.node_masks.values())
+        updates = [(self.bn_stats[k], {n: i for n, i in self.index_map(masks[k]).items() if n in self.bn_stat_keys}, float(c))
+                   for k, c in clients.items() if k in self.bn_stats]
+        pooled = merge_substates({k: v for k, v in self.state.items() if k in self.bn_stat_keys}, updates)
+        return slice_state({**self.state, **pooled}, self.index_map(scope))
+
     def gates_for(self, mask: StructuredMask) -> dict[str, torch.Tensor]:
         """The sub-network's dynamic state (``dynamic.method``): channel gates, initialised (seeded) on first
         use, or channel orders and per-width BatchNorm statistics, set at the consensus step."""
@@ -543,17 +566,20 @@ class FederatedPruning:
             "attempts": 1,
         }
 
-    def federated_evaluate(self, nodes: list[int], dense: bool = False) -> tuple[dict, list[Reply]]:
-        """Each node evaluates its own sub-model (or, with ``dense``, the dense global model) on
-        local validation data; returns per-profile accuracy. The dense model is cached by the
+    def federated_evaluate(self, nodes: list[int], scored: StructuredMask | None = None) -> tuple[dict, list[Reply]]:
+        """Each node evaluates its own sub-model (or, with ``scored``, that network: :meth:`scope_substate`) on
+        local validation data; returns per-profile accuracy. The ``scored`` network is cached by the
         clients for the importance round that follows. Messages go out in batches of at most
         ``clients_per_round``, so no more models are in flight than in a training round."""
         from flwr.app import RecordDict
 
+        scored_state = self.scope_substate(scored) if scored is not None else None
+
         def request(n):
-            mask = StructuredMask.dense(self.groups) if dense else self._mask_for(n)
-            conf = self._config(**{"cache-model": dense, "model-version": self.model_version})
-            return (n, "evaluate", RecordDict({"arrays": state_to_record(self.substate(mask)), "mask": mask_to_record(mask), "config": conf}))
+            mask = scored if scored is not None else self._mask_for(n)
+            state = scored_state if scored is not None else self.substate(mask)
+            conf = self._config(**{"cache-model": scored is not None, "model-version": self.model_version})
+            return (n, "evaluate", RecordDict({"arrays": state_to_record(state), "mask": mask_to_record(mask), "config": conf}))
 
         replies = self._exchange_in_batches(nodes, request)
         ok, failed = self._check_replies(replies, "evaluate")
@@ -668,7 +694,7 @@ class FederatedPruning:
 
         recs = self._with_policy(attempt, what, force_retry=lambda r: r["valid_replies"] == 0 and not self.profile_masks)
         rec = self._combine_attempts(recs, t0)
-        scores, weights, sens, owners = collected[-1]
+        scores, weights, sens, owners, scope, scored = collected[-1]
         rec["skipped"] = False
         if not recs[-1]["enough"]:
             if self.profile_masks:
@@ -682,7 +708,7 @@ class FederatedPruning:
                                    f"see the log); cannot build a consensus mask")
             log.warning("%s: only %d valid replies (minimum %d) after %d attempt(s) and no previous masks; building the consensus from them",
                         what, rec["valid_replies"], rec["min_replies"], rec["attempts"])
-        self.build_masks(scores, weights, sens, owners, sparsity_scale, round_num, cached["state"] if cached else None)
+        self.build_masks(scores, weights, sens, owners, sparsity_scale, round_num, scope, scored)
         self.warmup_input = None
         return rec
 
@@ -700,13 +726,16 @@ class FederatedPruning:
         else:
             nodes = self.sample(round_num, attempt)
         if cached is None:
-            # The dense global model reaches the clients in an evaluate message just before; they cache it. Those
-            # messages are part of this round's traffic (``model_delivery_bytes_*``, counted in ``bytes_*``).
-            _, eval_replies = self.federated_evaluate(nodes, dense=True)
+            # The global model (the sub-network of the channels still in it, :meth:`scope`) reaches the clients in
+            # an evaluate message just before; they cache it. Those messages are part of this round's traffic
+            # (``model_delivery_bytes_*``, counted in ``bytes_*``).
+            scope = self.scope()
+            _, eval_replies = self.federated_evaluate(nodes, scored=scope)
             delivery = (sum(r.bytes_down for r in eval_replies), sum(r.bytes_up for r in eval_replies))
-            version, scored = self.model_version, self.state
+            version = self.model_version
+            scored = self.state if scope.channel_sparsity == 0.0 else self.scope_substate(scope)
         else:
-            delivery, version, scored = (0, 0), cached["version"], cached["state"]
+            delivery, version, scope, scored = (0, 0), cached["version"], StructuredMask.dense(self.groups), cached["state"]
 
         def request(n, with_model):
             conf = self._config(round=round_num, criterion=pr.criterion, sensitivity=self.measure_sensitivity,
@@ -714,7 +743,7 @@ class FederatedPruning:
                                 **{"num-batches": pr.num_batches, "model-version": version}, **_attempt_key(attempt))
             content = {"config": conf}
             if with_model:
-                content["arrays"] = state_to_record(scored)
+                content["arrays"], content["mask"] = state_to_record(scored), mask_to_record(scope)
             return (n, "query.importance", RecordDict(content))
 
         replies = self.transport.exchange([request(n, False) for n in nodes])
@@ -744,12 +773,13 @@ class FederatedPruning:
         rec["scored_model_version"] = version  # the global model's version (merges so far) that the clients scored
         rec["bytes_down"] += delivery[0]
         rec["bytes_up"] += delivery[1]
-        return rec, (scores, weights, sens, owners)
+        return rec, (scores, weights, sens, owners, scope, scored)
 
     def build_masks(self, scores, weights, sens, owners, sparsity_scale: float = 1.0, round_num: int = 0,
-                    scored_state: dict | None = None) -> None:
-        """Consensus masks from the clients' scores. ``scored_state``: the model they scored, if not the current
-        global model (mask source ``central`` scores it at the server)."""
+                    scope: StructuredMask | None = None, scored_state: dict | None = None) -> None:
+        """Consensus masks from the clients' scores, inside ``scope`` (the channels still in the network that
+        the clients scored; None: every channel). ``scored_state``: the model they scored, ``scope``'s
+        sub-network (None: the dense global model), which mask source ``central`` scores at the server."""
         fed, pr = self.cfg.federated, self.cfg.pruning
         kept = screen_clients(scores)[0] if fed.screen_clients else list(range(len(scores)))
         consensus = aggregate_importance([scores[i] for i in kept], [weights[i] for i in kept], fed.aggregation, fed.trim_fraction)
@@ -766,7 +796,7 @@ class FederatedPruning:
             ranking = {g.name: rng.random(g.size) for g in self.groups}
         elif self.mask_source == "central":  # the baseline: what the server would compute with all the clients' data
             ranking, central_sens = central_importance(self.cfg, fed.num_clients, self.state if scored_state is None else scored_state,
-                                                       self.measure_sensitivity, round_num)
+                                                       self.measure_sensitivity, round_num, scope)
             sens_agg = central_sens if central_sens is not None else sens_agg
         group_weights = budget_group_weights(self.cfg, sens_agg)
         if pr.allocation in BUDGET_ALLOCATIONS:
@@ -774,12 +804,15 @@ class FederatedPruning:
         else:
             sparsities = [self.cfg.profiles[p].sparsity * sparsity_scale for p in self.profiles]
             masks = nested_masks(self.groups, ranking, sparsities, pr.allocation, sens_agg, pr.min_channels, pr.round_to or None)
+        if scope is not None:  # channels no client holds stay pruned (progressive pruning; one ranking keeps them nested)
+            masks = [m.restricted_to(scope, ranking) for m in masks]
         self.profile_masks = dict(zip(self.profiles, masks))
         self.node_masks = {n: self.profile_masks[info.profile] for n, info in self.nodes.items()}
         if self.mask_source == "local":  # each client keeps its own top-k: no consensus
             for n, s in zip(owners, scores):
                 prof = self.nodes[n].profile
-                self.node_masks[n] = StructuredMask.from_scores(s, self.profile_masks[prof].kept_counts)
+                own = StructuredMask.from_scores(s, self.profile_masks[prof].kept_counts)
+                self.node_masks[n] = own.restricted_to(scope, s) if scope is not None else own
         in_use = {m.key(): m for m in [*self.profile_masks.values(), *self.node_masks.values()]}
         self.gates = {k: v for k, v in self.gates.items() if k in in_use}  # sub-networks no longer in use
         if self.cfg.dynamic.enabled and self.cfg.dynamic.method == "widths":  # nested widths follow the ranking of the masks
@@ -804,6 +837,7 @@ class FederatedPruning:
             "adversarial_partitions": sorted(p for p in pids if p in adversarial),
             "screened_out_partitions": sorted(pids[i] for i in range(len(pids)) if i not in set(kept)),
             "sparsity_scale": sparsity_scale,
+            "scored_channel_sparsity": scope.channel_sparsity if scope is not None else 0.0,  # of the network the clients scored
             "agreement": agreement,
             "agreement_mean": float(np.mean(list(agreement.values()))),
             "nested": all(self.profile_masks[a].is_subset_of(self.profile_masks[b]) or self.profile_masks[b].is_subset_of(self.profile_masks[a])

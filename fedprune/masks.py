@@ -170,6 +170,23 @@ class StructuredMask:
     def intersection(self, other: "StructuredMask") -> "StructuredMask":
         return StructuredMask({k: v & other.keep[k] for k, v in self.keep.items()})
 
+    def union(self, other: "StructuredMask") -> "StructuredMask":
+        return StructuredMask({k: v | other.keep[k] for k, v in self.keep.items()})
+
+    def restricted_to(self, outer: "StructuredMask", scores: Mapping[str, np.ndarray]) -> "StructuredMask":
+        """This mask kept inside ``outer`` (channels ``outer`` prunes stay pruned).
+
+        Unchanged when it is a subset of ``outer`` already; else each group keeps as many
+        channels as here, or all of ``outer``'s if that is fewer, the highest ``scores``
+        among ``outer``'s channels. Masks built from one ranking with nested counts stay
+        nested (progressive pruning: a later stage never revives a channel).
+        """
+        if self.is_subset_of(outer):
+            return self
+        ranked = {k: np.where(outer.keep[k], np.asarray(scores[k], dtype=np.float64), -np.inf) for k in self.keep}
+        counts = {k: min(int(v.sum()), int(outer.keep[k].sum())) for k, v in self.keep.items()}
+        return StructuredMask.from_scores(ranked, counts)
+
     def jaccard(self, other: "StructuredMask") -> float:
         """Jaccard overlap of the kept (group, channel) sets."""
         inter = sum(int((v & other.keep[k]).sum()) for k, v in self.keep.items())
@@ -279,3 +296,4 @@ def extraction_index_map(model: nn.Module, mask: StructuredMask, groups: Channel
 def slice_state(dense_state: Mapping[str, torch.Tensor], index_map: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Cut the sub-model's float state out of dense weights using an index map."""
     return {k: dense_state[k].reshape(-1)[idx.reshape(-1)].reshape(idx.shape).clone() for k, idx in index_map.items()}
+

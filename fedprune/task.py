@@ -109,7 +109,8 @@ from fedprune.adversarial import maybe_poison  # noqa: E402
 from fedprune.aggregation import pool_bn_stats  # noqa: E402
 from fedprune.data import ClientShard, make_client_shard, make_loader  # noqa: E402
 from fedprune.dynamic import NestedWidthCNN, check_distinct_widths, conv_blocks, keep_count, train_gates, train_widths, width_state  # noqa: E402
-from fedprune.importance import compute_importance  # noqa: E402
+from fedprune.groups import discover_groups  # noqa: E402
+from fedprune.importance import ImportanceScores, compute_importance  # noqa: E402
 from fedprune.masks import StructuredMask, descending_order, extract_submodel  # noqa: E402
 from fedprune.nested import inner_channel_masks, train_nested  # noqa: E402
 from fedprune.profiles import assign_profiles  # noqa: E402
@@ -157,6 +158,12 @@ def submodel(cfg: ExperimentConfig, mask: StructuredMask, state: dict | None = N
     return model
 
 
+@functools.lru_cache(maxsize=8)
+def _sub_groups(model_name: str, kwargs_items: tuple, mask_key: bytes, mask: StructuredMask) -> ChannelGroups:
+    with torch.random.fork_rng(devices=[]):  # tracing draws example inputs; the caller's stream must not move
+        return discover_groups(copy.deepcopy(_skeleton(model_name, kwargs_items, mask_key, mask)))
+
+
 def client_register(cfg: ExperimentConfig, partition_id: int, num_partitions: int, profile: str | None = None) -> dict:
     """What the server needs to know about a client: profile and data sizes (no data).
 
@@ -187,8 +194,14 @@ def client_importance(
     sensitivity: bool,
     ratios: tuple[float, ...],
     round_num: int = 0,
+    scope: StructuredMask | None = None,
 ) -> dict:
-    """Score channels (and optionally layer sensitivity) of the dense model on the private shard.
+    """Score channels (and optionally layer sensitivity) of the global model on the private shard.
+
+    ``scope``: the channels still in the network (progressive pruning: those some client holds);
+    ``dense_state`` is then that sub-network's state, which is scored as the physically extracted
+    sub-network it is (its layer sensitivity too), and the channels outside it score 0. None: the
+    dense model.
 
     Returns ``{"scores": {group: vector}, "sensitivity": {group: float} | None,
     "num-examples": training examples on this client (the consensus weight),
@@ -200,7 +213,7 @@ def client_importance(
     shard = client_shard(cfg, partition_id, num_partitions)
     local = shard.train_idx[:CLIENT_SCORE_SUBSET]
     scores, sens = _score(cfg, dense_state, train.subset(local), train.subset(shard.val_idx if shard.num_val else local),
-                          criterion, num_batches, sensitivity, ratios, client_seed(cfg, partition_id, round_num))
+                          criterion, num_batches, sensitivity, ratios, client_seed(cfg, partition_id, round_num), scope)
     fed = cfg.federated  # a simulated adversarial partition replaces its scores (fedprune.adversarial)
     sent, _ = maybe_poison(scores.scores, partition_id, num_partitions, fed.adversarial_fraction, fed.adversarial_mode,
                            cfg.seed, fed.adversarial_scale, round_num)
@@ -208,14 +221,15 @@ def client_importance(
 
 
 def central_importance(cfg: ExperimentConfig, num_partitions: int, dense_state: dict, sensitivity: bool,
-                       round_num: int = 0) -> tuple[dict[str, np.ndarray], dict[str, float] | None]:
+                       round_num: int = 0, scope: StructuredMask | None = None) -> tuple[dict[str, np.ndarray], dict[str, float] | None]:
     """Channel scores (and optionally layer sensitivity) as a server holding every client's data would compute them.
 
     The baseline of mask source ``"central"`` (:class:`fedprune.federated.FederatedPruning`):
     ``pruning.criterion`` on the union of the images the clients score (the
     first :data:`CLIENT_SCORE_SUBSET` of every shard), shuffled so batches mix
     clients, over ``pruning.num_batches`` x ``num_partitions`` batches (as many
-    as all clients score together); sensitivity (``pruning.sensitivity_ratios``)
+    as all clients score together; ``dense_state`` and ``scope`` as in
+    :func:`client_importance`); sensitivity (``pruning.sensitivity_ratios``)
     on the union of their validation images. Only a simulation can do this: no
     federated client sends data. Seeded from ``cfg.seed`` and ``round_num`` in a
     fork of torch's RNG, so the caller's stream does not move. Returns
@@ -229,22 +243,34 @@ def central_importance(cfg: ExperimentConfig, num_partitions: int, dense_state: 
     val = np.concatenate([s.val_idx if s.num_val else s.train_idx[:CLIENT_SCORE_SUBSET] for s in shards])
     with torch.random.fork_rng(devices=[]):
         scores, sens = _score(cfg, dense_state, train.subset(pooled), train.subset(val), pr.criterion, pr.num_batches * num_partitions,
-                              sensitivity, tuple(pr.sensitivity_ratios), int(rng.integers(2**31)))
+                              sensitivity, tuple(pr.sensitivity_ratios), int(rng.integers(2**31)), scope)
     return scores.scores, sens
 
 
-def _score(cfg: ExperimentConfig, dense_state: dict, score_set, val_set, criterion: str, num_batches: int, sensitivity: bool,
-           ratios: tuple[float, ...], seed: int):
-    """``criterion``'s scores of the dense model on ``score_set`` (eval transform, ``num_batches`` batches) and, if
-    ``sensitivity``, the layer sensitivity on ``val_set`` (else None); torch is seeded with ``seed`` first."""
-    groups = model_groups(cfg)
-    model = build_model(cfg)
-    model.load_state_dict(dense_state)
+def _score(cfg: ExperimentConfig, state: dict, score_set, val_set, criterion: str, num_batches: int, sensitivity: bool,
+           ratios: tuple[float, ...], seed: int, scope: StructuredMask | None = None):
+    """``criterion``'s scores of the model ``state`` on ``score_set`` (eval transform, ``num_batches`` batches) and,
+    if ``sensitivity``, the layer sensitivity on ``val_set`` (else None); torch is seeded with ``seed`` first.
+    ``state`` is the dense model's, or with a pruned ``scope`` that sub-network's: it is scored physically
+    extracted and its scores are placed in the original index space, 0 for the channels outside it."""
+    if scope is None or scope.channel_sparsity == 0.0:
+        groups = model_groups(cfg)
+        model = build_model(cfg)
+        model.load_state_dict(state)
+    else:
+        model = submodel(cfg, scope, state)
+        groups = _sub_groups(cfg.model.name, tuple(sorted(model_kwargs(cfg).items())), scope.key(), scope)
     set_seed(seed)
     scores = compute_importance(criterion, model, groups, make_loader(score_set, cfg.train.batch_size, train=False), num_batches)
     sens = None
     if sensitivity:
         sens = measure_sensitivity(model, groups, scores.scores, make_loader(val_set, 256, train=False), ratios).score()
+    if scope is not None and scope.channel_sparsity > 0.0:
+        full = {}
+        for name, kept in scope.keep.items():
+            full[name] = np.zeros(kept.size, dtype=np.float64)
+            full[name][kept] = scores.scores[name]
+        scores = ImportanceScores(full, scores.num_samples, scores.criterion)
     return scores, sens
 
 

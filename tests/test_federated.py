@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 
@@ -10,11 +11,17 @@ import pytest
 import torch
 
 from fedprune.aggregation import aggregate_importance, mask_agreement, normalize_scores, screen_clients
+import fedprune.federated as federated_mod
 from fedprune.config import ConfigError, load_config
+from fedprune.data import make_loader
 from fedprune.federated import FederatedPruning, InProcessTransport, simulate
-from fedprune.masks import StructuredMask, extraction_index_map, slice_state
+from fedprune.groups import discover_groups
+from fedprune.importance import compute_importance
+from fedprune.masks import StructuredMask, extract_submodel, extraction_index_map, slice_state
 from fedprune.records import config_to_record, record_to_config, recorddict_nbytes, state_to_record
-from fedprune.task import build_model, client_register, client_train, model_groups
+from fedprune.task import (CLIENT_SCORE_SUBSET, build_model, client_importance, client_register, client_seed, client_shard, client_train,
+                           load_data, model_groups, submodel)
+from fedprune.training import set_seed
 
 from conftest import TINY
 
@@ -268,6 +275,67 @@ def test_progressive_federated_pruning_and_sensitivity_allocation():
     assert res["consensus"]["allocation"] == "sensitivity" and res["consensus"]["nested"]
     kept = {p: sum(v["kept_channels"].values()) for p, v in res["profiles"].items()}
     assert kept["microcontroller"] < kept["mobile_cpu"] < kept["edge_gpu"]
+
+
+@pytest.mark.parametrize("mask_source", ["consensus", "local", "central"])
+def test_progressive_stages_score_and_keep_the_network_still_held(mask_source):
+    """A later stage of progressive pruning scores the union of the clients' sub-networks, delivered as that
+    (smaller) sub-network, and its masks stay inside it: a channel no client trained does not come back."""
+    cfg = load_config(None, TINY + ["federated.finetune_rounds=4", "federated.repeat_every=2", "data.synthetic_train=320",
+                                    "federated.sensitivity=true", "pruning.sensitivity_ratios=[0.5]"])
+    fp = FederatedPruning(cfg, InProcessTransport(3), mask_source=mask_source)
+    stages, calls = [], []
+    build, score = fp.build_masks, federated_mod.central_importance
+
+    def spy(*args, **kwargs):
+        stages.append((fp.scope(), dict(fp.node_masks)))
+        build(*args, **kwargs)
+
+    def central_spy(*args, **kwargs):
+        calls.append(args[-1] if len(args) > 5 else kwargs.get("scope"))
+        return score(*args, **kwargs)
+
+    fp.build_masks = spy
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(federated_mod, "central_importance", central_spy)
+        res = fp.run()
+    assert len(stages) == 2 and stages[0][0] == StructuredMask.dense(fp.groups)  # stage 1 scores the dense model
+    held = stages[1][0]
+    assert held == functools.reduce(StructuredMask.union, stages[1][1].values()) and held.channel_sparsity > 0
+    assert all(m.is_subset_of(held) for m in [*fp.profile_masks.values(), *fp.node_masks.values()])
+    first, second = [r for r in res["rounds"] if r["phase"] == "importance"]
+    assert 0 < second["model_delivery_bytes_down"] < first["model_delivery_bytes_down"]  # a smaller network travels
+    assert [c["scored_channel_sparsity"] for c in res["consensus_history"]] == [0.0, pytest.approx(held.channel_sparsity)]
+    assert all(c["nested"] for c in res["consensus_history"])
+    if mask_source == "central":
+        assert calls[0] is None or calls[0].channel_sparsity == 0.0
+        assert calls[1] == held
+    for p in res["profiles"].values():
+        assert p["accuracy"] == p["accuracy"]  # the run finishes with every profile evaluated
+
+
+def test_a_sub_network_is_scored_as_extracted_and_placed_in_the_original_index_space(tiny_cfg):
+    """A client given a sub-network (progressive pruning) scores it physically extracted: its channels get the
+    extracted network's scores, the others 0; sensitivity is the sub-network's."""
+    groups = model_groups(tiny_cfg)
+    torch.manual_seed(3)
+    dense = build_model(tiny_cfg)
+    rng = np.random.default_rng(1)
+    scope = StructuredMask({g.name: rng.random(g.size) < 0.5 for g in groups})
+    sub_state = {k: v for k, v in extract_submodel(dense, scope, groups).state_dict().items() if v.is_floating_point()}
+    out = client_importance(tiny_cfg, 0, 3, sub_state, "taylor", 1, True, (0.5,), 5, scope)
+    again = client_importance(tiny_cfg, 0, 3, sub_state, "taylor", 1, True, (0.5,), 5, scope)
+    dense_out = client_importance(tiny_cfg, 0, 3, dense.state_dict(), "taylor", 1, True, (0.5,), 5)
+    sub = submodel(tiny_cfg, scope, sub_state)
+    train, _ = load_data(tiny_cfg)
+    set_seed(client_seed(tiny_cfg, 0, 5))
+    loader = make_loader(train.subset(client_shard(tiny_cfg, 0, 3).train_idx[:CLIENT_SCORE_SUBSET]), tiny_cfg.train.batch_size, train=False)
+    direct = compute_importance("taylor", sub, discover_groups(sub), loader, 1)
+    for g in groups:
+        np.testing.assert_array_equal(out["scores"][g.name][scope.kept(g.name)], direct[g.name])
+        np.testing.assert_array_equal(out["scores"][g.name][scope.pruned(g.name)], 0.0)
+        np.testing.assert_array_equal(out["scores"][g.name], again["scores"][g.name])
+    assert set(out["sensitivity"]) == set(groups.names) and out["sensitivity"] != dense_out["sensitivity"]
 
 
 def test_acting_config_ignores_dynamic_settings_only_while_dynamic_pruning_is_off(tiny_cfg):

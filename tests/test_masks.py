@@ -226,6 +226,33 @@ def test_soft_mask_equals_extracted_submodel(model_and_groups) -> None:
         torch.testing.assert_close(fresh(x), y_sub, atol=1e-5, rtol=1e-5)
 
 
+def test_restricted_to_keeps_masks_inside_and_nested() -> None:
+    groups = _toy_groups({"a": 8, "b": 6})
+    rng = np.random.default_rng(0)
+    scores = {g.name: rng.random(g.size) for g in groups}
+    outer = StructuredMask.from_scores({k: -v for k, v in scores.items()}, {"a": 4, "b": 3})  # the low scorers
+    big, small = StructuredMask.from_scores(scores, {"a": 6, "b": 2}), StructuredMask.from_scores(scores, {"a": 3, "b": 1})
+    rb, rs = big.restricted_to(outer, scores), small.restricted_to(outer, scores)
+    assert rb.is_subset_of(outer) and rs.is_subset_of(outer) and rs.is_subset_of(rb)
+    assert rb.kept_counts == {"a": 4, "b": 2} and rs.kept_counts == {"a": 3, "b": 1}  # min(own, outer's)
+    for name, m in (("a", rs), ("b", rb)):  # the best-scoring channels of outer's
+        assert set(m.kept(name)) == set(outer.kept(name)[np.argsort(-scores[name][outer.kept(name)])][: m.kept_counts[name]])
+    inside = StructuredMask.from_scores({k: -v for k, v in scores.items()}, {"a": 2, "b": 2})
+    assert inside.restricted_to(outer, scores) is inside  # a subset already: unchanged
+    assert big.union(small) == big and small.union(outer).is_subset_of(StructuredMask.dense(groups))
+    assert outer.union(big).kept_counts == {k: int((outer.keep[k] | big.keep[k]).sum()) for k in ("a", "b")}
+
+
+def test_an_extracted_sub_network_has_the_same_groups_narrower(model_and_groups) -> None:
+    """Progressive federated pruning scores an extracted sub-network with its own traced groups and puts the
+    scores back by group name: every group is there, holding the mask's kept channels."""
+    _, model, groups = model_and_groups
+    mask = _random_mask(groups, seed=9, keep_fraction=0.4)
+    sub_groups = discover_groups(extract_submodel(model, mask, groups))
+    assert sub_groups.names == groups.names
+    assert {g.name: g.size for g in sub_groups} == mask.kept_counts
+
+
 def test_extract_rejects_mismatched_mask(model_and_groups) -> None:
     _, model, groups = model_and_groups
     keep = dict(StructuredMask.dense(groups).keep)
