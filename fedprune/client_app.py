@@ -114,8 +114,8 @@ def importance(msg: Message, context: Context) -> Message:
     cfg = record_to_config(conf)
     if (failure := _simulated_failure(msg, context, cfg, "importance")) is not None:
         return failure
-    if "arrays" in msg.content:
-        state, scope = record_to_state(msg.content["arrays"]), msg.content["mask"]
+    if "arrays" in msg.content:  # with a mask: that sub-network (progressive pruning), else the dense model
+        state, scope = record_to_state(msg.content["arrays"]), msg.content.get("mask")
     else:  # use the global model cached by the last evaluate message, if it is the right version
         meta = context.state.get(CACHED_META)
         if meta is None or meta["version"] != conf["model-version"]:
@@ -127,7 +127,7 @@ def importance(msg: Message, context: Context) -> Message:
     out = client_importance(
         cfg, *_partition(context), state, str(conf["criterion"]), int(conf["num-batches"]),
         bool(conf["sensitivity"]), tuple(float(r) for r in conf["ratios"]), int(conf["round"]),
-        record_to_mask(scope, model_groups(cfg)),
+        record_to_mask(scope, model_groups(cfg)) if scope is not None else None,
     )
     content = {"importance": vectors_to_record(out["scores"]), "metrics": MetricRecord({"num-examples": out["num-examples"], "scored-samples": out["scored-samples"]})}
     if out["sensitivity"] is not None:

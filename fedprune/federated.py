@@ -290,23 +290,33 @@ class FederatedPruning:
     def scope(self) -> StructuredMask:
         """The channels still in the network: those some client's sub-network holds (every channel before the
         first consensus). An importance round scores this network, and its masks stay inside it: a later
-        round of progressive pruning never brings back a channel that no client has trained since."""
+        round of progressive pruning never brings back a channel that no client holds (whose weights
+        stayed as the warm-up left them)."""
         masks = {m.key(): m for m in self.node_masks.values()}
         return functools.reduce(StructuredMask.union, masks.values()) if masks else StructuredMask.dense(self.groups)
 
-    def scope_substate(self, scope: StructuredMask) -> dict[str, torch.Tensor]:
-        """The sub-network of :meth:`scope`, as it is scored: global weights and the BatchNorm statistics of the
-        sub-network that is the scope (with nested consensus masks, the largest one in use). When no sub-network
-        in use is the scope (mask source ``local``: the union of the clients' own), each statistic is the mean
-        over the sub-networks in use that hold it, weighted by their clients."""
-        if not self.node_masks or scope.key() in self.bn_stats:
-            return self.substate(scope)
+    def scope_bn_stats(self, scope: StructuredMask) -> dict[str, torch.Tensor]:
+        """BatchNorm statistics for the channels of :meth:`scope`, in the original index space: those of the
+        sub-network in use that is the scope (with nested consensus masks, the largest one), else (mask source
+        ``local``: the union of the clients' own) each the mean over the sub-networks in use that hold it,
+        weighted by their clients. Channels outside keep the global state's."""
+        own = {k: v for k, v in self.state.items() if k in self.bn_stat_keys}
         masks = {m.key(): m for m in self.node_masks.values()}
         clients = collections.Counter(m.key() for m in self.node_masks.values())
-        updates = [(self.bn_stats[k], {n: i for n, i in self.index_map(masks[k]).items() if n in self.bn_stat_keys}, float(c))
-                   for k, c in clients.items() if k in self.bn_stats]
-        pooled = merge_substates({k: v for k, v in self.state.items() if k in self.bn_stat_keys}, updates)
-        return slice_state({**self.state, **pooled}, self.index_map(scope))
+        if scope.key() in masks and scope.key() in self.bn_stats:
+            clients = collections.Counter({scope.key(): 1})
+        updates = [(self.bn_stats[k], self._bn_index_map(masks[k]), float(c)) for k, c in clients.items() if k in self.bn_stats]
+        return merge_substates(own, updates)
+
+    def _bn_index_map(self, mask: StructuredMask) -> dict:
+        return {n: i for n, i in self.index_map(mask).items() if n in self.bn_stat_keys}
+
+    def scope_substate(self, scope: StructuredMask) -> dict[str, torch.Tensor]:
+        """The sub-network of :meth:`scope`, as it is scored: global weights, BatchNorm statistics of
+        :meth:`scope_bn_stats` (before the first consensus, the dense model's own)."""
+        if not self.node_masks:
+            return self.substate(scope)
+        return slice_state({**self.state, **self.scope_bn_stats(scope)}, self.index_map(scope))
 
     def gates_for(self, mask: StructuredMask) -> dict[str, torch.Tensor]:
         """The sub-network's dynamic state (``dynamic.method``): channel gates, initialised (seeded) on first
@@ -566,18 +576,16 @@ class FederatedPruning:
             "attempts": 1,
         }
 
-    def federated_evaluate(self, nodes: list[int], scored: StructuredMask | None = None) -> tuple[dict, list[Reply]]:
-        """Each node evaluates its own sub-model (or, with ``scored``, that network: :meth:`scope_substate`) on
-        local validation data; returns per-profile accuracy. The ``scored`` network is cached by the
-        clients for the importance round that follows. Messages go out in batches of at most
-        ``clients_per_round``, so no more models are in flight than in a training round."""
+    def federated_evaluate(self, nodes: list[int], scored: tuple[StructuredMask, dict] | None = None) -> tuple[dict, list[Reply]]:
+        """Each node evaluates its own sub-model (or, with ``scored = (mask, sub-network state)``, that network:
+        the one the importance round that follows scores, which the clients cache) on local validation data;
+        returns per-profile accuracy. Messages go out in batches of at most ``clients_per_round``, so no more
+        models are in flight than in a training round."""
         from flwr.app import RecordDict
 
-        scored_state = self.scope_substate(scored) if scored is not None else None
-
         def request(n):
-            mask = scored if scored is not None else self._mask_for(n)
-            state = scored_state if scored is not None else self.substate(mask)
+            mask = scored[0] if scored is not None else self._mask_for(n)
+            state = scored[1] if scored is not None else self.substate(mask)
             conf = self._config(**{"cache-model": scored is not None, "model-version": self.model_version})
             return (n, "evaluate", RecordDict({"arrays": state_to_record(state), "mask": mask_to_record(mask), "config": conf}))
 
@@ -708,13 +716,19 @@ class FederatedPruning:
                                    f"see the log); cannot build a consensus mask")
             log.warning("%s: only %d valid replies (minimum %d) after %d attempt(s) and no previous masks; building the consensus from them",
                         what, rec["valid_replies"], rec["min_replies"], rec["attempts"])
+        seed_stats = self.scope_bn_stats(scope) if self.node_masks else None
         self.build_masks(scores, weights, sens, owners, sparsity_scale, round_num, scope, scored)
+        if seed_stats is not None:  # a new sub-network starts from the statistics of the network it was cut from
+            for mask in {m.key(): m for m in self.node_masks.values()}.values():
+                if mask.key() not in self.bn_stats:
+                    self._set_bn_stats(mask.key(), slice_state(seed_stats, self._bn_index_map(mask)))
         self.warmup_input = None
         return rec
 
-    def _importance_attempt(self, round_num: int, attempt: int, cached: dict | None = None) -> tuple[dict, tuple[list, list, list, list]]:
+    def _importance_attempt(self, round_num: int, attempt: int, cached: dict | None = None) -> tuple[dict, tuple]:
         """One attempt of an importance round. ``cached``: the last warm-up round's input (:attr:`warmup_input`),
-        which the clients it went to hold, so it needs no delivery; else the current global model is delivered."""
+        which the clients it went to hold, so it needs no delivery; else the current global model is delivered.
+        Returns the round record and ``(scores, weights, sensitivities, owners, scope, scored state)``."""
         from flwr.app import RecordDict
 
         t0 = time.perf_counter()
@@ -730,10 +744,11 @@ class FederatedPruning:
             # an evaluate message just before; they cache it. Those messages are part of this round's traffic
             # (``model_delivery_bytes_*``, counted in ``bytes_*``).
             scope = self.scope()
-            _, eval_replies = self.federated_evaluate(nodes, scored=scope)
+            delivered = self.scope_substate(scope)
+            _, eval_replies = self.federated_evaluate(nodes, scored=(scope, delivered))
             delivery = (sum(r.bytes_down for r in eval_replies), sum(r.bytes_up for r in eval_replies))
             version = self.model_version
-            scored = self.state if scope.channel_sparsity == 0.0 else self.scope_substate(scope)
+            scored = delivered if self.node_masks else self.state  # before the first consensus: the dense global model
         else:
             delivery, version, scope, scored = (0, 0), cached["version"], StructuredMask.dense(self.groups), cached["state"]
 
@@ -743,7 +758,9 @@ class FederatedPruning:
                                 **{"num-batches": pr.num_batches, "model-version": version}, **_attempt_key(attempt))
             content = {"config": conf}
             if with_model:
-                content["arrays"], content["mask"] = state_to_record(scored), mask_to_record(scope)
+                content["arrays"] = state_to_record(scored)
+                if scope.channel_sparsity > 0.0:  # a sub-network (without a mask: the dense model)
+                    content["mask"] = mask_to_record(scope)
             return (n, "query.importance", RecordDict(content))
 
         replies = self.transport.exchange([request(n, False) for n in nodes])
@@ -777,10 +794,21 @@ class FederatedPruning:
 
     def build_masks(self, scores, weights, sens, owners, sparsity_scale: float = 1.0, round_num: int = 0,
                     scope: StructuredMask | None = None, scored_state: dict | None = None) -> None:
-        """Consensus masks from the clients' scores, inside ``scope`` (the channels still in the network that
-        the clients scored; None: every channel). ``scored_state``: the model they scored, ``scope``'s
-        sub-network (None: the dense global model), which mask source ``central`` scores at the server."""
+        """Consensus masks from the clients' scores (original index space).
+
+        ``scope``: the channels still in the network that the clients scored (None: every channel). With a
+        pruned scope (a later stage of progressive pruning) the consensus is that sub-network's own: scores are
+        cut to it before normalisation, screening and aggregation, the channels are allocated on its groups
+        (:meth:`~fedprune.masks.StructuredMask.narrowed_groups`; each profile keeps the same share of the dense
+        network's channels as at the final stage, scaled, and budgets are costed as always) and the masks are
+        placed back in the original index space, inside the scope. ``scored_state``: the model the clients
+        scored, ``scope``'s sub-network (None: the dense global model), which mask source ``central`` scores at
+        the server.
+        """
         fed, pr = self.cfg.federated, self.cfg.pruning
+        within = scope if scope is not None and scope.channel_sparsity > 0.0 else None
+        groups = within.narrowed_groups(self.groups) if within else self.groups
+        scores = [within.narrow(s) for s in scores] if within else scores
         kept = screen_clients(scores)[0] if fed.screen_clients else list(range(len(scores)))
         consensus = aggregate_importance([scores[i] for i in kept], [weights[i] for i in kept], fed.aggregation, fed.trim_fraction)
         # Simulated poisoned importance (fedprune.adversarial): the scoring partitions that were adversarial.
@@ -793,33 +821,37 @@ class FederatedPruning:
         ranking = consensus
         if self.mask_source == "random":
             rng = np.random.default_rng([self.cfg.seed, 31337])
-            ranking = {g.name: rng.random(g.size) for g in self.groups}
+            ranking = {g.name: rng.random(g.size) for g in groups}
         elif self.mask_source == "central":  # the baseline: what the server would compute with all the clients' data
             ranking, central_sens = central_importance(self.cfg, fed.num_clients, self.state if scored_state is None else scored_state,
                                                        self.measure_sensitivity, round_num, scope)
+            ranking = within.narrow(ranking) if within else ranking
             sens_agg = central_sens if central_sens is not None else sens_agg
         group_weights = budget_group_weights(self.cfg, sens_agg)
         if pr.allocation in BUDGET_ALLOCATIONS:
-            masks = profile_budget_masks(self.cfg, self.hardware, ranking, self.profiles, sparsity_scale, group_weights)
+            masks = [within.narrow_mask(m) if within else m
+                     for m in profile_budget_masks(self.cfg, self.hardware, ranking, self.profiles, sparsity_scale, group_weights, within)]
         else:
             sparsities = [self.cfg.profiles[p].sparsity * sparsity_scale for p in self.profiles]
-            masks = nested_masks(self.groups, ranking, sparsities, pr.allocation, sens_agg, pr.min_channels, pr.round_to or None)
-        if scope is not None:  # channels no client holds stay pruned (progressive pruning; one ranking keeps them nested)
-            masks = [m.restricted_to(scope, ranking) for m in masks]
+            if within:  # the same number of channels as in the dense network, now as a share of the scope's
+                sparsities = [max(0.0, 1.0 - (1.0 - s) * self.groups.total_channels / groups.total_channels) for s in sparsities]
+            masks = nested_masks(groups, ranking, sparsities, pr.allocation, sens_agg, pr.min_channels, pr.round_to or None)
+        agreement = {p: float(np.mean(mask_agreement(scores, m))) for p, m in zip(self.profiles, masks)}  # within the scope
+        masks = [within.widen_mask(m) for m in masks] if within else masks
         self.profile_masks = dict(zip(self.profiles, masks))
         self.node_masks = {n: self.profile_masks[info.profile] for n, info in self.nodes.items()}
         if self.mask_source == "local":  # each client keeps its own top-k: no consensus
             for n, s in zip(owners, scores):
-                prof = self.nodes[n].profile
-                own = StructuredMask.from_scores(s, self.profile_masks[prof].kept_counts)
-                self.node_masks[n] = own.restricted_to(scope, s) if scope is not None else own
+                counts = self.profile_masks[self.nodes[n].profile].kept_counts
+                own = StructuredMask.from_scores(s, counts)
+                self.node_masks[n] = within.widen_mask(own) if within else own
+        ranking = within.widen(ranking) if within else ranking  # the original index space, 0 outside the scope
         in_use = {m.key(): m for m in [*self.profile_masks.values(), *self.node_masks.values()]}
         self.gates = {k: v for k, v in self.gates.items() if k in in_use}  # sub-networks no longer in use
         if self.cfg.dynamic.enabled and self.cfg.dynamic.method == "widths":  # nested widths follow the ranking of the masks
             for key, mask in in_use.items():
                 if key not in self.gates:  # an unchanged sub-network keeps its trained widths
                     self.gates[key] = initial_width_state(self.cfg, self.model, mask, ranking)
-        agreement = {p: float(np.mean(mask_agreement(scores, m))) for p, m in self.profile_masks.items()}
         replied = {self.nodes[n].profile for n in owners}
         without = [p for p in self.profiles if p not in replied and any(i.profile == p for i in self.nodes.values())]
         if without:  # the consensus is global: these profiles' masks come from the other profiles' replies
@@ -990,6 +1022,7 @@ class FederatedPruning:
             "model_version": self.model_version,
             "dense_acc": self.dense_acc,
             "warmup_input": self.warmup_input,
+            "registration_bytes": self.registration_bytes,  # of every process of this run so far
             "rng": rng_states(),
         }
 
@@ -1011,6 +1044,10 @@ class FederatedPruning:
         self.rounds, self.consensus_log = ckpt["rounds"], ckpt["consensus_log"]
         self.model_version, self.dense_acc = ckpt["model_version"], ckpt["dense_acc"]
         self.warmup_input = ckpt.get("warmup_input")  # the restarted clients lack their copy: it is sent to them (counted)
+        # This process registered the clients again: the run's traffic counts both (a checkpoint written before
+        # the key existed counts only this process's).
+        before = ckpt.get("registration_bytes", (0, 0))
+        self.registration_bytes = (self.registration_bytes[0] + before[0], self.registration_bytes[1] + before[1])
         restore_rng_states(ckpt["rng"])
         return int(ckpt["steps_done"]), float(ckpt["wall_s"])
 

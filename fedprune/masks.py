@@ -22,6 +22,7 @@ it to cut sub-models out of and merge them back into dense weights
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -173,19 +174,38 @@ class StructuredMask:
     def union(self, other: "StructuredMask") -> "StructuredMask":
         return StructuredMask({k: v | other.keep[k] for k, v in self.keep.items()})
 
-    def restricted_to(self, outer: "StructuredMask", scores: Mapping[str, np.ndarray]) -> "StructuredMask":
-        """This mask kept inside ``outer`` (channels ``outer`` prunes stay pruned).
+    # ------------------------------------------- the mask's channels as a network of their own
+    def narrowed_groups(self, groups: ChannelGroups) -> ChannelGroups:
+        """``groups`` as this mask's sub-network has them: the same groups, each holding its kept channels only
+        (channel ``i`` of group ``g`` there is original channel ``self.kept(g)[i]``). Allocating on them keeps
+        the result inside this mask (progressive pruning: see :meth:`widen_mask`)."""
+        return ChannelGroups(tuple(dataclasses.replace(g, size=int(self.keep[g.name].sum())) for g in groups))
 
-        Unchanged when it is a subset of ``outer`` already; else each group keeps as many
-        channels as here, or all of ``outer``'s if that is fewer, the highest ``scores``
-        among ``outer``'s channels. Masks built from one ranking with nested counts stay
-        nested (progressive pruning: a later stage never revives a channel).
-        """
-        if self.is_subset_of(outer):
-            return self
-        ranked = {k: np.where(outer.keep[k], np.asarray(scores[k], dtype=np.float64), -np.inf) for k in self.keep}
-        counts = {k: min(int(v.sum()), int(outer.keep[k].sum())) for k, v in self.keep.items()}
-        return StructuredMask.from_scores(ranked, counts)
+    def narrow(self, vectors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Per-channel vectors (e.g. scores) of the original index space, cut to this mask's kept channels."""
+        return {k: np.asarray(v)[self.keep[k]] for k, v in vectors.items()}
+
+    def widen(self, vectors: Mapping[str, np.ndarray], fill: float = 0.0) -> dict[str, np.ndarray]:
+        """The inverse of :meth:`narrow`: vectors over the kept channels placed in the original index space,
+        ``fill`` at the pruned channels."""
+        out = {}
+        for k, v in vectors.items():
+            v = np.asarray(v)
+            full = np.full(self.keep[k].size, fill, dtype=np.result_type(v.dtype, type(fill)))
+            full[self.keep[k]] = v
+            out[k] = full
+        return out
+
+    def narrow_mask(self, inner: "StructuredMask") -> "StructuredMask":
+        """A subset of this mask, over this mask's kept channels only (the inverse of :meth:`widen_mask`)."""
+        if not inner.is_subset_of(self):
+            raise MaskError("narrow_mask needs a subset of this mask")
+        return StructuredMask(self.narrow(inner.keep))
+
+    def widen_mask(self, inner: "StructuredMask") -> "StructuredMask":
+        """A mask over this mask's kept channels (e.g. allocated on :meth:`narrowed_groups`) in the original index
+        space: a subset of this mask."""
+        return StructuredMask(self.widen(inner.keep, fill=False))
 
     def jaccard(self, other: "StructuredMask") -> float:
         """Jaccard overlap of the kept (group, channel) sets."""

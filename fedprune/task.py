@@ -110,7 +110,7 @@ from fedprune.aggregation import pool_bn_stats  # noqa: E402
 from fedprune.data import ClientShard, make_client_shard, make_loader  # noqa: E402
 from fedprune.dynamic import NestedWidthCNN, check_distinct_widths, conv_blocks, keep_count, train_gates, train_widths, width_state  # noqa: E402
 from fedprune.groups import discover_groups  # noqa: E402
-from fedprune.importance import ImportanceScores, compute_importance  # noqa: E402
+from fedprune.importance import compute_importance  # noqa: E402
 from fedprune.masks import StructuredMask, descending_order, extract_submodel  # noqa: E402
 from fedprune.nested import inner_channel_masks, train_nested  # noqa: E402
 from fedprune.profiles import assign_profiles  # noqa: E402
@@ -217,6 +217,8 @@ def client_importance(
     fed = cfg.federated  # a simulated adversarial partition replaces its scores (fedprune.adversarial)
     sent, _ = maybe_poison(scores.scores, partition_id, num_partitions, fed.adversarial_fraction, fed.adversarial_mode,
                            cfg.seed, fed.adversarial_scale, round_num)
+    if scope is not None and scope.channel_sparsity > 0.0:
+        sent = scope.widen(sent)  # the original index space, 0 outside the scope
     return {"scores": sent, "sensitivity": sens, "num-examples": shard.num_train, "scored-samples": scores.num_samples}
 
 
@@ -244,7 +246,7 @@ def central_importance(cfg: ExperimentConfig, num_partitions: int, dense_state: 
     with torch.random.fork_rng(devices=[]):
         scores, sens = _score(cfg, dense_state, train.subset(pooled), train.subset(val), pr.criterion, pr.num_batches * num_partitions,
                               sensitivity, tuple(pr.sensitivity_ratios), int(rng.integers(2**31)), scope)
-    return scores.scores, sens
+    return (scope.widen(scores.scores) if scope is not None and scope.channel_sparsity > 0.0 else scores.scores), sens
 
 
 def _score(cfg: ExperimentConfig, state: dict, score_set, val_set, criterion: str, num_batches: int, sensitivity: bool,
@@ -252,7 +254,7 @@ def _score(cfg: ExperimentConfig, state: dict, score_set, val_set, criterion: st
     """``criterion``'s scores of the model ``state`` on ``score_set`` (eval transform, ``num_batches`` batches) and,
     if ``sensitivity``, the layer sensitivity on ``val_set`` (else None); torch is seeded with ``seed`` first.
     ``state`` is the dense model's, or with a pruned ``scope`` that sub-network's: it is scored physically
-    extracted and its scores are placed in the original index space, 0 for the channels outside it."""
+    extracted, and the scores are the sub-network's (``scope.widen`` places them in the original index space)."""
     if scope is None or scope.channel_sparsity == 0.0:
         groups = model_groups(cfg)
         model = build_model(cfg)
@@ -265,12 +267,6 @@ def _score(cfg: ExperimentConfig, state: dict, score_set, val_set, criterion: st
     sens = None
     if sensitivity:
         sens = measure_sensitivity(model, groups, scores.scores, make_loader(val_set, 256, train=False), ratios).score()
-    if scope is not None and scope.channel_sparsity > 0.0:
-        full = {}
-        for name, kept in scope.keep.items():
-            full[name] = np.zeros(kept.size, dtype=np.float64)
-            full[name][kept] = scores.scores[name]
-        scores = ImportanceScores(full, scores.num_samples, scores.criterion)
     return scores, sens
 
 
@@ -490,11 +486,14 @@ def budget_group_weights(cfg: ExperimentConfig, sensitivity) -> dict[str, float]
     return importance_weights(sensitivity, pr.budget_sensitivity)
 
 
-def profile_budget_masks(cfg: ExperimentConfig, hardware, scores, names, scale: float = 1.0, group_weights=None):
+def profile_budget_masks(cfg: ExperimentConfig, hardware, scores, names, scale: float = 1.0, group_weights=None,
+                         within: StructuredMask | None = None):
     """Nested masks for ``names`` (most capable first) by ``cfg.pruning.allocation`` (a budget allocation).
 
     ``group_weights`` (allocation ``budget`` only; from :func:`budget_group_weights`) weight
-    each group's lost importance.
+    each group's lost importance. ``within``: allocate inside this mask's channels (progressive
+    pruning); ``scores`` are then over its kept channels (:meth:`StructuredMask.narrow`), and the
+    masks returned are in the original index space, subsets of it.
 
     For the final budgets (``scale`` 1) of ``budget`` and ``budget_uniform`` the loop is closed on
     measurement: each profile's sub-network with a latency budget is timed on this host
@@ -510,11 +509,13 @@ def profile_budget_masks(cfg: ExperimentConfig, hardware, scores, names, scale: 
 
     pr = cfg.pruning
     fallback = None
+    groups = within.narrowed_groups(hardware.groups) if within is not None else hardware.groups
     for attempt in range(LATENCY_REFITS + 1):
         constraints = profile_constraints(cfg, hardware, names, scale)
         try:
-            masks = budget_masks(pr.allocation, hardware.groups, scores, constraints, pr.min_channels, budget_round_to(cfg),
+            masks = budget_masks(pr.allocation, groups, scores, constraints, pr.min_channels, budget_round_to(cfg),
                                  objective=pr.budget_objective, group_weights=group_weights)
+            masks = [within.widen_mask(m) for m in masks] if within is not None else masks
         except InfeasibleBudgetError as err:
             if not hardware.latency_corrections:
                 raise  # infeasible by the cost model itself

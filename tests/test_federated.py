@@ -282,7 +282,7 @@ def test_progressive_stages_score_and_keep_the_network_still_held(mask_source):
     """A later stage of progressive pruning scores the union of the clients' sub-networks, delivered as that
     (smaller) sub-network, and its masks stay inside it: a channel no client trained does not come back."""
     cfg = load_config(None, TINY + ["federated.finetune_rounds=4", "federated.repeat_every=2", "data.synthetic_train=320",
-                                    "federated.sensitivity=true", "pruning.sensitivity_ratios=[0.5]"])
+                                    "pruning.allocation='sensitivity'", "pruning.sensitivity_ratios=[0.5]"])
     fp = FederatedPruning(cfg, InProcessTransport(3), mask_source=mask_source)
     stages, calls = [], []
     build, score = fp.build_masks, federated_mod.central_importance
@@ -307,6 +307,8 @@ def test_progressive_stages_score_and_keep_the_network_still_held(mask_source):
     assert 0 < second["model_delivery_bytes_down"] < first["model_delivery_bytes_down"]  # a smaller network travels
     assert [c["scored_channel_sparsity"] for c in res["consensus_history"]] == [0.0, pytest.approx(held.channel_sparsity)]
     assert all(c["nested"] for c in res["consensus_history"])
+    for name, p in res["profiles"].items():  # each profile ends at its sparsity, though allocated inside what was left
+        assert abs(p["channel_sparsity"] - cfg.profiles[name].sparsity) < 0.02, name
     if mask_source == "central":
         assert calls[0] is None or calls[0].channel_sparsity == 0.0
         assert calls[1] == held

@@ -287,6 +287,19 @@ def test_federated_budget_run_meets_every_budget(tmp_path, power) -> None:
     assert lines[0] == "profile,budget,limit,predicted,measured,ok,unit" and len(lines) == 1 + 5
 
 
+@pytest.mark.parametrize("method", ["budget", "budget_uniform"])
+def test_progressive_federated_budget_run_allocates_inside_what_is_left(tmp_path, method) -> None:
+    """Progressive pruning with budgets: the later stage allocates on the channels still held (its masks inside
+    them), and the final masks meet every budget."""
+    cfg = load_config(None, TINY + BUDGETS + [f"pruning.allocation='{method}'", "federated.finetune_rounds=2", "federated.repeat_every=1"])
+    res = simulate(cfg, tmp_path, engine="inprocess")
+    first, last = res["consensus_history"]
+    assert first["scored_channel_sparsity"] == 0.0 < last["scored_channel_sparsity"]
+    for name, counts in last["kept_channels"].items():
+        assert all(counts[g] <= first["kept_channels"]["edge_gpu"][g] for g in counts)  # inside the stage-1 union
+    assert last["nested"] and all(e["budgets_ok"] is True for e in res["profiles"].values())
+
+
 def test_uniform_run_still_reports_budgets(tmp_path) -> None:
     cfg = load_config(None, TINY + BUDGETS + ["profiles.edge_gpu.sparsity=0.0"])
     res = simulate(cfg, tmp_path, engine="inprocess")

@@ -226,21 +226,30 @@ def test_soft_mask_equals_extracted_submodel(model_and_groups) -> None:
         torch.testing.assert_close(fresh(x), y_sub, atol=1e-5, rtol=1e-5)
 
 
-def test_restricted_to_keeps_masks_inside_and_nested() -> None:
+def test_a_mask_narrows_and_widens_vectors_groups_and_masks() -> None:
+    """Progressive pruning works inside the channels still held: vectors and groups narrowed to a mask's kept
+    channels, and masks allocated there widened back to the original index space (as subsets of it)."""
     groups = _toy_groups({"a": 8, "b": 6})
     rng = np.random.default_rng(0)
     scores = {g.name: rng.random(g.size) for g in groups}
-    outer = StructuredMask.from_scores({k: -v for k, v in scores.items()}, {"a": 4, "b": 3})  # the low scorers
-    big, small = StructuredMask.from_scores(scores, {"a": 6, "b": 2}), StructuredMask.from_scores(scores, {"a": 3, "b": 1})
-    rb, rs = big.restricted_to(outer, scores), small.restricted_to(outer, scores)
-    assert rb.is_subset_of(outer) and rs.is_subset_of(outer) and rs.is_subset_of(rb)
-    assert rb.kept_counts == {"a": 4, "b": 2} and rs.kept_counts == {"a": 3, "b": 1}  # min(own, outer's)
-    for name, m in (("a", rs), ("b", rb)):  # the best-scoring channels of outer's
-        assert set(m.kept(name)) == set(outer.kept(name)[np.argsort(-scores[name][outer.kept(name)])][: m.kept_counts[name]])
-    inside = StructuredMask.from_scores({k: -v for k, v in scores.items()}, {"a": 2, "b": 2})
-    assert inside.restricted_to(outer, scores) is inside  # a subset already: unchanged
-    assert big.union(small) == big and small.union(outer).is_subset_of(StructuredMask.dense(groups))
-    assert outer.union(big).kept_counts == {k: int((outer.keep[k] | big.keep[k]).sum()) for k in ("a", "b")}
+    outer = _random_mask(groups, seed=3)
+    narrow = outer.narrow(scores)
+    assert {k: v.size for k, v in narrow.items()} == outer.kept_counts == outer.narrowed_groups(groups).sizes
+    assert outer.narrowed_groups(groups).names == groups.names
+    wide = outer.widen(narrow)
+    for k in scores:
+        np.testing.assert_array_equal(wide[k][outer.keep[k]], scores[k][outer.keep[k]])
+        np.testing.assert_array_equal(wide[k][~outer.keep[k]], 0.0)
+    inner = StructuredMask.from_scores(narrow, {"a": 2, "b": 1})  # the best 2 / 1 of outer's channels
+    placed = outer.widen_mask(inner)
+    assert placed.is_subset_of(outer) and placed.kept_counts == {"a": 2, "b": 1}
+    for k in scores:
+        best = outer.kept(k)[np.argsort(-scores[k][outer.kept(k)], kind="stable")][: placed.kept_counts[k]]
+        assert set(placed.kept(k)) == set(best)
+    assert outer.narrow_mask(placed) == inner and outer.widen_mask(outer.narrow_mask(outer)) == outer
+    with pytest.raises(MaskError, match="subset"):
+        outer.narrow_mask(StructuredMask.dense(groups))
+    assert outer.union(placed) == outer and placed.union(outer) == outer
 
 
 def test_an_extracted_sub_network_has_the_same_groups_narrower(model_and_groups) -> None:
