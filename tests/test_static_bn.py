@@ -101,7 +101,9 @@ def test_static_bn_pools_the_clients_statistics_of_the_final_subnetworks(tmp_pat
     assert cal["clients"] == 3 and cal["valid_replies"] == 3 and cal["failures"] == 0
     assert cal["calibrated_subnetworks"] == 3 and cal["uncalibrated_subnetworks"] == 0
     assert cal["bytes_down"] > 0 and 0 < cal["bytes_up"] < cal["bytes_down"] / 10  # statistics only come back
-    assert res["totals"]["bytes_up"] == plain["totals"]["bytes_up"] + cal["bytes_up"]
+    # The resumed process registers the clients again, and the totals count both registrations.
+    assert res["totals"]["registration_bytes_up"] == 2 * plain["totals"]["registration_bytes_up"]
+    assert res["totals"]["bytes_up"] == plain["totals"]["bytes_up"] + plain["totals"]["registration_bytes_up"] + cal["bytes_up"]
     assert res["rounds"][:-1] == [{**r, "wall_s": r2["wall_s"]} for r, r2 in zip(plain["rounds"], res["rounds"])]
     for p in ("edge_gpu", "mobile_cpu", "microcontroller"):
         assert res["profiles"][p]["accuracy"] == pytest.approx(_expected_accuracy(cfg, ckpt, p, server), abs=1e-12)
