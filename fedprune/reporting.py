@@ -87,6 +87,14 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
 
 
+def mean_se(values: Iterable[float]) -> tuple[float, float]:
+    """Mean and its standard error (sample std / sqrt(n); NaN for a single value), e.g. of paired differences."""
+    arr = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if arr.size == 0:
+        return float("nan"), float("nan")
+    return float(arr.mean()), float(arr.std(ddof=1) / math.sqrt(arr.size)) if arr.size > 1 else float("nan")
+
+
 def fmt_mean_std(values: Iterable[float], scale: float = 100.0, digits: int = 1) -> str:
     """``"61.2 ± 0.8"`` (values scaled, e.g. accuracy fraction to percent); one value: ``"61.2 (1 seed)"``."""
     values = list(values)

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from fedprune.config import PROFILE_NAMES, ConfigError, ExperimentConfig, config_from_dict, config_to_dict, read_toml
-from fedprune.reporting import mean_std, to_jsonable, write_csv, write_json, write_text
+from fedprune.reporting import mean_se, mean_std, to_jsonable, write_csv, write_json, write_text
 
 __all__ = [
     "SweepError", "Cell", "SweepGrid", "load_grid", "run_sweep", "summary_row", "summary_columns",
@@ -389,6 +389,50 @@ def fmt_stat(stat: tuple | None, scale: float = 100.0, digits: int = 1) -> str:
     return f"{mu * scale:.{digits}f} ± {sd * scale:.{digits}f}"
 
 
+def paired_differences(rows: Sequence[Mapping], keys: Sequence[str], metric: str) -> list[tuple[dict, list[float]]]:
+    """``metric`` of each grid point after the first (in the order of ``rows``) minus the first grid point's,
+    paired by seed (seeds finished in both with a value). Returns (grid point labels, per-seed differences)
+    per grid point."""
+    points: dict[tuple, dict] = {tuple(str(r.get(k)) for k in keys): {} for r in rows}
+    for r in rows:
+        if r.get("status") == "done" and _num(r.get(metric)) is not None:
+            points[tuple(str(r.get(k)) for k in keys)][str(r.get("seed"))] = _num(r.get(metric))
+    if len(points) < 2:
+        return []
+    (_, ref), *rest = points.items()
+    return [(dict(zip(keys, point)), [vals[s] - ref[s] for s in vals if s in ref]) for point, vals in rest]
+
+
+def _paired_lines(rows: Sequence[Mapping], keys: Sequence[str], short: Mapping[str, str], present: Sequence[str]) -> list[str]:
+    """The summary's table of paired differences from the first grid point (accuracy in points, traffic in
+    GB); empty with fewer than two grid points."""
+    acc = {p: paired_differences(rows, keys, f"{p}_accuracy") for p in present}
+    traffic = paired_differences(rows, keys, "bytes_total")
+    if not rows or not traffic:
+        return []
+    first = " · ".join(str(rows[0].get(k)) for k in keys)
+    points = [pt for pt, _ in traffic]
+
+    def cell(diffs: list[float], scale: float, digits: int) -> str:
+        if not diffs:
+            return "–"
+        m, se = mean_se([scale * d for d in diffs])
+        return f"{m:+.{digits}f}" + ("" if math.isnan(se) else f" ({se:.{digits}f})")
+
+    lines = ["", f"Paired by seed, each grid point minus `{first}`: test accuracy in points and the run's traffic (every "
+             "message, bytes up + down) in GB, mean (standard error) over the seeds finished in both (n; "
+             "each seed's values are in the CSV).", "",
+             "| " + " | ".join(short[k] for k in keys) + " | n | " + " | ".join(f"Δ {p}" for p in present) + " | Δ traffic (GB) |",
+             "|" + "---|" * (len(keys) + 2 + len(present))]
+    for pt in points:
+        def of(pairs):
+            return next((d for q, d in pairs if q == pt), [])
+        n = max([len(of(acc[p])) for p in present] + [len(of(traffic))])
+        lines.append("| " + " | ".join([pt[k] for k in keys] + [str(n)] + [cell(of(acc[p]), 100.0, 1) for p in present]
+                                       + [cell(of(traffic), 1e-9, 3)]) + " |")
+    return lines
+
+
 # ----------------------------------------------------------------- running
 def _same_config(results: Mapping, cfg: ExperimentConfig) -> bool:
     from fedprune.federated import acting_config, resolve_data_dir
@@ -550,6 +594,7 @@ def render_summary(grid: SweepGrid, rows: Sequence[Mapping], cfg: ExperimentConf
                                                       fmt_stat(g["stats"].get("dense_accuracy"))]
         cells += [fmt_stat(g["stats"].get(f"{p}_accuracy")) for p in present]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _paired_lines(rows, keys, short, present)
     lines += ["", "Local validation accuracy (%) on the clients' own held-out data (mean over clients, then mean ± std over seeds):", "",
               "| " + " | ".join(short[k] for k in keys) + (" | " if keys else "") + " | ".join(present) + " |",
               "|" + "---|" * (len(keys) + len(present))]
@@ -657,7 +702,8 @@ def plot_summary(grid: SweepGrid, rows: Sequence[Mapping], out_dir: Path, prefix
         if min(xs) > 0 and max(xs) / min(xs) >= 50:
             ax.set_xscale("log")
         ax.set_xticks(xs)
-        ax.set_xticklabels([value_label(v) for v in grid.grid[key]])
+        ax.set_xticklabels([f"{grid.labels[key][i]} ({value_label(v)})" if key in grid.labels else value_label(v)
+                            for i, v in enumerate(grid.grid[key])])
         name = f"{prefix}accuracy_vs_{slug(short[key])}.png"
         finish(fig, ax, out_dir / name, f"{key}" + (" (log)" if ax.get_xscale() == "log" else ""), "test accuracy (%)",
                f"Sweep {grid.name}: accuracy vs {short[key]} (mean ± std over seeds)", legend_size=7)

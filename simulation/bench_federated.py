@@ -60,7 +60,7 @@ from fedprune.metrics import process_tree_rss  # noqa: E402
 from fedprune.checkpoint import CHECKPOINT_FILE, load_checkpoint  # noqa: E402
 from fedprune.federated import acting_config, resolve_data_dir, simulate, without_final_eval  # noqa: E402
 from fedprune.plots import save  # noqa: E402
-from fedprune.reporting import fmt_mean_std, mean_std, nonnegative_int, write_json, write_text  # noqa: E402
+from fedprune.reporting import fmt_mean_std, mean_se, mean_std, nonnegative_int, write_json, write_text  # noqa: E402
 from fedprune.masks import StructuredMask  # noqa: E402
 from fedprune.task import load_data, model_groups, pruned_accuracy  # noqa: E402
 
@@ -355,7 +355,7 @@ def paired_stats(rows, label: str) -> dict[str, tuple[list[float], float, float]
     stats = {}
     for p in PROFILES:
         d = _paired(rows, label, twin, p)
-        stats[p] = (d, float(np.mean(d)), float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan"))
+        stats[p] = (d, *mean_se(d))
     return stats
 
 

@@ -17,6 +17,7 @@ from fedprune.sweep import (
     SweepError,
     aggregate,
     load_grid,
+    paired_differences,
     read_summary,
     render_summary,
     run_sweep,
@@ -229,6 +230,18 @@ def test_mean_std_aggregation_on_hand_made_rows():
     assert mu == pytest.approx(0.6) and sd == pytest.approx(0.1) and n == 3  # sample std (ddof = 1)
     assert g1["n"] == 1 and g1["failed"] == 1 and g1["stats"]["edge_gpu_accuracy"] == (0.8, 0.0, 1)
     assert "mobile_cpu_accuracy" not in g0["stats"]
+
+
+def test_paired_differences_pair_cells_by_seed_on_hand_made_rows(tmp_path):
+    rows = [_row("0.1", 0, 0.5, bytes_total=1e9), _row("0.1", 1, 0.6, bytes_total=1e9), _row("0.1", 2, 0.7, bytes_total=1e9),
+            _row("100", 0, 0.8, bytes_total=1.5e9), _row("100", 1, None, status="failed"), _row("100", 2, 0.6, bytes_total=1.5e9)]
+    (point, diffs), = paired_differences(rows, ["data.alpha"], "edge_gpu_accuracy")
+    assert point == {"data.alpha": "100"} and diffs == pytest.approx([0.3, -0.1])  # seed 1 failed: not paired
+    assert paired_differences(rows[:3], ["data.alpha"], "edge_gpu_accuracy") == []  # one grid point: nothing to pair
+    grid = load_grid(write_grid(tmp_path, "seeds = [0, 1, 2]\n[grid]\n'data.alpha' = [0.1, 100.0]\n"))
+    md = render_summary(grid, rows, grid.config(Cell(0, "x", "x", {"data.alpha": 0.1}, {"data.alpha": "0.1"}, 0)))
+    # mean of (+30, -10) points = +10.0, standard error = sd / sqrt(2) = 20.0; traffic +0.5 GB on both seeds
+    assert "each grid point minus `0.1`" in md and "| 100 | 2 | +10.0 (20.0) | +0.500 (0.000) |" in md
 
 
 def test_summary_markdown_states_setting_and_mean_std(tmp_path):
