@@ -173,6 +173,9 @@ class FederatedConfig:
     warmup_rounds: int = _spec(3, lo=0)
     finetune_rounds: int = _spec(3, lo=0)
     repeat_every: int = _spec(0, lo=0, doc="progressive federated pruning: redo importance+consensus every k fine-tune rounds; 0 = once")
+    prune_stages: int = _spec(0, lo=0, doc="with repeat_every = k > 0, how many importance+consensus stages (at fine-tune rounds "
+                              "1, 1+k, 1+2k, ...); the rounds after the last one fine-tune its masks; 0 = as many as fit, "
+                              "ceil(finetune_rounds / k)")
     aggregation: str = _spec("mean", choices=AGGREGATIONS)
     trim_fraction: float = _spec(0.2, lo=0.0, hi=0.5, hi_open=True)
     screen_clients: bool = _spec(False, doc="drop clients whose channel ranking disagrees with the median ranking before "
@@ -212,6 +215,16 @@ class FederatedConfig:
     nested_distill: float = _spec(1.0, lo=0.0, doc="nested training: weight of distillation from the client's own sub-network")
     final_eval_clients: int = _spec(100, lo=0, doc="the final local-validation accuracy (profiles.NAME.local_val_accuracy) "
                                     "comes from a seeded sample of at most this many clients (plus one per profile it misses); 0 = all")
+
+    @property
+    def stages_that_fit(self) -> int:
+        """Importance+consensus stages that fit in the fine-tuning, one every ``repeat_every`` rounds (1 without)."""
+        return max(1, math.ceil(self.finetune_rounds / self.repeat_every)) if self.repeat_every else 1
+
+    @property
+    def stages(self) -> int:
+        """Importance+consensus stages of the run (``prune_stages``, or all that fit)."""
+        return self.prune_stages or self.stages_that_fit
 
 
 @dataclass
@@ -464,6 +477,15 @@ def _check_cross_field(cfg: ExperimentConfig) -> None:
     for r in cfg.pruning.sensitivity_ratios:
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < 1:
             raise ConfigError(f"config key 'pruning.sensitivity_ratios' holds {r!r}; each ratio must be in (0, 1)")
+    fed = cfg.federated
+    if fed.prune_stages > 1 and fed.repeat_every == 0:
+        raise ConfigError(f"config key 'federated.prune_stages' = {fed.prune_stages} needs progressive pruning "
+                          "(federated.repeat_every = k > 0); with repeat_every = 0 there is one stage")
+    if fed.repeat_every and fed.prune_stages > fed.stages_that_fit:
+        fit = fed.stages_that_fit
+        raise ConfigError(f"config key 'federated.prune_stages' = {fed.prune_stages} does not fit: with finetune_rounds = "
+                          f"{fed.finetune_rounds} and repeat_every = {fed.repeat_every} there is room for at most {fit} stage(s); "
+                          "allowed: 0 (as many as fit) to " + str(fit))
     if cfg.federated.score_model == "last_warmup" and cfg.federated.warmup_rounds == 0:
         raise ConfigError("config key 'federated.score_model' = 'last_warmup' needs a warm-up round to score, but "
                           "federated.warmup_rounds = 0; use score_model = 'current' or warmup_rounds >= 1")

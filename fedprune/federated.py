@@ -936,11 +936,11 @@ class FederatedPruning:
         if self.mask_source == "none":
             return [("dense", r, 1.0) for r in range(1, r1 + r2 + 1)] + [("dense_eval", r1 + r2, 1.0)]
         steps = [("warmup", r, 1.0) for r in range(1, r1 + 1)] + [("dense_eval", r1, 1.0)]
-        stages = max(1, math.ceil(r2 / fed.repeat_every)) if fed.repeat_every else 1
+        stages = fed.stages
         for r in range(r1 + 1, r1 + r2 + 1):
             k = r - r1 - 1  # fine-tune round index from 0
-            if k == 0 or (fed.repeat_every and k % fed.repeat_every == 0):
-                stage = (k // fed.repeat_every + 1) if fed.repeat_every else 1
+            stage = k // fed.repeat_every + 1 if fed.repeat_every else 1
+            if k == 0 or (fed.repeat_every and k % fed.repeat_every == 0 and stage <= stages):
                 steps.append(("importance", r, stage / stages))
             steps.append(("finetune", r, 1.0))
         if r2 == 0:
@@ -1273,7 +1273,7 @@ AFTER_WARMUP_KEYS: dict[str, tuple[str, ...] | None] = {
     "pruning": None,
     "dynamic": None,
     "eval": None,
-    "federated": ("finetune_rounds", "repeat_every", "score_model", "aggregation", "trim_fraction", "screen_clients", "adversarial_fraction",
+    "federated": ("finetune_rounds", "repeat_every", "prune_stages", "score_model", "aggregation", "trim_fraction", "screen_clients", "adversarial_fraction",
                   "adversarial_mode", "adversarial_scale", "sensitivity", "nested_training", "nested_distill", "final_eval_clients"),
 }
 #: Keys of each profile that act only after the warm-up.
@@ -1293,7 +1293,7 @@ def warmup_config(config: dict) -> dict:
 
 #: Keys added after runs were made, with the value that does what those runs did: :func:`acting_config` drops them
 #: at that value, so a run made before a key existed still matches a config that has it.
-ADDED_KEYS = {("federated", "score_model"): "current"}
+ADDED_KEYS = {("federated", "score_model"): "current", ("federated", "prune_stages"): 0}
 
 
 def acting_config(config: dict) -> dict:

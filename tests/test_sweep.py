@@ -143,11 +143,11 @@ def test_cli_reports_grid_errors_with_exit_code_2(tmp_path):
     assert proc.stderr.strip().startswith("sweep: error: sweep grid") and "'tailor' is not allowed" in proc.stderr
 
 
-@pytest.mark.parametrize("name", ["noniid", "profile_mix"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO_ROOT / "configs" / "sweeps").glob("*.toml")))
 def test_shipped_sweeps_are_valid(name):
     grid = load_grid(REPO_ROOT / "configs" / "sweeps" / f"{name}.toml")
     cells = grid.validate()
-    assert len(cells) == math.prod(len(v) for v in grid.grid.values()) * len(grid.seeds) >= 6
+    assert len(cells) == math.prod(len(v) for v in grid.grid.values()) * len(grid.seeds) >= 3
     assert all(not cfg.eval.latency for _, cfg in cells)
 
 
