@@ -174,8 +174,8 @@ class FederatedConfig:
     finetune_rounds: int = _spec(3, lo=0)
     repeat_every: int = _spec(0, lo=0, doc="progressive federated pruning: redo importance+consensus every k fine-tune rounds; 0 = once")
     prune_stages: int = _spec(0, lo=0, doc="with repeat_every = k > 0, how many importance+consensus stages (at fine-tune rounds "
-                              "1, 1+k, 1+2k, ...); the rounds after the last one fine-tune its masks; 0 = as many as fit, "
-                              "ceil(finetune_rounds / k)")
+                              "1, 1+k, 1+2k, ...); its masks are fine-tuned from the last stage's round to the end; 0 = as many as fit, "
+                              "max(1, ceil(finetune_rounds / k))")
     aggregation: str = _spec("mean", choices=AGGREGATIONS)
     trim_fraction: float = _spec(0.2, lo=0.0, hi=0.5, hi_open=True)
     screen_clients: bool = _spec(False, doc="drop clients whose channel ranking disagrees with the median ranking before "
@@ -480,11 +480,11 @@ def _check_cross_field(cfg: ExperimentConfig) -> None:
     fed = cfg.federated
     if fed.prune_stages > 1 and fed.repeat_every == 0:
         raise ConfigError(f"config key 'federated.prune_stages' = {fed.prune_stages} needs progressive pruning "
-                          "(federated.repeat_every = k > 0); with repeat_every = 0 there is one stage")
+                          "(federated.repeat_every = k > 0); with federated.repeat_every = 0 there is one stage: allowed 0 or 1")
     if fed.repeat_every and fed.prune_stages > fed.stages_that_fit:
         fit = fed.stages_that_fit
-        raise ConfigError(f"config key 'federated.prune_stages' = {fed.prune_stages} does not fit: with finetune_rounds = "
-                          f"{fed.finetune_rounds} and repeat_every = {fed.repeat_every} there is room for at most {fit} stage(s); "
+        raise ConfigError(f"config key 'federated.prune_stages' = {fed.prune_stages} does not fit: with federated.finetune_rounds = "
+                          f"{fed.finetune_rounds} and federated.repeat_every = {fed.repeat_every} there is room for at most {fit} stage(s); "
                           "allowed: 0 (as many as fit) to " + str(fit))
     if cfg.federated.score_model == "last_warmup" and cfg.federated.warmup_rounds == 0:
         raise ConfigError("config key 'federated.score_model' = 'last_warmup' needs a warm-up round to score, but "

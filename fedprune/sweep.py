@@ -410,24 +410,26 @@ def _paired_lines(rows: Sequence[Mapping], keys: Sequence[str], short: Mapping[s
     traffic = paired_differences(rows, keys, "bytes_total")
     if not rows or not traffic:
         return []
-    first = " · ".join(str(rows[0].get(k)) for k in keys)
+    first = ", ".join(f"{short[k]} = {rows[0].get(k)}" for k in keys)
     points = [pt for pt, _ in traffic]
 
     def cell(diffs: list[float], scale: float, digits: int) -> str:
         if not diffs:
             return "–"
         m, se = mean_se([scale * d for d in diffs])
-        return f"{m:+.{digits}f}" + ("" if math.isnan(se) else f" ({se:.{digits}f})")
+        m = 0.0 if round(m, digits) == 0 else m  # no "-0.0"
+        return f"{m:+.{digits}f}" + (" (1 seed)" if math.isnan(se) else f" ({se:.{digits}f})")
 
-    lines = ["", f"Paired by seed, each grid point minus `{first}`: test accuracy in points and the run's traffic (every "
-             "message, bytes up + down) in GB, mean (standard error) over the seeds finished in both (n; "
-             "each seed's values are in the CSV).", "",
+    lines = ["", f"Paired by seed, each grid point minus the first (`{first}`"
+             + (", the first of the cross product" if len(keys) > 1 else "") + "): test accuracy in points and the run's "
+             "traffic (every message, bytes up + down) in GB, mean (standard error) over the n seeds finished in both; "
+             "per-seed values in the CSV.", "",
              "| " + " | ".join(short[k] for k in keys) + " | n | " + " | ".join(f"Δ {p}" for p in present) + " | Δ traffic (GB) |",
              "|" + "---|" * (len(keys) + 2 + len(present))]
     for pt in points:
         def of(pairs):
             return next((d for q, d in pairs if q == pt), [])
-        n = max([len(of(acc[p])) for p in present] + [len(of(traffic))])
+        n = min([len(of(acc[p])) for p in present if of(acc[p])] + [len(of(traffic))])
         lines.append("| " + " | ".join([pt[k] for k in keys] + [str(n)] + [cell(of(acc[p]), 100.0, 1) for p in present]
                                        + [cell(of(traffic), 1e-9, 3)]) + " |")
     return lines

@@ -280,17 +280,17 @@ def test_progressive_federated_pruning_and_sensitivity_allocation():
 @pytest.mark.parametrize("overrides, expected", [
     ([], [(2, 1.0)]),                                                       # one-shot
     (["federated.repeat_every=2"], [(2, 1 / 3), (4, 2 / 3), (6, 1.0)]),      # stages fill the fine-tuning
-    (["federated.repeat_every=1", "federated.prune_stages=3"], [(2, 1 / 3), (3, 2 / 3), (4, 1.0)]),  # then 3 rounds on the last masks
+    (["federated.repeat_every=1", "federated.prune_stages=3"], [(2, 1 / 3), (3, 2 / 3), (4, 1.0)]),  # last masks train in rounds 3-6
     (["federated.repeat_every=2", "federated.prune_stages=2"], [(2, 0.5), (4, 1.0)]),
 ])
 def test_progressive_plan_places_the_stages(overrides, expected):
     """Importance+consensus steps (round, share of the profiles' sparsity): one every repeat_every fine-tune
-    rounds, as many as prune_stages (0: all that fit), each fine-tune round after them trains the last masks."""
+    rounds, as many as prune_stages (0: all that fit); the last masks train from the last stage's round on."""
     cfg = load_config(None, TINY + ["federated.warmup_rounds=1", "federated.finetune_rounds=6", *overrides])
     plan = FederatedPruning(cfg, InProcessTransport(3), None).plan()
     assert [(r, pytest.approx(s)) for kind, r, s in plan if kind == "importance"] == expected
     assert [r for kind, r, _ in plan if kind == "finetune"] == [2, 3, 4, 5, 6, 7]
-    with pytest.raises(ConfigError, match=r"'federated.prune_stages' = 2 needs progressive pruning \(federated.repeat_every"):
+    with pytest.raises(ConfigError, match=r"'federated.prune_stages' = 2 needs progressive pruning \(federated.repeat_every.*allowed 0 or 1"):
         load_config(None, TINY + ["federated.prune_stages=2"])
     with pytest.raises(ConfigError, match=r"'federated.prune_stages' = 4 does not fit.*at most 3 stage\(s\); allowed: 0 \(as many as fit\) to 3"):
         load_config(None, TINY + ["federated.finetune_rounds=6", "federated.repeat_every=2", "federated.prune_stages=4"])

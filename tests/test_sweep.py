@@ -241,7 +241,7 @@ def test_paired_differences_pair_cells_by_seed_on_hand_made_rows(tmp_path):
     grid = load_grid(write_grid(tmp_path, "seeds = [0, 1, 2]\n[grid]\n'data.alpha' = [0.1, 100.0]\n"))
     md = render_summary(grid, rows, grid.config(Cell(0, "x", "x", {"data.alpha": 0.1}, {"data.alpha": "0.1"}, 0)))
     # mean of (+30, -10) points = +10.0, standard error = sd / sqrt(2) = 20.0; traffic +0.5 GB on both seeds
-    assert "each grid point minus `0.1`" in md and "| 100 | 2 | +10.0 (20.0) | +0.500 (0.000) |" in md
+    assert "each grid point minus the first (`alpha = 0.1`)" in md and "| 100 | 2 | +10.0 (20.0) | +0.500 (0.000) |" in md
 
 
 def test_summary_markdown_states_setting_and_mean_std(tmp_path):
