@@ -718,8 +718,11 @@ class FederatedPruning:
                         what, rec["valid_replies"], rec["min_replies"], rec["attempts"])
         seed_stats = self.scope_bn_stats(scope) if self.node_masks else None
         self.build_masks(scores, weights, sens, owners, sparsity_scale, round_num, scope, scored)
+        in_use = {m.key(): m for m in self.node_masks.values()}
+        dense_key = StructuredMask.dense(self.groups).key()  # sub-networks no longer in use drop their statistics
+        self.bn_stats = {k: v for k, v in self.bn_stats.items() if k in in_use or k == dense_key}
         if seed_stats is not None:  # a new sub-network starts from the statistics of the network it was cut from
-            for mask in {m.key(): m for m in self.node_masks.values()}.values():
+            for mask in in_use.values():
                 if mask.key() not in self.bn_stats:
                     self._set_bn_stats(mask.key(), slice_state(seed_stats, self._bn_index_map(mask)))
         self.warmup_input = None

@@ -326,6 +326,8 @@ def test_progressive_stages_score_and_keep_the_network_still_held(mask_source):
     assert 0 < second["model_delivery_bytes_down"] < first["model_delivery_bytes_down"]  # a smaller network travels
     assert [c["scored_channel_sparsity"] for c in res["consensus_history"]] == [0.0, pytest.approx(held.channel_sparsity)]
     assert all(c["nested"] for c in res["consensus_history"])
+    # Only the sub-networks in use (and the dense model) keep BatchNorm statistics: stage 1's are gone.
+    assert set(fp.bn_stats) <= {m.key() for m in fp.node_masks.values()} | {StructuredMask.dense(fp.groups).key()}
     for name, p in res["profiles"].items():  # each profile ends at its sparsity, though allocated inside what was left
         assert abs(p["channel_sparsity"] - cfg.profiles[name].sparsity) < 0.02, name
     if mask_source == "central":
