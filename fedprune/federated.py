@@ -38,7 +38,7 @@ from fedprune.allocation import check_feasible, check_min_channels, nested_masks
 from fedprune.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from fedprune.config import BUDGET_ALLOCATIONS, ExperimentConfig, config_to_dict, config_without
 from fedprune.data import make_loader
-from fedprune.masks import StructuredMask, extract_submodel, extraction_index_map, slice_state
+from fedprune.masks import StructuredMask, extract_submodel, extraction_index_map, pruned_scope, slice_state
 from fedprune.metrics import model_costs
 from fedprune.profiles import profile_order, simulated_client_seconds
 from fedprune.records import (
@@ -292,8 +292,12 @@ class FederatedPruning:
         first consensus). An importance round scores this network, and its masks stay inside it: a later
         round of progressive pruning never brings back a channel that no client holds (whose weights
         stayed as the warm-up left them)."""
-        masks = {m.key(): m for m in self.node_masks.values()}
+        masks = self.masks_in_use()
         return functools.reduce(StructuredMask.union, masks.values()) if masks else StructuredMask.dense(self.groups)
+
+    def masks_in_use(self) -> dict[bytes, StructuredMask]:
+        """The clients' sub-networks, one entry per distinct mask (by :meth:`StructuredMask.key`)."""
+        return {m.key(): m for m in self.node_masks.values()}
 
     def scope_bn_stats(self, scope: StructuredMask) -> dict[str, torch.Tensor]:
         """BatchNorm statistics for the channels of :meth:`scope`, in the original index space: those of the
@@ -301,7 +305,7 @@ class FederatedPruning:
         ``local``: the union of the clients' own) each the mean over the sub-networks in use that hold it,
         weighted by their clients. Channels outside keep the global state's."""
         own = {k: v for k, v in self.state.items() if k in self.bn_stat_keys}
-        masks = {m.key(): m for m in self.node_masks.values()}
+        masks = self.masks_in_use()
         clients = collections.Counter(m.key() for m in self.node_masks.values())
         if scope.key() in masks and scope.key() in self.bn_stats:
             clients = collections.Counter({scope.key(): 1})
@@ -718,11 +722,8 @@ class FederatedPruning:
                         what, rec["valid_replies"], rec["min_replies"], rec["attempts"])
         seed_stats = self.scope_bn_stats(scope) if self.node_masks else None
         self.build_masks(scores, weights, sens, owners, sparsity_scale, round_num, scope, scored)
-        in_use = {m.key(): m for m in self.node_masks.values()}
-        dense_key = StructuredMask.dense(self.groups).key()  # sub-networks no longer in use drop their statistics
-        self.bn_stats = {k: v for k, v in self.bn_stats.items() if k in in_use or k == dense_key}
         if seed_stats is not None:  # a new sub-network starts from the statistics of the network it was cut from
-            for mask in in_use.values():
+            for mask in self.masks_in_use().values():
                 if mask.key() not in self.bn_stats:
                     self._set_bn_stats(mask.key(), slice_state(seed_stats, self._bn_index_map(mask)))
         self.warmup_input = None
@@ -762,7 +763,7 @@ class FederatedPruning:
             content = {"config": conf}
             if with_model:
                 content["arrays"] = state_to_record(scored)
-                if scope.channel_sparsity > 0.0:  # a sub-network (without a mask: the dense model)
+                if pruned_scope(scope) is not None:  # a sub-network (without a mask: the dense model)
                     content["mask"] = mask_to_record(scope)
             return (n, "query.importance", RecordDict(content))
 
@@ -809,7 +810,7 @@ class FederatedPruning:
         the server.
         """
         fed, pr = self.cfg.federated, self.cfg.pruning
-        within = scope if scope is not None and scope.channel_sparsity > 0.0 else None
+        within = pruned_scope(scope)
         groups = within.narrowed_groups(self.groups) if within else self.groups
         scores = [within.narrow(s) for s in scores] if within else scores
         kept = screen_clients(scores)[0] if fed.screen_clients else list(range(len(scores)))
@@ -832,15 +833,15 @@ class FederatedPruning:
             sens_agg = central_sens if central_sens is not None else sens_agg
         group_weights = budget_group_weights(self.cfg, sens_agg)
         if pr.allocation in BUDGET_ALLOCATIONS:
-            masks = [within.narrow_mask(m) if within else m
-                     for m in profile_budget_masks(self.cfg, self.hardware, ranking, self.profiles, sparsity_scale, group_weights, within)]
+            masks = profile_budget_masks(self.cfg, self.hardware, ranking, self.profiles, sparsity_scale, group_weights, within)
         else:
             sparsities = [self.cfg.profiles[p].sparsity * sparsity_scale for p in self.profiles]
             if within:  # the same number of channels as in the dense network, now as a share of the scope's
                 sparsities = [max(0.0, 1.0 - (1.0 - s) * self.groups.total_channels / groups.total_channels) for s in sparsities]
             masks = nested_masks(groups, ranking, sparsities, pr.allocation, sens_agg, pr.min_channels, pr.round_to or None)
-        agreement = {p: float(np.mean(mask_agreement(scores, m))) for p, m in zip(self.profiles, masks)}  # within the scope
-        masks = [within.widen_mask(m) for m in masks] if within else masks
+            masks = [within.widen_mask(m) for m in masks] if within else masks
+        agreement = {p: float(np.mean(mask_agreement(scores, within.narrow_mask(m) if within else m)))  # within the scope
+                     for p, m in zip(self.profiles, masks)}
         self.profile_masks = dict(zip(self.profiles, masks))
         self.node_masks = {n: self.profile_masks[info.profile] for n, info in self.nodes.items()}
         if self.mask_source == "local":  # each client keeps its own top-k: no consensus
@@ -850,7 +851,10 @@ class FederatedPruning:
                 self.node_masks[n] = within.widen_mask(own) if within else own
         ranking = within.widen(ranking) if within else ranking  # the original index space, 0 outside the scope
         in_use = {m.key(): m for m in [*self.profile_masks.values(), *self.node_masks.values()]}
-        self.gates = {k: v for k, v in self.gates.items() if k in in_use}  # sub-networks no longer in use
+        # Sub-networks no longer in use drop their state (the dense model keeps its BatchNorm statistics).
+        self.gates = {k: v for k, v in self.gates.items() if k in in_use}
+        dense_key = StructuredMask.dense(self.groups).key()
+        self.bn_stats = {k: v for k, v in self.bn_stats.items() if k in in_use or k == dense_key}
         if self.cfg.dynamic.enabled and self.cfg.dynamic.method == "widths":  # nested widths follow the ranking of the masks
             for key, mask in in_use.items():
                 if key not in self.gates:  # an unchanged sub-network keeps its trained widths

@@ -224,6 +224,12 @@ class StructuredMask:
         return hash(self.key())
 
 
+def pruned_scope(scope: StructuredMask | None) -> StructuredMask | None:
+    """``scope`` when it prunes a channel (a sub-network, e.g. a later stage of progressive pruning), else None
+    (no scope, or every channel kept: the dense network)."""
+    return scope if scope is not None and scope.channel_sparsity > 0.0 else None
+
+
 # --------------------------------------------------------------- soft masks
 @torch.no_grad()
 def apply_soft_mask(model: nn.Module, mask: StructuredMask, groups: ChannelGroups) -> nn.Module:

@@ -111,7 +111,7 @@ from fedprune.data import ClientShard, make_client_shard, make_loader  # noqa: E
 from fedprune.dynamic import NestedWidthCNN, check_distinct_widths, conv_blocks, keep_count, train_gates, train_widths, width_state  # noqa: E402
 from fedprune.groups import discover_groups  # noqa: E402
 from fedprune.importance import compute_importance  # noqa: E402
-from fedprune.masks import StructuredMask, descending_order, extract_submodel  # noqa: E402
+from fedprune.masks import StructuredMask, descending_order, extract_submodel, pruned_scope  # noqa: E402
 from fedprune.nested import inner_channel_masks, train_nested  # noqa: E402
 from fedprune.profiles import assign_profiles  # noqa: E402
 from fedprune.sensitivity import measure_sensitivity  # noqa: E402
@@ -209,6 +209,7 @@ def client_importance(
     If the partition is one of the ``federated.adversarial_fraction`` adversarial ones, the
     scores are poisoned (:func:`fedprune.adversarial.maybe_poison`; sensitivity stays honest).
     """
+    scope = pruned_scope(scope)
     train, _ = load_data(cfg)
     shard = client_shard(cfg, partition_id, num_partitions)
     local = shard.train_idx[:CLIENT_SCORE_SUBSET]
@@ -217,7 +218,7 @@ def client_importance(
     fed = cfg.federated  # a simulated adversarial partition replaces its scores (fedprune.adversarial)
     sent, _ = maybe_poison(scores.scores, partition_id, num_partitions, fed.adversarial_fraction, fed.adversarial_mode,
                            cfg.seed, fed.adversarial_scale, round_num)
-    if scope is not None and scope.channel_sparsity > 0.0:
+    if scope is not None:
         sent = scope.widen(sent)  # the original index space, 0 outside the scope
     return {"scores": sent, "sensitivity": sens, "num-examples": shard.num_train, "scored-samples": scores.num_samples}
 
@@ -237,7 +238,7 @@ def central_importance(cfg: ExperimentConfig, num_partitions: int, dense_state: 
     fork of torch's RNG, so the caller's stream does not move. Returns
     ``(scores, sensitivity)``.
     """
-    pr = cfg.pruning
+    pr, scope = cfg.pruning, pruned_scope(scope)
     train, _ = load_data(cfg)
     shards = [client_shard(cfg, p, num_partitions) for p in range(num_partitions)]
     rng = np.random.default_rng([cfg.seed, round_num, 271828])
@@ -246,7 +247,7 @@ def central_importance(cfg: ExperimentConfig, num_partitions: int, dense_state: 
     with torch.random.fork_rng(devices=[]):
         scores, sens = _score(cfg, dense_state, train.subset(pooled), train.subset(val), pr.criterion, pr.num_batches * num_partitions,
                               sensitivity, tuple(pr.sensitivity_ratios), int(rng.integers(2**31)), scope)
-    return (scope.widen(scores.scores) if scope is not None and scope.channel_sparsity > 0.0 else scores.scores), sens
+    return (scope.widen(scores.scores) if scope is not None else scores.scores), sens
 
 
 def _score(cfg: ExperimentConfig, state: dict, score_set, val_set, criterion: str, num_batches: int, sensitivity: bool,
@@ -255,7 +256,7 @@ def _score(cfg: ExperimentConfig, state: dict, score_set, val_set, criterion: st
     if ``sensitivity``, the layer sensitivity on ``val_set`` (else None); torch is seeded with ``seed`` first.
     ``state`` is the dense model's, or with a pruned ``scope`` that sub-network's: it is scored physically
     extracted, and the scores are the sub-network's (``scope.widen`` places them in the original index space)."""
-    if scope is None or scope.channel_sparsity == 0.0:
+    if pruned_scope(scope) is None:
         groups = model_groups(cfg)
         model = build_model(cfg)
         model.load_state_dict(state)
