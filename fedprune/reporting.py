@@ -95,6 +95,15 @@ def mean_se(values: Iterable[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1) / math.sqrt(arr.size)) if arr.size > 1 else float("nan")
 
 
+#: Two-sided 95% quantile of Student's t by degrees of freedom (1-10); above 10 the value for 10 (slightly wide).
+T95 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23)
+
+
+def t95(n: int) -> float:
+    """Two-sided 95% quantile of Student's t for the mean of ``n`` paired differences (:data:`T95`)."""
+    return T95[min(n - 1, len(T95)) - 1]
+
+
 def fmt_mean_std(values: Iterable[float], scale: float = 100.0, digits: int = 1) -> str:
     """``"61.2 ± 0.8"`` (values scaled, e.g. accuracy fraction to percent); one value: ``"61.2 (1 seed)"``."""
     values = list(values)

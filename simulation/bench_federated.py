@@ -60,7 +60,7 @@ from fedprune.metrics import process_tree_rss  # noqa: E402
 from fedprune.checkpoint import CHECKPOINT_FILE, load_checkpoint  # noqa: E402
 from fedprune.federated import acting_config, resolve_data_dir, simulate, without_final_eval  # noqa: E402
 from fedprune.plots import save  # noqa: E402
-from fedprune.reporting import fmt_mean_std, mean_se, mean_std, nonnegative_int, write_json, write_text  # noqa: E402
+from fedprune.reporting import fmt_mean_std, mean_se, mean_std, nonnegative_int, t95, write_json, write_text  # noqa: E402
 from fedprune.masks import StructuredMask  # noqa: E402
 from fedprune.task import load_data, model_groups, pruned_accuracy  # noqa: E402
 
@@ -371,15 +371,6 @@ def paired_lead(rows, label: str) -> str:
     return (f"{label} over {baseline('random', label)} ({' / '.join(PROFILES)}): "
             + " / ".join(f"{m:+.1f} (s.e. {se:.1f}; per seed " + ", ".join(f"{x:+.1f}" for x in d) + ")" for d, m, se in stats.values())
             + f", ahead at every profile in {ahead_every_profile(stats)} of {len(rows[label])} seeds")
-
-
-#: Two-sided 95% quantile of Student's t by degrees of freedom (1-10); above 10 the value for 10 (slightly wide).
-T95 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23)
-
-
-def t95(n: int) -> float:
-    """Two-sided 95% quantile of Student's t for the mean of ``n`` paired differences (:data:`T95`)."""
-    return T95[min(n - 1, len(T95)) - 1]
 
 
 def importance_traffic(rec: dict) -> tuple[tuple[int, int], tuple[int, int]]:
