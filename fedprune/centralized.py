@@ -187,7 +187,7 @@ def prune_experiment(cfg: ExperimentConfig, dense: DenseRun, data=None) -> dict:
         prof = cfg.profiles[p.budget_profile]
         host_ms = {1: pruned_cost["latency_ms"]["b1"], 64: pruned_cost["latency_ms"]["b64"]} if latency else None
         result["budget_profile"] = p.budget_profile
-        result["budgets"] = hardware.report(prof.budgets, mask, pruned, prof.compute_speed, host_ms)
+        result["budgets"] = hardware.report(prof.budgets, mask, pruned, prof.compute_speed, host_ms, repeats=r)
     if latency:
         result["latency_ms"] = {"dense": dense_cost["latency_ms"], "masked": masked_cost["latency_ms"], "pruned": pruned_cost["latency_ms"]}
         result["speedup"] = {

@@ -44,7 +44,7 @@ import torch.nn as nn
 from fedprune.config import BUDGET_KEYS
 from fedprune.groups import EXAMPLE_INPUT_SHAPE, ChannelGroups, build_dependency_graph, discover_groups, root_handler
 from fedprune.masks import StructuredMask, extract_submodel
-from fedprune.metrics import LATENCY_PASSES, median_host_latency_ms, timing_input, torch_threads
+from fedprune.metrics import median_host_latency_ms, relative_host_latency, timing_input, torch_threads
 from fedprune.reporting import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -1136,28 +1136,32 @@ class HardwareModel:
             out.append((fn, limit))
         return out
 
+    def relative_latency(self, key: str, extracted: nn.Module, compute_speed: float = 1.0, repeats: int = 20) -> float:
+        """Device ms of latency budget ``key`` for ``extracted``, measured relative to the dense model: its
+        time over the dense model's, both timed in the same passes
+        (:func:`fedprune.metrics.relative_host_latency`), times the table's prediction for the dense model
+        (a calibration width of :class:`LatencyLUT`). A shared host that runs faster or slower for a while
+        moves both timings, not the ratio, so this measures the width against the table's host speed."""
+        ratio = relative_host_latency(extracted, self.model, latency_batch(key), self.threads, repeats)
+        return ratio * self.predict(key, self.groups.sizes, compute_speed)
+
     def refit_latency(self, budgets: Mapping[str, float], mask: StructuredMask, compute_speed: float = 1.0, repeats: int = 20) -> str:
         """Time the sub-network ``mask`` for each latency budget and correct the table where it is off.
 
-        The extracted sub-network is measured as runs report it (median of
-        :data:`fedprune.metrics.LATENCY_PASSES` passes of
-        :func:`fedprune.metrics.host_latency_ms`, scaled to the device), and
-        the dense model is timed in the same passes. The estimate is the larger
-        of the sub-network's own timing and its time relative to the dense
-        model's times the table's dense prediction: a host that runs faster for
-        a moment makes both faster, so it cannot make the allocator keep more
-        channels (on the 2-core benchmark VM such a moment once timed a
-        sub-network at 0.73 x the table, and the wider network chosen after it
-        timed at 1.19 x its 2.5 ms budget a minute later); a host that runs
-        slower makes the own timing slower, which is acted on. The allocator aims at
-        ``limit x (1 - m)`` (``m`` = ``latency_margin``); an estimate within
-        ``[1 - 2m, 1 - m/2] x limit`` is accepted (half the margin is left for
-        timing noise). Above that band the sub-network would risk the budget;
-        below it, the budget is left unused. Either way the budget's correction
-        becomes estimate / predicted (when too slow, at least 2% above the
-        previous one), so the next :meth:`constraints` aim right. Returns
-        ``"ok"`` (nothing to correct), ``"slow"`` (some budget above the band)
-        or ``"fast"`` (some below it, none above).
+        The extracted sub-network is measured relative to the dense model
+        (:meth:`relative_latency`): the refit corrects the table's error for
+        this width, not the host's speed of the moment (on the 2-core benchmark
+        VM a refit on timings alone once took a fast second for unused budget,
+        and the wider network it chose timed at 1.19 x its 2.5 ms budget a
+        minute later). The allocator aims at ``limit x (1 - m)`` (``m`` =
+        ``latency_margin``); an estimate within ``[1 - 2m, 1 - m/2] x limit``
+        is accepted (half the margin is left for timing noise). Above that band
+        the sub-network would risk the budget; below it, the budget is left
+        unused. Either way the budget's correction becomes estimate /
+        predicted (when too slow, at least 2% above the previous one), so the
+        next :meth:`constraints` aim right. Returns ``"ok"`` (nothing to
+        correct), ``"slow"`` (some budget above the band) or ``"fast"`` (some
+        below it, none above).
         """
         status, sub = "ok", None
         m = self.latency_margin
@@ -1165,18 +1169,15 @@ class HardwareModel:
             if spec.batch_size is None:
                 continue
             sub = sub if sub is not None else extract_submodel(self.model, mask, self.groups)
-            host_ms = median_host_latency_ms({"sub": sub, "dense": self.model}, spec.batch_size, self.threads, repeats, LATENCY_PASSES)
-            own = host_ms["sub"] * device_factor(spec.key, compute_speed)
-            relative = host_ms["sub"] / host_ms["dense"] * self.predict(spec.key, self.groups.sizes, compute_speed)
-            measured = max(own, relative)
-            slow, fast = measured > spec.limit * (1.0 - m / 2), measured < spec.limit * (1.0 - 2 * m)
+            estimate = self.relative_latency(spec.key, sub, compute_speed, repeats)
+            slow, fast = estimate > spec.limit * (1.0 - m / 2), estimate < spec.limit * (1.0 - 2 * m)
             if not (slow or fast):
                 continue
             key = _correction_key(spec, compute_speed)
-            ratio = measured / self.predict(spec.key, mask, compute_speed)
+            ratio = estimate / self.predict(spec.key, mask, compute_speed)
             self.latency_corrections[key] = max(ratio, 1.02 * self.latency_corrections.get(key, 1.0)) if slow else ratio
-            log.info("[hardware] %s: sub-network measured %.3g ms (%.3g ms relative to the dense model), %.0f%% of the %.3g ms budget "
-                     "(aim %.0f%%); predictions x %.3f from now on", spec.key, own, relative, 100 * measured / spec.limit, spec.limit,
+            log.info("[hardware] %s: sub-network measured %.3g ms relative to the dense model, %.0f%% of the %.3g ms budget "
+                     "(aim %.0f%%); predictions x %.3f from now on", spec.key, estimate, 100 * estimate / spec.limit, spec.limit,
                      100 * (1 - m), self.latency_corrections[key])
             status = "slow" if slow or status == "slow" else "fast"
         return status
@@ -1189,6 +1190,7 @@ class HardwareModel:
         compute_speed: float = 1.0,
         host_latency_ms: Mapping[int, float] | None = None,
         predict_latency: bool = True,
+        repeats: int = 20,
     ) -> dict[str, dict[str, Any]]:
         """Per budget key: ``limit``, ``predicted`` (cost model), ``measured`` (on ``extracted``), ``ok``, ``unit``.
 
@@ -1196,8 +1198,12 @@ class HardwareModel:
         extracted model itself; latency is ``host_latency_ms[batch]`` (ms on
         this host, e.g. from :func:`fedprune.metrics.model_costs`) scaled to the
         device, or None when not measured. ``ok`` is ``measured <= limit``
-        (None when not measured). With ``predict_latency=False`` latency
-        budgets get no prediction (no latency table is built).
+        (None when not measured). A measured latency budget also gets
+        ``measured_relative`` and ``ok_relative``: ``extracted`` timed against
+        the dense model (:meth:`relative_latency`), which a host whose speed
+        changes from one second to the next does not move. With
+        ``predict_latency=False`` latency budgets get no prediction (no latency
+        table is built) and no relative measurement.
         """
         out = {}
         for spec in parse_budgets(budgets):
@@ -1212,4 +1218,7 @@ class HardwareModel:
                 "ok": None if measured is None else bool(measured <= spec.limit),
                 "unit": spec.unit + (f" (device estimate: host / compute_speed {compute_speed:g})" if factor != 1.0 else ""),
             }
+            if latency and measured is not None and predict_latency:
+                relative = self.relative_latency(spec.key, extracted, compute_speed, repeats)
+                out[spec.key].update(measured_relative=relative, ok_relative=bool(relative <= spec.limit))
         return out

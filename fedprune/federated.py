@@ -1144,7 +1144,7 @@ class FederatedPruning:
             if prof.budgets:
                 host_ms = {1: entry["latency_ms"]["b1"], 64: entry["latency_ms"]["b64"]} if ev.latency else None
                 predict_latency = ev.latency or self.cfg.pruning.allocation in BUDGET_ALLOCATIONS
-                entry["budgets"] = self.hardware.report(prof.budgets, mask0, models[0], prof.compute_speed, host_ms, predict_latency)
+                entry["budgets"] = self.hardware.report(prof.budgets, mask0, models[0], prof.compute_speed, host_ms, predict_latency, ev.latency_repeats)
                 oks = [b["ok"] for b in entry["budgets"].values()]
                 entry["budgets_ok"] = None if None in oks else all(oks)
             profiles[p] = entry

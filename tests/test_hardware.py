@@ -11,7 +11,7 @@ from fedprune.config import ConfigError, load_config
 from fedprune.cost import HardwareModel, device_factor
 from fedprune.federated import simulate
 from fedprune.groups import discover_groups
-from fedprune.masks import extract_submodel
+from fedprune.masks import StructuredMask, extract_submodel
 from fedprune.models import get_model
 
 from conftest import TINY
@@ -155,9 +155,15 @@ def test_latency_constraints_apply_device_factor_and_margin(seed_hw) -> None:
     del hw._luts[1]
 
 
+def patch_relative_timing(monkeypatch, timed) -> None:
+    """Time every network by ``timed(model, batch_size, threads, repeats)`` (host ms) in the refit's relative measurement."""
+    from fedprune import cost
+
+    monkeypatch.setattr(cost, "relative_host_latency", lambda m, ref, b, t=1, r=20, passes=1: timed(m, b, t, r) / timed(ref, b, t, r))
+
+
 def test_refit_latency_closes_the_loop_on_measurement(seed_hw, monkeypatch) -> None:
     """The table says the sub-network fits; timing it says 30% slower: the next allocation aims lower and fits."""
-    from fedprune import cost
     from fedprune.allocation import nested_budget_masks
 
     model, groups, hw, scores = seed_hw
@@ -166,10 +172,11 @@ def test_refit_latency_closes_the_loop_on_measurement(seed_hw, monkeypatch) -> N
         def predict_ms(self, kept):
             return total_channels(kept) / 100.0  # host ms
 
-    def timed(sub, batch_size, threads, repeats):  # the "real" host latency: 1.3x the table
-        return 1.3 * total_channels({g.name: g.size for g in discover_groups(sub)}) / 100.0
+    def timed(sub, batch_size, threads, repeats):  # the "real" host latency: 1.3x the table for sub-networks
+        channels = total_channels({g.name: g.size for g in discover_groups(sub)})
+        return (1.0 if channels == groups.total_channels else 1.3) * channels / 100.0
 
-    monkeypatch.setattr(cost, "median_host_latency_ms", lambda models, b, t, r, passes=1: {n: timed(m, b, t, r) for n, m in models.items()})
+    patch_relative_timing(monkeypatch, timed)
     monkeypatch.setitem(hw._luts, 1, FakeLUT())
     monkeypatch.setattr(hw, "latency_corrections", {})
     budgets, speed = {"latency_ms_b1": 5.0}, 0.5  # device ms = 2 x host ms
@@ -193,7 +200,6 @@ def test_refit_latency_closes_the_loop_on_measurement(seed_hw, monkeypatch) -> N
 def test_refit_latency_uses_an_unused_budget(seed_hw, monkeypatch) -> None:
     """The table is 2x too pessimistic for sub-networks (right for the dense model): the refit lets the next
     allocation keep more channels, within the band."""
-    from fedprune import cost
     from fedprune.allocation import nested_budget_masks
 
     model, groups, hw, scores = seed_hw
@@ -206,7 +212,7 @@ def test_refit_latency_uses_an_unused_budget(seed_hw, monkeypatch) -> None:
         channels = total_channels({g.name: g.size for g in discover_groups(sub)})
         return (1.0 if channels == groups.total_channels else 0.5) * channels / 100.0
 
-    monkeypatch.setattr(cost, "median_host_latency_ms", lambda models, b, t, r, passes=1: {n: timed(m, b, t, r) for n, m in models.items()})
+    patch_relative_timing(monkeypatch, timed)
     monkeypatch.setitem(hw._luts, 1, FakeLUT())
     monkeypatch.setattr(hw, "latency_corrections", {})
     budgets = {"latency_ms_b1": 4.0}
@@ -217,12 +223,11 @@ def test_refit_latency_uses_an_unused_budget(seed_hw, monkeypatch) -> None:
     assert hw.refit_latency(budgets, second) == "ok"
 
 
-@pytest.mark.parametrize("speed_now", [0.6, 1.0])
-def test_refit_latency_ignores_a_host_that_is_fast_for_a_moment(seed_hw, monkeypatch, speed_now) -> None:
-    """The table is right, but the host runs every network 0.6x as long as usual while the refit times it: the
-    dense model, timed in the same passes, shows it, so the allocation is left as it is (keeping more channels
-    there would miss the budget once the host is back to its usual speed)."""
-    from fedprune import cost
+@pytest.mark.parametrize("speed_now", [0.6, 1.0, 1.4])
+def test_refit_latency_ignores_the_host_speed_of_the_moment(seed_hw, monkeypatch, speed_now) -> None:
+    """The table is right, but the host runs every network 0.6x (or 1.4x) as long as usual while the refit
+    times it: the dense model, timed in the same passes, shows it, so the allocation is left as it is (keeping
+    more channels after a fast moment would miss the budget once the host is back to its usual speed)."""
     from fedprune.allocation import nested_budget_masks
 
     model, groups, hw, scores = seed_hw
@@ -234,7 +239,7 @@ def test_refit_latency_ignores_a_host_that_is_fast_for_a_moment(seed_hw, monkeyp
     def timed(sub, batch_size, threads, repeats):
         return speed_now * total_channels({g.name: g.size for g in discover_groups(sub)}) / 100.0
 
-    monkeypatch.setattr(cost, "median_host_latency_ms", lambda models, b, t, r, passes=1: {n: timed(m, b, t, r) for n, m in models.items()})
+    patch_relative_timing(monkeypatch, timed)
     monkeypatch.setitem(hw._luts, 1, FakeLUT())
     monkeypatch.setattr(hw, "latency_corrections", {})
     budgets = {"latency_ms_b1": 4.0}
@@ -243,9 +248,8 @@ def test_refit_latency_ignores_a_host_that_is_fast_for_a_moment(seed_hw, monkeyp
 
 
 def test_a_refit_that_finds_the_budget_infeasible_keeps_the_last_allocation(seed_hw, monkeypatch) -> None:
-    """One timing far too slow (a busy host) corrects the table so much that even the smallest network looks
-    over budget: the refits stop with the last allocation instead of failing a run that was found feasible."""
-    from fedprune import cost
+    """One timing far too slow corrects the table so much that even the smallest network looks over budget:
+    the refits stop with the last allocation instead of failing a run that was found feasible."""
     from fedprune.task import profile_budget_masks
 
     model, groups, hw, scores = seed_hw
@@ -254,7 +258,8 @@ def test_a_refit_that_finds_the_budget_infeasible_keeps_the_last_allocation(seed
         def predict_ms(self, kept):
             return total_channels(kept) / 100.0
 
-    monkeypatch.setattr(cost, "median_host_latency_ms", lambda models, b, t, r, passes=1: {n: 50.0 for n in models})  # 50 host ms
+    dense_ms = groups.total_channels / 100.0  # the dense model as the table has it
+    patch_relative_timing(monkeypatch, lambda m, *_: dense_ms if m is model else 50.0)  # 50 host ms
     monkeypatch.setitem(hw._luts, 1, FakeLUT())
     monkeypatch.setattr(hw, "latency_corrections", {})
     for allocation in ("budget", "budget_uniform"):
@@ -268,8 +273,7 @@ def test_a_refit_that_finds_the_budget_infeasible_keeps_the_last_allocation(seed
     stale = load_config(None, ["pruning.allocation='budget'", "profiles.mobile_cpu.budgets={latency_ms_b1=4.0}"])
     hw.latency_corrections.clear()
     hw.latency_corrections[("latency_ms_b1", 4.0, 0.5)] = 1e6
-    # the sub-network at 3.5 device ms (within the band), the dense model as the table has it
-    monkeypatch.setattr(cost, "median_host_latency_ms", lambda models, b, t, r, passes=1: {"sub": 1.75, "dense": groups.total_channels / 100.0})
+    patch_relative_timing(monkeypatch, lambda m, *_: dense_ms if m is model else 1.75)  # 3.5 device ms: within the band
     (mask,) = profile_budget_masks(stale, hw, scores, ["mobile_cpu"])
     assert hw.predict("latency_ms_b1", mask, 0.5) <= 4.0 and not hw.latency_corrections
     hw.latency_corrections.clear()
@@ -290,6 +294,27 @@ def test_report_measures_the_extracted_model(seed_hw) -> None:
     assert rep["params"]["ok"] is False and rep["params"]["measured"] == rep["flash_bytes_int8"]["measured"]
     lat = hw.report({"latency_ms_b1": 5.0}, mask, sub, compute_speed=0.5, host_latency_ms={1: 2.0}, predict_latency=False)
     assert lat["latency_ms_b1"] == {**lat["latency_ms_b1"], "measured": 4.0, "ok": True, "predicted": None}
+    assert "measured_relative" not in lat["latency_ms_b1"]  # no table, so nothing to measure against
+
+
+def test_report_measures_latency_relative_to_the_dense_model(seed_hw, monkeypatch) -> None:
+    """A slow moment (the host 1.5x slower) makes the timing miss the budget; relative to the dense model timed
+    alongside, the width meets it as the table has the host (the dense model at the table's prediction)."""
+    model, groups, hw, scores = seed_hw
+
+    class FakeLUT:
+        def predict_ms(self, kept):
+            return total_channels(kept) / 100.0
+
+    monkeypatch.setitem(hw._luts, 1, FakeLUT())
+    patch_relative_timing(monkeypatch, lambda m, *_: 1.5 * total_channels({g.name: g.size for g in discover_groups(m)}) / 100.0)
+    mask = StructuredMask.from_scores(scores, {g.name: g.size // 2 for g in groups})
+    sub = extract_submodel(model, mask, groups)
+    table_ms = 2 * total_channels(mask.kept_counts) / 100.0  # device ms at compute_speed 0.5
+    rep = hw.report({"latency_ms_b1": 1.2 * table_ms}, mask, sub, compute_speed=0.5, host_latency_ms={1: 1.5 * table_ms / 2})
+    b = rep["latency_ms_b1"]
+    assert b["measured"] == pytest.approx(1.5 * table_ms) and b["ok"] is False
+    assert b["measured_relative"] == pytest.approx(table_ms) and b["ok_relative"] is True
 
 
 # ---------------------------------------------------------------- runs

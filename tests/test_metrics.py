@@ -126,3 +126,15 @@ def test_latency_side_by_side_and_model_costs() -> None:
     assert costs == {"params": 280, "macs": 3 * 8 * 9 * 32 * 32 + 40, "flops": 2 * (3 * 8 * 9 * 32 * 32 + 40)}
     costs = model_costs(_tiny(), latency=True, repeats=4)
     assert set(costs["latency_ms"]) == {"b1", "b64"} and all(v > 0 for v in costs["latency_ms"].values())
+
+
+def test_relative_host_latency_takes_the_ratio_within_each_pass(monkeypatch) -> None:
+    """The host changes speed from pass to pass (1x, 1.4x, 0.7x): each pass times both models in the same
+    state, so their ratio is exact while either timing alone moves by 2x."""
+    from fedprune import metrics
+
+    small, big = torch.nn.Linear(2, 2), torch.nn.Linear(8, 8)
+    speeds = iter([1.0, 1.0, 1.4, 1.4, 0.7, 0.7])
+    cost_ms = {small: 1.0, big: 4.0}
+    monkeypatch.setattr(metrics, "host_latency_ms", lambda m, b, t, r: next(speeds) * cost_ms[m])
+    assert metrics.relative_host_latency(small, big, 1, passes=3) == pytest.approx(0.25)
