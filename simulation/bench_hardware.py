@@ -51,7 +51,7 @@ from fedprune.masks import StructuredMask, extract_submodel  # noqa: E402
 from fedprune.metrics import median_host_latency_ms  # noqa: E402
 from fedprune.models import get_model  # noqa: E402
 from fedprune.plots import finish  # noqa: E402
-from fedprune.reporting import benchmark_parser, fmt_mean_std, mean_se, mean_std, nonnegative_int, read_saved_json, t95, to_jsonable, write_json, write_text  # noqa: E402
+from fedprune.reporting import benchmark_parser, fmt_mean_std, mean_std, nonnegative_int, read_saved_json, t95, to_jsonable, write_json, write_text  # noqa: E402
 from fedprune.task import load_data, make_train_fn, profile_budget_masks, train_config  # noqa: E402
 from fedprune.training import evaluate, set_seed  # noqa: E402
 
@@ -403,11 +403,11 @@ def budget_section(per_seed: list[dict], cfg, args, n_test: int | None, scale: f
             u, _ = mean_std(r[f"{prof}/budget_uniform"]["accuracy"] for r in per_seed)
             diffs = [100 * (r[f"{prof}/{method}"]["accuracy"] - r[f"{prof}/budget_uniform"]["accuracy"]) for r in per_seed]
             d_m, d_s = mean_std(diffs)
-            _, se = mean_se(diffs)
+            se = d_s / np.sqrt(len(diffs))
             ci = (f"95% CI of the mean difference {d_m - t95(len(diffs)) * se:+.2f} to {d_m + t95(len(diffs)) * se:+.2f}, "
                   if len(diffs) > 1 else "")
             lines.append(f"- {prof}, {LABELS[method]}: {100 * a:.1f}% vs uniform sparsity {100 * u:.1f}% at the same budget "
-                         f"({d_m:+.2f} ± {d_s:.2f} points, standard error of the mean {d_s / np.sqrt(len(diffs)):.2f}, {ci}"
+                         f"({d_m:+.2f} ± {d_s:.2f} points, standard error of the mean {se:.2f}, {ci}"
                          f"paired per seed: {', '.join(f'{d:+.1f}' for d in diffs)}; "
                          f"target ≥ 0: {'met' if a >= u else 'NOT met'}"
                          + (", within the seeds' spread" if a < u <= a + d_s / 100 else "") + ").")
