@@ -404,9 +404,11 @@ def budget_section(per_seed: list[dict], cfg, args, n_test: int | None, scale: f
             diffs = [100 * (r[f"{prof}/{method}"]["accuracy"] - r[f"{prof}/budget_uniform"]["accuracy"]) for r in per_seed]
             d_m, d_s = mean_std(diffs)
             se = d_s / np.sqrt(len(diffs))
-            lo, hi = d_m - t95(len(diffs)) * se, d_m + t95(len(diffs)) * se
-            ci = f"95% CI of the mean difference {lo:+.2f} to {hi:+.2f}, " if len(diffs) > 1 else ""
-            tie = "" if a >= u or len(diffs) < 2 else (", a tie: the 95% CI includes 0" if hi >= 0 else ", the 95% CI is below 0")
+            ci = tie = ""
+            if len(diffs) > 1:
+                lo, hi = d_m - t95(len(diffs)) * se, d_m + t95(len(diffs)) * se
+                ci = f"95% CI of the mean difference {lo:+.2f} to {hi:+.2f}, "
+                tie = "" if a >= u else (", a tie: the 95% CI includes 0" if hi >= 0 else ", the 95% CI is below 0")
             lines.append(f"- {prof}, {LABELS[method]}: {100 * a:.1f}% vs uniform sparsity {100 * u:.1f}% at the same budget "
                          f"({d_m:+.2f} ± {d_s:.2f} points, standard error of the mean {se:.2f}, {ci}"
                          f"paired per seed: {', '.join(f'{d:+.1f}' for d in diffs)}; "
