@@ -308,6 +308,15 @@ class _RemovalOrder:
         new = (new // self.round_to) * self.round_to
         return max(new, floor)
 
+    def grow_count(self, name: str, count: int, cap: int) -> int | None:
+        """Kept count after one step of adding channels back to ``name`` (up to a multiple of
+        ``round_to``, at most ``cap``), or None when the group is already at ``cap``."""
+        if count >= cap:
+            return None
+        new = count + self.step[name]
+        new = -(-new // self.round_to) * self.round_to
+        return min(new, cap)
+
     def importance(self, name: str, count: int, new: int) -> float:
         """Importance lost going from ``count`` to ``new`` kept channels in group ``name``.
 
@@ -447,6 +456,37 @@ class _GreedyRemoval:
                 self._since_refresh += 1
             self._unmet = ()  # the next profile's objective differs: refresh
         return results
+
+
+def _grow(order: _RemovalOrder, counts: Mapping[str, int], cap: Mapping[str, int], constraints: Sequence[Constraint]) -> dict[str, int]:
+    """``counts`` (which meet ``constraints``) with channels added back while every constraint still holds.
+
+    Each step adds the candidate step (one per group, :meth:`_RemovalOrder.grow_count`,
+    never above ``cap``) that holds the constraints and gains the most importance (as
+    :meth:`_RemovalOrder.importance` measures its loss) per unit of cost added -- the
+    costs' increases, each divided by its budget, summed; a step that adds no cost comes
+    first. Stops when no step fits.
+    """
+    counts = dict(counts)
+    while True:
+        base = [float(fn(counts)) for fn, _ in constraints]
+        best, best_ratio, best_new = None, -1.0, 0
+        for name in order.names:
+            new = order.grow_count(name, counts[name], cap[name])
+            if new is None:
+                continue
+            trial = {**counts, name: new}
+            costs = [float(fn(trial)) for fn, _ in constraints]
+            if any(c > b for c, (_, b) in zip(costs, constraints)):
+                continue
+            added = sum(max(c - c0, 0.0) / b for c, c0, (_, b) in zip(costs, base, constraints))
+            gain = order.importance(name, new, counts[name])
+            ratio = math.inf if added <= 0 else gain / added
+            if ratio > best_ratio:
+                best, best_ratio, best_new = name, ratio, new
+        if best is None:
+            return counts
+        counts[best] = best_new
 
 
 def _check_feasible(order: _RemovalOrder, profiles: Sequence[Sequence[Constraint]]) -> None:
@@ -613,11 +653,14 @@ def budget_masks(
     """Nested masks, one per profile (loosest first), that meet each profile's ``(cost_fn, limit)`` list.
 
     ``method`` is one of :data:`BUDGET_ALLOCATIONS`; ``objective`` (one of
-    :data:`BUDGET_OBJECTIVES`) and ``group_weights`` (see :func:`budget_allocate`)
-    apply to ``budget`` only; giving weights to another method is an error. ``budget`` and
-    ``budget_uniform`` meet every budget by construction (as predicted by the
-    cost functions); ``constant_cost`` does not look at the real cost beyond
-    the dense value and may miss or overshoot -- it is the baseline.
+    :data:`BUDGET_OBJECTIVES`) applies to ``budget`` and ``budget_fill``, ``group_weights``
+    (see :func:`budget_allocate`) to ``budget`` only; giving weights to another method is
+    an error. ``budget_fill`` starts from ``budget_uniform``'s widths and adds channels
+    back while the budget holds (:func:`_grow`), so no group is ever narrower than under
+    ``budget_uniform``. ``budget``, ``budget_uniform`` and ``budget_fill`` meet every
+    budget by construction (as predicted by the cost functions); ``constant_cost`` does
+    not look at the real cost beyond the dense value and may miss or overshoot -- it is
+    the baseline.
     """
     if method not in BUDGET_ALLOCATIONS:
         raise ValueError(f"unknown budget allocation {method!r}; allowed: {list(BUDGET_ALLOCATIONS)}")
@@ -627,12 +670,23 @@ def budget_masks(
     if method == "budget":
         return nested_budget_masks(groups, scores, profiles, min_channels, round_to, max_group_sparsity=max_group_sparsity, objective=objective,
                                    group_weights=group_weights)
-    if method == "budget_uniform":
+    if method in ("budget_uniform", "budget_fill"):
         sparsities, lo = [], 0.0
         for c in profiles:
             lo = _uniform_sparsity_for(groups, c, min_channels, round_to, lo)
             sparsities.append(lo)
-        return nested_masks(groups, scores, sparsities, "uniform", None, min_channels, round_to)
+        uniform = nested_masks(groups, scores, sparsities, "uniform", None, min_channels, round_to)
+        if method == "budget_uniform":
+            return uniform
+        # Uniform widths as a floor, then the budget left over spent where it buys the most importance;
+        # each profile grows within the previous (looser) one, so the masks stay nested.
+        order = _RemovalOrder(groups, scores, min_channels, round_to, 0.01, objective=objective)
+        prev, filled = dict(groups.sizes), []
+        for mask, c in zip(uniform, profiles):
+            start = {n: min(k, prev[n]) for n, k in mask.kept_counts.items()}
+            prev = _grow(order, start, prev, c)
+            filled.append(prev)
+        return [StructuredMask.from_scores(scores, c) for c in filled]
     dense = groups.sizes
     total = groups.total_channels
     fractions = [min(1.0, min(budget / float(fn(dense)) for fn, budget in c)) for c in profiles]

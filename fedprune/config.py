@@ -60,9 +60,11 @@ SPARSITY_ALLOCATIONS = ("uniform", "global", "sensitivity")
 #: Ways to meet per-profile hardware budgets (fedprune.allocation.budget_masks):
 #: ``budget`` -- greedy importance-per-cost removal (nested_budget_masks);
 #: ``budget_uniform`` -- the smallest uniform layer-wise sparsity that meets the budgets;
+#: ``budget_fill`` -- ``budget_uniform``'s widths, then the budget left over filled greedily
+#: (most importance gained per cost added first): never narrower than uniform in any layer;
 #: ``constant_cost`` -- the notebook's baseline: every channel costs the same, so a
 #: budget at fraction f of the dense cost keeps the globally best f of all channels.
-BUDGET_ALLOCATIONS = ("budget", "budget_uniform", "constant_cost")
+BUDGET_ALLOCATIONS = ("budget", "budget_uniform", "budget_fill", "constant_cost")
 #: ``pruning.allocation`` values.
 ALLOCATIONS = SPARSITY_ALLOCATIONS + BUDGET_ALLOCATIONS
 #: What the greedy budget allocation keeps as much of (``pruning.budget_objective``):
@@ -150,7 +152,7 @@ class PruningConfig:
     budget_profile: str = _spec("", doc="centralized runs with a budget allocation: the profile whose budgets to meet")
     latency_margin: float = _spec(0.1, lo=0.0, hi=0.5, hi_open=True, doc="budget allocations aim latency budgets at limit x (1 - margin) "
                                   "and accept a timed sub-network up to limit x (1 - margin / 2)")
-    budget_objective: str = _spec("log", choices=BUDGET_OBJECTIVES, doc="allocation 'budget': 'log' keeps the most of "
+    budget_objective: str = _spec("log", choices=BUDGET_OBJECTIVES, doc="allocations 'budget' and 'budget_fill': 'log' keeps the most of "
                                   "sum(log share of each group's importance kept), 'sum' of the summed importance kept")
     budget_sensitivity: float = _spec(0.0, lo=0.0, hi=MAX_BUDGET_SENSITIVITY, doc="allocation 'budget': each group's lost importance is weighted by "
                                       "(layer sensitivity / mean) ** this power; 0 = unweighted (no sensitivity measured)")

@@ -42,7 +42,7 @@ class PruneSpec:
     min_channels: int = 1
     round_to: int | None = None
     sensitivity_ratios: tuple[float, ...] = DEFAULT_RATIOS
-    #: For the budget allocations (``budget``, ``budget_uniform``, ``constant_cost``):
+    #: For the budget allocations (``budget``, ``budget_uniform``, ``budget_fill``, ``constant_cost``):
     #: ``(scale, scores, sensitivity) -> StructuredMask``, the mask of a stage that goes
     #: ``scale`` (in (0, 1]) of the way from dense to the budget (e.g. a partial of
     #: :func:`fedprune.task.profile_budget_masks`); ``sensitivity`` is one number per

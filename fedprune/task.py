@@ -496,7 +496,7 @@ def profile_budget_masks(cfg: ExperimentConfig, hardware, scores, names, scale: 
     pruning); ``scores`` are then over its kept channels (:meth:`StructuredMask.narrow`), and the
     masks returned are in the original index space, subsets of it.
 
-    For the final budgets (``scale`` 1) of ``budget`` and ``budget_uniform`` the loop is closed on
+    For the final budgets (``scale`` 1) of every allocation but ``constant_cost`` the loop is closed on
     measurement: each profile's sub-network with a latency budget is timed on this host
     (:meth:`fedprune.cost.HardwareModel.refit_latency`) and, where the latency table was off, the
     masks are allocated again with corrected predictions (at most :data:`LATENCY_REFITS` times).

@@ -7,7 +7,9 @@
    per-layer and budget-allocated widths); the table is built 3 times, each
    build followed by its own timing of every width.
 2. For each budgeted profile of configs/profiles.toml and each allocation --
-   ``budget`` (greedy importance per cost), ``budget_sensitivity`` (the same
+   ``budget`` (greedy importance per cost), ``budget_fill`` (``budget_uniform``'s
+   widths, then the budget left over filled greedily, most importance per cost
+   added first), ``budget_sensitivity`` (``budget``
    with each layer's lost importance weighted by its sensitivity), ``budget_uniform`` (the smallest
    uniform sparsity that meets the budget) and ``constant_cost`` (the
    notebook's hardware-aware method: every channel costs the same) -- prune
@@ -67,13 +69,17 @@ LUT_BUILDS = 3
 RETIME_PASSES = 5
 #: row key -> pruning config overrides
 METHODS = {"budget": {"allocation": "budget", "budget_objective": "log", "budget_sensitivity": 0.0},
+           "budget_fill": {"allocation": "budget_fill", "budget_objective": "log", "budget_sensitivity": 0.0},
            "budget_sensitivity": {"allocation": "budget", "budget_objective": "log", "budget_sensitivity": 1.0},
            "budget_uniform": {"allocation": "budget_uniform", "budget_sensitivity": 0.0},
            "constant_cost": {"allocation": "constant_cost", "budget_sensitivity": 0.0}}
 LABELS = {"budget": "budget-aware (greedy, log importance kept / cost)",
+          "budget_fill": "budget-aware fill: uniform widths, then the budget left filled greedily",
           "budget_sensitivity": "budget-aware, layers weighted by sensitivity (option)",
           "budget_uniform": "uniform sparsity meeting the budget", "constant_cost": "constant cost per channel (notebook)"}
 
+#: The budget-aware allocations whose targets are checked (compliance, accuracy vs uniform sparsity).
+AWARE = ("budget", "budget_fill", "budget_sensitivity")
 
 # ------------------------------------------------------------ latency table
 def lut_accuracy(cfg, threads: int, repeats: int, lut_dir: Path) -> dict:
@@ -146,7 +152,18 @@ def _run_key(key: dict) -> dict:
     data_dir resolved."""
     key = json.loads(json.dumps(to_jsonable(key)))
     key["config"] = centralized_config(key["config"])
+    key.pop("methods", None)  # cached per allocation: see budget_runs
     return key
+
+
+def _cached_rows(cache: Path | None, key: dict) -> tuple[dict, dict]:
+    """Rows and allocation overrides of a seed saved under ``cache`` with the same run key (else empty)."""
+    if cache is None or not cache.is_file():
+        return {}, {}
+    saved = json.loads(cache.read_text())
+    if _run_key(saved["key"]) != _run_key(key):
+        return {}, {}
+    return saved["rows"], saved["key"].get("methods", {})
 
 
 def budget_runs(cfg, seeds, profiles, data, cache_dir: Path | None = None, tag: str = "") -> list[dict]:
@@ -154,30 +171,40 @@ def budget_runs(cfg, seeds, profiles, data, cache_dir: Path | None = None, tag: 
 
     Each finished seed is saved under ``cache_dir`` (``seed<N><tag>.json``) with the config it
     ran with; a rerun with the same config reuses it (an interrupted benchmark resumes by seed).
+    Allocations are cached one by one: an allocation added to :data:`METHODS` (or whose
+    overrides changed) runs alone on a seed that has the others, after the dense model is
+    trained again -- and if that model's accuracy differs from the cached one, the whole seed
+    runs again, so every row of a seed prunes the same dense model.
     """
     per_seed = []
     for i, seed in enumerate(seeds):
         c = copy.deepcopy(cfg)
         c.seed = seed
         cache = cache_dir / f"seed{seed}{tag}.json" if cache_dir else None
-        key = {"config": config_to_dict(c), "profiles": list(profiles), "methods": METHODS}
-        if cache and cache.is_file():
-            saved = json.loads(cache.read_text())
-            if _run_key(saved["key"]) == _run_key(key):
-                log.info("[seed %d %d/%d] reusing %s", seed, i + 1, len(seeds), cache)
-                per_seed.append(saved["rows"])
-                continue
+        key = {"config": config_to_dict(c), "profiles": list(profiles)}
+        rows, done = _cached_rows(cache, key)
+        todo = [m for m, o in METHODS.items() if to_jsonable(o) != done.get(m) or any(f"{p}/{m}" not in rows for p in profiles)]
+        if rows and not todo:
+            log.info("[seed %d %d/%d] reusing %s", seed, i + 1, len(seeds), cache)
+            per_seed.append(rows)
+            continue
         t0 = time.perf_counter()
-        log.info("[seed %d %d/%d%s] dense training, %d epochs", seed, i + 1, len(seeds), tag, c.train.epochs)
+        log.info("[seed %d %d/%d%s] dense training, %d epochs%s", seed, i + 1, len(seeds), tag, c.train.epochs,
+                 f" (cached seed; allocations to add: {', '.join(todo)})" if rows else "")
         dense = train_dense(c, data=data)
-        same = copy.deepcopy(dense.model)
-        set_seed(seed + 2)
-        make_train_fn(make_loader(data[0], c.train.batch_size, train=True, seed=seed + 2), train_config(c))(same, c.pruning.finetune_epochs)
-        rows = {"dense": {"accuracy": dense.metrics["accuracy"], "epochs": dense.epochs},
-                "dense same budget": {"accuracy": evaluate(same, make_loader(data[1], 256, train=False))["accuracy"],
-                                      "epochs": dense.epochs + c.pruning.finetune_epochs}}
+        if rows and rows["dense"]["accuracy"] != dense.metrics["accuracy"]:
+            log.warning("[seed %d] the dense model trained again has accuracy %.4f, the cached one %.4f: running every allocation "
+                        "again", seed, dense.metrics["accuracy"], rows["dense"]["accuracy"])
+            rows, todo = {}, list(METHODS)
+        if not rows:
+            same = copy.deepcopy(dense.model)
+            set_seed(seed + 2)
+            make_train_fn(make_loader(data[0], c.train.batch_size, train=True, seed=seed + 2), train_config(c))(same, c.pruning.finetune_epochs)
+            rows = {"dense": {"accuracy": dense.metrics["accuracy"], "epochs": dense.epochs},
+                    "dense same budget": {"accuracy": evaluate(same, make_loader(data[1], 256, train=False))["accuracy"],
+                                          "epochs": dense.epochs + c.pruning.finetune_epochs}}
         for prof in profiles:
-            for method, overrides in METHODS.items():
+            for method, overrides in ((m, METHODS[m]) for m in todo):
                 c2 = copy.deepcopy(c)
                 c2.pruning = dataclasses.replace(c2.pruning, budget_profile=prof, **overrides)
                 res = prune_experiment(c2, dense, data)["pruned"]
@@ -188,9 +215,10 @@ def budget_runs(cfg, seeds, profiles, data, cache_dir: Path | None = None, tag: 
                          100 * res["channel_sparsity"], ", ".join(f"{k} {v['measured']:.4g}/{v['limit']:.4g} {'ok' if v['ok'] else 'MISSED'}"
                                    + (f" (relative to dense {v['measured_relative']:.4g})" if "measured_relative" in v else "") for k, v in b.items()),
                          time.perf_counter() - t0)
+        rows = {**{k: v for k, v in rows.items() if "/" not in k}, **{f"{p}/{m}": rows[f"{p}/{m}"] for p in profiles for m in METHODS}}
         per_seed.append(rows)
         if cache:
-            write_json(cache, {"key": key, "rows": rows})
+            write_json(cache, {"key": {**key, "methods": METHODS}, "rows": rows})
     return per_seed
 
 
@@ -331,6 +359,11 @@ def _added_seeds(args) -> str:
             f"the tighter budgets keep seeds {', '.join(map(str, scaled))} (`--scaled-seeds`).")
 
 
+def ran_methods(per_seed: list[dict]) -> list[str]:
+    """The allocations of :data:`METHODS` that every seed ran (a table from before one was added lacks it)."""
+    return [m for m in METHODS if all(any(k.endswith(f"/{m}") for k in r) for r in per_seed)]
+
+
 def budget_section(per_seed: list[dict], cfg, args, n_test: int | None, scale: float) -> list[str]:
     """Markdown lines of one equal-budget comparison (``cfg`` carries the budgets it ran with)."""
     relative = any("ok_relative" in b for r in per_seed for k, row in r.items() if "/" in k for b in row["budgets"].values())
@@ -338,6 +371,7 @@ def budget_section(per_seed: list[dict], cfg, args, n_test: int | None, scale: f
     seeds = section_seeds(args, scale)
     first = per_seed[0]
     profiles = list(dict.fromkeys(k.split("/")[0] for k in first if "/" in k))
+    methods = ran_methods(per_seed)
     ref_m, _ = mean_std(r["dense same budget"]["accuracy"] for r in per_seed)
     host = _host(args)
     if scale == 1.0:
@@ -381,7 +415,7 @@ def budget_section(per_seed: list[dict], cfg, args, n_test: int | None, scale: f
     for prof in profiles:
         budgets = cfg.profiles[prof].budgets
         btxt = ", ".join(f"{k} ≤ {_fmt_value(k, v)}" for k, v in budgets.items())
-        for method in METHODS:
+        for method in methods:
             rows = [r[f"{prof}/{method}"] for r in per_seed]
             m, _ = mean_std(r["accuracy"] for r in rows)
             checks = _measured_met(rows)
@@ -390,14 +424,14 @@ def budget_section(per_seed: list[dict], cfg, args, n_test: int | None, scale: f
                          f"{fmt_mean_std(r['accuracy'] for r in rows)} | {100 * (m - ref_m):+.1f} | {cost} | {sum(checks)}/{len(checks)} | "
                          + (f"{_relative_met(rows)} | " if relative else "") + f"{_retimed_met(rows)} |")
     lines += ["", "### Targets", ""]
-    for method in ("budget", "budget_sensitivity"):
+    for method in (m for m in AWARE if m in methods):
         rows = [v for r in per_seed for k, v in r.items() if k.endswith(f"/{method}")]
         aware, retimed = _measured_met(rows), _retimed_met(rows)
         lines.append(f"- {LABELS[method]}: meets {sum(aware)}/{len(aware)} budgets as measured after extraction "
                      f"(target 100%: {'met' if all(aware) else 'NOT met'}); "
                      + (f"relative to the dense model timed alongside: {_relative_met(rows)}; " if relative else "")
                      + f"re-timed together at the end: {retimed}.")
-    for method in ("budget", "budget_sensitivity"):
+    for method in (m for m in AWARE if m in methods):
         for prof in profiles:
             a, _ = mean_std(r[f"{prof}/{method}"]["accuracy"] for r in per_seed)
             u, _ = mean_std(r[f"{prof}/budget_uniform"]["accuracy"] for r in per_seed)
@@ -422,11 +456,12 @@ def plot(per_seed: list[dict], path: Path, title: str = "Equal hardware budgets"
 
     first = per_seed[0]
     profiles = list(dict.fromkeys(k.split("/")[0] for k in first if "/" in k))
+    methods = ran_methods(per_seed)
     fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.8 / len(METHODS)
-    for j, method in enumerate(METHODS):
+    width = 0.8 / len(methods)
+    for j, method in enumerate(methods):
         ms = [mean_std(r[f"{p}/{method}"]["accuracy"] for r in per_seed) for p in profiles]
-        ax.bar(np.arange(len(profiles)) + (j - (len(METHODS) - 1) / 2) * width, [100 * m for m, _ in ms], width, yerr=[100 * s for _, s in ms], capsize=3, label=LABELS[method])
+        ax.bar(np.arange(len(profiles)) + (j - (len(methods) - 1) / 2) * width, [100 * m for m, _ in ms], width, yerr=[100 * s for _, s in ms], capsize=3, label=LABELS[method])
     m, _ = mean_std(r["dense same budget"]["accuracy"] for r in per_seed)
     ax.axhline(100 * m, color="black", ls="--", label="dense, same epochs")
     ax.set_xticks(np.arange(len(profiles)), profiles)

@@ -53,6 +53,46 @@ def test_bench_hardware_seeds_per_section() -> None:
         assert bench._added_seeds(same) == ""
 
 
+def test_bench_hardware_caches_each_allocation(tmp_path, monkeypatch) -> None:
+    """A seed cached before an allocation was added runs only that allocation (on the dense model trained
+    again); if the dense model trained again differs from the cached one, every allocation runs again."""
+    from types import SimpleNamespace
+
+    from fedprune.config import load_config
+
+    bench = _script("bench_hardware")
+    dense_acc, pruned = [0.5], []
+    monkeypatch.setattr(bench, "train_dense", lambda c, data: SimpleNamespace(model=None, metrics={"accuracy": dense_acc[0]}, epochs=8))
+    monkeypatch.setattr(bench, "make_train_fn", lambda *a: (lambda model, epochs: None))
+    monkeypatch.setattr(bench, "make_loader", lambda *a, **k: None)
+    monkeypatch.setattr(bench, "evaluate", lambda model, loader: {"accuracy": 0.6})
+
+    def prune(c, dense, data):
+        pruned.append((c.pruning.budget_profile, c.pruning.allocation, c.pruning.budget_sensitivity))
+        return {"pruned": {"accuracy": dense.metrics["accuracy"], "accuracy_before_finetune": 0.1, "channel_sparsity": 0.5, "macs": 1,
+                           "params": 1, "budgets": {}, "kept_channels": {}, "latency_ms": {}, "total_epochs": 12}}
+
+    monkeypatch.setattr(bench, "prune_experiment", prune)
+    cfg = load_config(None, [])
+    all_methods = dict(bench.METHODS)
+    monkeypatch.setattr(bench, "METHODS", {k: v for k, v in all_methods.items() if k != "budget_fill"})
+    (first,) = bench.budget_runs(cfg, [3], ["mobile_cpu"], (None, None), tmp_path)
+    assert len(pruned) == len(all_methods) - 1 and "mobile_cpu/budget_fill" not in first
+    pruned.clear()
+    monkeypatch.setattr(bench, "METHODS", all_methods)
+    (second,) = bench.budget_runs(cfg, [3], ["mobile_cpu"], (None, None), tmp_path)
+    assert pruned == [("mobile_cpu", "budget_fill", 0.0)]  # only the allocation added
+    assert {k: v for k, v in second.items() if k != "mobile_cpu/budget_fill"} == first
+    pruned.clear()
+    assert bench.budget_runs(cfg, [3], ["mobile_cpu"], (None, None), tmp_path) == [second] and not pruned  # all cached
+    # budget_fill's overrides changed, and the dense model trained again came out differently: the whole seed again
+    monkeypatch.setitem(all_methods, "budget_fill", {**all_methods["budget_fill"], "budget_objective": "sum"})
+    dense_acc[0] = 0.55
+    (third,) = bench.budget_runs(cfg, [3], ["mobile_cpu"], (None, None), tmp_path)
+    assert len(pruned) == len(all_methods) and third["dense"]["accuracy"] == 0.55
+    assert all(third[f"mobile_cpu/{m}"]["accuracy"] == 0.55 for m in all_methods)
+
+
 def test_bench_federated_compares_each_consensus_row_with_its_random_twin() -> None:
     """Sensitivity-adaptive widths come from the criterion's sensitivity, so a consensus row with them is compared
     with the random-mask row of the same criterion and allocation; rows with the config's widths with plain random

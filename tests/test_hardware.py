@@ -104,7 +104,7 @@ def test_device_factor() -> None:
     assert device_factor("macs", 0.05) == 1.0
 
 
-@pytest.mark.parametrize("method", ["budget", "budget_uniform", "constant_cost"])
+@pytest.mark.parametrize("method", ["budget", "budget_uniform", "budget_fill", "constant_cost"])
 def test_budget_masks_are_nested(seed_hw, method) -> None:
     _, groups, hw, scores = seed_hw
     constraints = [hw.constraints({"macs": f * DENSE_MACS}) for f in (0.6, 0.3, 0.08)]
@@ -124,6 +124,26 @@ def test_budget_uniform_is_the_smallest_uniform_sparsity(seed_hw) -> None:
     assert max(fractions) - min(fractions) < 0.02  # uniform
     one_more = {g.name: min(g.size, kept[g.name] + max(1, g.size // 100)) for g in groups}
     assert hw.analytic.macs(one_more) > 0.25 * DENSE_MACS * 0.97  # not much slack left
+
+
+def test_budget_fill_is_never_narrower_than_uniform_and_spends_the_slack(seed_hw) -> None:
+    """budget_fill starts from budget_uniform's widths (a floor in every group) and adds channels back while
+    every constraint of the profile holds: more channels, still within budget, still nested."""
+    _, groups, hw, scores = seed_hw
+    constraints = [hw.constraints({"macs": 0.6 * DENSE_MACS}),
+                   [*hw.constraints({"flash_bytes_int8": 1_000_000, "peak_sram_bytes_int8": 327_680}), *hw.constraints({"macs": 0.08 * DENSE_MACS})]]
+    uniform = budget_masks("budget_uniform", groups, scores, constraints, round_to=8)
+    filled = budget_masks("budget_fill", groups, scores, constraints, round_to=8)
+    for u, f, cs in zip(uniform, filled, constraints):
+        assert u.is_subset_of(f)  # the same ranking: wider groups keep the uniform channels
+        assert all(fn(f.kept_counts) <= limit for fn, limit in cs)
+        assert all(k % 8 == 0 or k == groups[n].size for n, k in f.kept_counts.items())
+        # no single further step of any group fits the budget
+        for g in groups:
+            more = dict(f.kept_counts, **{g.name: min(g.size, f.kept_counts[g.name] + 8)})
+            assert more == f.kept_counts or any(fn(more) > limit for fn, limit in cs)
+    assert total_channels(filled[1].kept_counts) > total_channels(uniform[1].kept_counts)
+    assert filled[1].is_subset_of(filled[0])
 
 
 def test_constant_cost_keeps_the_channel_fraction_of_the_budget(seed_hw) -> None:
@@ -262,7 +282,7 @@ def test_a_refit_that_finds_the_budget_infeasible_keeps_the_last_allocation(seed
     patch_relative_timing(monkeypatch, lambda m, *_: dense_ms if m is model else 50.0)  # 50 host ms
     monkeypatch.setitem(hw._luts, 1, FakeLUT())
     monkeypatch.setattr(hw, "latency_corrections", {})
-    for allocation in ("budget", "budget_uniform"):
+    for allocation in ("budget", "budget_uniform", "budget_fill"):
         cfg = load_config(None, [f"pruning.allocation='{allocation}'", "profiles.mobile_cpu.budgets={latency_ms_b1=4.0}",
                                  "profiles.edge_gpu.budgets={macs=1e12}", "profiles.microcontroller.budgets={macs=1e12}"])
         hw.latency_corrections.clear()
@@ -340,7 +360,7 @@ def test_federated_budget_run_meets_every_budget(tmp_path, power) -> None:
     assert lines[0] == "profile,budget,limit,predicted,measured,ok,unit" and len(lines) == 1 + 5
 
 
-@pytest.mark.parametrize("method", ["budget", "budget_uniform"])
+@pytest.mark.parametrize("method", ["budget", "budget_uniform", "budget_fill"])
 def test_progressive_federated_budget_run_allocates_inside_what_is_left(tmp_path, method) -> None:
     """Progressive pruning with budgets: the later stage allocates on the channels still held (its masks inside
     them), and the final masks meet every budget."""
