@@ -104,6 +104,13 @@ def t95(n: int) -> float:
     return T95[min(n - 1, len(T95)) - 1]
 
 
+def ci95(mean: float, se: float, n: int) -> tuple[float, float]:
+    """95% confidence interval ``(low, high)`` of a mean of ``n`` values (e.g. paired per-seed differences) with
+    standard error ``se``: mean ± :func:`t95` (n) x se, in the values' units."""
+    t = t95(n)
+    return mean - t * se, mean + t * se
+
+
 def fmt_mean_std(values: Iterable[float], scale: float = 100.0, digits: int = 1) -> str:
     """``"61.2 ± 0.8"`` (values scaled, e.g. accuracy fraction to percent); one value: ``"61.2 (1 seed)"``."""
     values = list(values)

@@ -60,7 +60,7 @@ from fedprune.metrics import process_tree_rss  # noqa: E402
 from fedprune.checkpoint import CHECKPOINT_FILE, load_checkpoint  # noqa: E402
 from fedprune.federated import acting_config, resolve_data_dir, simulate, without_final_eval  # noqa: E402
 from fedprune.plots import save  # noqa: E402
-from fedprune.reporting import fmt_mean_std, mean_se, mean_std, nonnegative_int, t95, write_json, write_text  # noqa: E402
+from fedprune.reporting import ci95, fmt_mean_std, mean_se, mean_std, nonnegative_int, t95, write_json, write_text  # noqa: E402
 from fedprune.masks import StructuredMask  # noqa: E402
 from fedprune.task import load_data, model_groups, pruned_accuracy  # noqa: E402
 
@@ -394,7 +394,7 @@ def seeds_verdict(stats: dict) -> str:
     seeds (:func:`not_ahead`), and where the 95% CI of the paired lead lies above zero."""
     n = len(next(iter(stats.values()))[0])
     behind = [f"{p} ({m:+.1f})" for p, m in not_ahead(stats).items()]
-    above = [p for p, (_, m, se) in stats.items() if m - t95(n) * se > 0]
+    above = [p for p, (_, m, se) in stats.items() if ci95(m, se, n)[0] > 0]
     return (f"over all {n} seeds the target is " + (f"NOT met on the mean at {', '.join(behind)}" if behind
                                                     else "met on the mean at every profile")
             + "; the 95% CI lies above zero at " + (", ".join(above) if above else "no profile"))
@@ -424,8 +424,9 @@ def more_seeds_section(rows, extra: dict, seeds, extra_seeds, ran: str | None = 
                   "| profile | consensus (mean ± std) | twin (mean ± std) | paired difference | s.e. | 95% CI | per seed | seeds ahead |",
                   "|---|---|---|---|---|---|---|---|"]
         for p, (d, m, se) in stats.items():
+            lo, hi = ci95(m, se, n)
             lines.append(f"| {p} | {fmt_mean_std(_acc(merged[label], p))} | {fmt_mean_std(_acc(merged[twin], p))} | {m:+.1f} | {se:.1f} | "
-                         f"[{m - t * se:+.1f}, {m + t * se:+.1f}] | " + ", ".join(f"{x:+.1f}" for x in d) + f" | {sum(x > 0 for x in d)} of {n} |")
+                         f"[{lo:+.1f}, {hi:+.1f}] | " + ", ".join(f"{x:+.1f}" for x in d) + f" | {sum(x > 0 for x in d)} of {n} |")
         lines += ["", f"Ahead at every profile in {ahead_every_profile(stats)} of {n} seeds; {seeds_verdict(stats)}."]
     return lines
 

@@ -53,7 +53,7 @@ from fedprune.masks import StructuredMask, extract_submodel  # noqa: E402
 from fedprune.metrics import median_host_latency_ms  # noqa: E402
 from fedprune.models import get_model  # noqa: E402
 from fedprune.plots import finish  # noqa: E402
-from fedprune.reporting import benchmark_parser, fmt_mean_std, mean_std, nonnegative_int, read_saved_json, t95, to_jsonable, write_json, write_text  # noqa: E402
+from fedprune.reporting import benchmark_parser, ci95, fmt_mean_std, mean_std, nonnegative_int, read_saved_json, to_jsonable, write_json, write_text  # noqa: E402
 from fedprune.task import load_data, make_train_fn, profile_budget_masks, train_config  # noqa: E402
 from fedprune.training import evaluate, set_seed  # noqa: E402
 
@@ -440,7 +440,7 @@ def budget_section(per_seed: list[dict], cfg, args, n_test: int | None, scale: f
             se = d_s / np.sqrt(len(diffs))
             ci = tie = ""
             if len(diffs) > 1:
-                lo, hi = d_m - t95(len(diffs)) * se, d_m + t95(len(diffs)) * se
+                lo, hi = ci95(d_m, se, len(diffs))
                 ci = f"95% CI of the mean difference {lo:+.2f} to {hi:+.2f}, "
                 tie = "" if a >= u else (", a tie: the 95% CI includes 0" if hi >= 0 else ", the 95% CI is below 0")
             lines.append(f"- {prof}, {LABELS[method]}: {100 * a:.1f}% vs uniform sparsity {100 * u:.1f}% at the same budget "
