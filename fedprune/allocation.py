@@ -20,8 +20,10 @@ importance per unit of cost saved first, until hardware cost functions
 (MACs, bytes, ms; see :mod:`fedprune.cost`) meet their budgets (importance
 lost is measured as in :data:`BUDGET_OBJECTIVES`, optionally weighted per
 group by layer sensitivity: :func:`importance_weights`);
-:func:`constant_cost_allocate` is the baseline where every channel costs the
-same.
+:func:`budget_masks` also offers the smallest uniform sparsity that meets the
+budgets, and that uniform allocation with the budget it leaves unused filled
+greedily (``budget_fill``, :func:`_grow`); :func:`constant_cost_allocate` is
+the baseline where every channel costs the same.
 """
 
 from __future__ import annotations
@@ -309,12 +311,13 @@ class _RemovalOrder:
         return max(new, floor)
 
     def grow_count(self, name: str, count: int, cap: int) -> int | None:
-        """Kept count after one step of adding channels back to ``name`` (up to a multiple of
-        ``round_to``, at most ``cap``), or None when the group is already at ``cap``."""
+        """Kept count after one step of adding channels back to ``name``, at most ``cap``, or None
+        when the group is already at ``cap``. The step is ``round_to`` channels (to the next
+        multiple of it), or one channel without ``round_to``: the smallest step that keeps
+        counts rounded, so the left-over budget is filled as finely as counts allow."""
         if count >= cap:
             return None
-        new = count + self.step[name]
-        new = -(-new // self.round_to) * self.round_to
+        new = (count // self.round_to + 1) * self.round_to
         return min(new, cap)
 
     def importance(self, name: str, count: int, new: int) -> float:
@@ -465,12 +468,12 @@ def _grow(order: _RemovalOrder, counts: Mapping[str, int], cap: Mapping[str, int
     never above ``cap``) that holds the constraints and gains the most importance (as
     :meth:`_RemovalOrder.importance` measures its loss) per unit of cost added -- the
     costs' increases, each divided by its budget, summed; a step that adds no cost comes
-    first. Stops when no step fits.
+    first, and among those the one that gains the most. Stops when no step fits.
     """
     counts = dict(counts)
     while True:
         base = [float(fn(counts)) for fn, _ in constraints]
-        best, best_ratio, best_new = None, -1.0, 0
+        best, best_key, best_new = None, (-math.inf, -math.inf), 0
         for name in order.names:
             new = order.grow_count(name, counts[name], cap[name])
             if new is None:
@@ -481,9 +484,9 @@ def _grow(order: _RemovalOrder, counts: Mapping[str, int], cap: Mapping[str, int
                 continue
             added = sum(max(c - c0, 0.0) / b for c, c0, (_, b) in zip(costs, base, constraints))
             gain = order.importance(name, new, counts[name])
-            ratio = math.inf if added <= 0 else gain / added
-            if ratio > best_ratio:
-                best, best_ratio, best_new = name, ratio, new
+            key = (math.inf if added <= 0 else gain / added, gain)
+            if key > best_key:
+                best, best_key, best_new = name, key, new
         if best is None:
             return counts
         counts[best] = best_new

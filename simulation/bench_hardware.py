@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -166,15 +167,40 @@ def _cached_rows(cache: Path | None, key: dict) -> tuple[dict, dict]:
     return saved["rows"], saved["key"].get("methods", {})
 
 
-def budget_runs(cfg, seeds, profiles, data, cache_dir: Path | None = None, tag: str = "") -> list[dict]:
+def _method_rows(rows: dict, profiles) -> dict:
+    """A seed's rows: the dense references, then per profile the allocations of :data:`METHODS` in their order."""
+    return {**{k: v for k, v in rows.items() if "/" not in k}, **{f"{p}/{m}": rows[f"{p}/{m}"] for p in profiles for m in METHODS}}
+
+
+def state_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's state (names and tensor bytes): whether two trainings gave the same weights."""
+    h = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        h.update(name.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _same_dense(cached: dict, dense) -> bool:
+    """Whether the dense model trained again is the cached seed's: the same weights (by :func:`state_digest`),
+    or, for a seed cached before digests were saved, the same test accuracy."""
+    if "state_sha256" in cached:
+        return cached["state_sha256"] == state_digest(dense.model)
+    return cached["accuracy"] == dense.metrics["accuracy"]
+
+
+def budget_runs(cfg, seeds, profiles, data, cache_dir: Path | None = None, tag: str = "", rerun: tuple[str, ...] = ()) -> list[dict]:
     """Per seed: dense references and, per profile and allocation, the pruned result.
 
     Each finished seed is saved under ``cache_dir`` (``seed<N><tag>.json``) with the config it
     ran with; a rerun with the same config reuses it (an interrupted benchmark resumes by seed).
     Allocations are cached one by one: an allocation added to :data:`METHODS` (or whose
     overrides changed) runs alone on a seed that has the others, after the dense model is
-    trained again -- and if that model's accuracy differs from the cached one, the whole seed
-    runs again, so every row of a seed prunes the same dense model.
+    trained again -- and if that model differs from the cached one (:func:`_same_dense`), the
+    whole seed runs again. Rows of allocations no longer in :data:`METHODS` are dropped. An
+    allocation added later runs in another session than the cached ones: with its own latency
+    tables and timings, so its latency-budgeted widths were sized on other measurements;
+    ``rerun`` names allocations to run again on every cached seed (e.g. beside an added one).
     """
     per_seed = []
     for i, seed in enumerate(seeds):
@@ -184,23 +210,24 @@ def budget_runs(cfg, seeds, profiles, data, cache_dir: Path | None = None, tag: 
         key = {"config": config_to_dict(c), "profiles": list(profiles)}
         rows, done = _cached_rows(cache, key)
         todo = [m for m, o in METHODS.items() if to_jsonable(o) != done.get(m) or any(f"{p}/{m}" not in rows for p in profiles)]
+        todo = [m for m in METHODS if m in todo or m in rerun]
         if rows and not todo:
             log.info("[seed %d %d/%d] reusing %s", seed, i + 1, len(seeds), cache)
-            per_seed.append(rows)
+            per_seed.append(_method_rows(rows, profiles))
             continue
         t0 = time.perf_counter()
         log.info("[seed %d %d/%d%s] dense training, %d epochs%s", seed, i + 1, len(seeds), tag, c.train.epochs,
                  f" (cached seed; allocations to add: {', '.join(todo)})" if rows else "")
         dense = train_dense(c, data=data)
-        if rows and rows["dense"]["accuracy"] != dense.metrics["accuracy"]:
-            log.warning("[seed %d] the dense model trained again has accuracy %.4f, the cached one %.4f: running every allocation "
-                        "again", seed, dense.metrics["accuracy"], rows["dense"]["accuracy"])
+        if rows and not _same_dense(rows["dense"], dense):
+            log.warning("[seed %d] the dense model trained again (accuracy %.4f) is not the cached one (%.4f): running every "
+                        "allocation again", seed, dense.metrics["accuracy"], rows["dense"]["accuracy"])
             rows, todo = {}, list(METHODS)
         if not rows:
             same = copy.deepcopy(dense.model)
             set_seed(seed + 2)
             make_train_fn(make_loader(data[0], c.train.batch_size, train=True, seed=seed + 2), train_config(c))(same, c.pruning.finetune_epochs)
-            rows = {"dense": {"accuracy": dense.metrics["accuracy"], "epochs": dense.epochs},
+            rows = {"dense": {"accuracy": dense.metrics["accuracy"], "epochs": dense.epochs, "state_sha256": state_digest(dense.model)},
                     "dense same budget": {"accuracy": evaluate(same, make_loader(data[1], 256, train=False))["accuracy"],
                                           "epochs": dense.epochs + c.pruning.finetune_epochs}}
         for prof in profiles:
@@ -215,7 +242,7 @@ def budget_runs(cfg, seeds, profiles, data, cache_dir: Path | None = None, tag: 
                          100 * res["channel_sparsity"], ", ".join(f"{k} {v['measured']:.4g}/{v['limit']:.4g} {'ok' if v['ok'] else 'MISSED'}"
                                    + (f" (relative to dense {v['measured_relative']:.4g})" if "measured_relative" in v else "") for k, v in b.items()),
                          time.perf_counter() - t0)
-        rows = {**{k: v for k, v in rows.items() if "/" not in k}, **{f"{p}/{m}": rows[f"{p}/{m}"] for p in profiles for m in METHODS}}
+        rows = _method_rows(rows, profiles)
         per_seed.append(rows)
         if cache:
             write_json(cache, {"key": {**key, "methods": METHODS}, "rows": rows})
@@ -482,6 +509,9 @@ def main(argv=None) -> int:
     parser.add_argument("--scaled-seeds", type=nonnegative_int, nargs="*", default=[],
                         help="seeds of the comparisons at scaled latency budgets (default, or an empty list: the same as --seeds)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["lut", "budgets"])
+    parser.add_argument("--rerun", nargs="*", default=[], choices=list(METHODS),
+                        help="allocations to run again on every cached seed, e.g. beside an added allocation so that the two are "
+                             "compared within one session (the same latency tables and host)")
     parser.add_argument("--render-only", action="store_true", help="write OUT/hardware.md again from OUT/hardware.json (same numbers)")
     parser.add_argument("--runs-dir", default=str(ROOT / "runs/bench_hardware"))
     args = parser.parse_args(argv)
@@ -525,7 +555,7 @@ def main(argv=None) -> int:
                 continue
             tag = "" if scale == 1.0 else f"-latency{scale:g}"
             log.info("[budgets%s] profiles %s", tag, ", ".join(profiles))
-            sections[scale] = budget_runs(c, section_seeds(args, scale), profiles, data, Path(args.runs_dir) / "seeds", tag)
+            sections[scale] = budget_runs(c, section_seeds(args, scale), profiles, data, Path(args.runs_dir) / "seeds", tag, tuple(args.rerun))
             plot(sections[scale], out / f"hardware_accuracy{tag}.png",
                  "Equal hardware budgets" + ("" if scale == 1.0 else f" (latency budgets x{scale:g})"))
     if sections:

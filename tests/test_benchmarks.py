@@ -61,8 +61,17 @@ def test_bench_hardware_caches_each_allocation(tmp_path, monkeypatch) -> None:
     from fedprune.config import load_config
 
     bench = _script("bench_hardware")
+    import torch
+
     dense_acc, pruned = [0.5], []
-    monkeypatch.setattr(bench, "train_dense", lambda c, data: SimpleNamespace(model=None, metrics={"accuracy": dense_acc[0]}, epochs=8))
+
+    def train_dense(c, data):
+        model = torch.nn.Linear(2, 1)
+        torch.nn.init.constant_(model.weight, dense_acc[0])
+        torch.nn.init.zeros_(model.bias)
+        return SimpleNamespace(model=model, metrics={"accuracy": dense_acc[0]}, epochs=8)
+
+    monkeypatch.setattr(bench, "train_dense", train_dense)
     monkeypatch.setattr(bench, "make_train_fn", lambda *a: (lambda model, epochs: None))
     monkeypatch.setattr(bench, "make_loader", lambda *a, **k: None)
     monkeypatch.setattr(bench, "evaluate", lambda model, loader: {"accuracy": 0.6})
@@ -85,12 +94,21 @@ def test_bench_hardware_caches_each_allocation(tmp_path, monkeypatch) -> None:
     assert {k: v for k, v in second.items() if k != "mobile_cpu/budget_fill"} == first
     pruned.clear()
     assert bench.budget_runs(cfg, [3], ["mobile_cpu"], (None, None), tmp_path) == [second] and not pruned  # all cached
-    # budget_fill's overrides changed, and the dense model trained again came out differently: the whole seed again
+    bench.budget_runs(cfg, [3], ["mobile_cpu"], (None, None), tmp_path, rerun=("budget_uniform", "budget_fill"))
+    assert pruned == [("mobile_cpu", "budget_fill", 0.0), ("mobile_cpu", "budget_uniform", 0.0)]  # in METHODS' order
+    pruned.clear()
+    # budget_fill's overrides changed, and the dense model trained again has other weights: the whole seed again
     monkeypatch.setitem(all_methods, "budget_fill", {**all_methods["budget_fill"], "budget_objective": "sum"})
     dense_acc[0] = 0.55
     (third,) = bench.budget_runs(cfg, [3], ["mobile_cpu"], (None, None), tmp_path)
     assert len(pruned) == len(all_methods) and third["dense"]["accuracy"] == 0.55
     assert all(third[f"mobile_cpu/{m}"]["accuracy"] == 0.55 for m in all_methods)
+    assert third["dense"]["state_sha256"] != first["dense"]["state_sha256"]
+    # an allocation no longer run is dropped from the rows, cached or not
+    monkeypatch.delitem(all_methods, "constant_cost")
+    pruned.clear()
+    (fourth,) = bench.budget_runs(cfg, [3], ["mobile_cpu"], (None, None), tmp_path)
+    assert not pruned and "mobile_cpu/constant_cost" not in fourth and fourth["dense"] == third["dense"]
 
 
 def test_bench_federated_compares_each_consensus_row_with_its_random_twin() -> None:
