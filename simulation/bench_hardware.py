@@ -370,6 +370,28 @@ def _retimed_met(rows: list[dict]) -> str:
     return f"{sum(checks)}/{len(checks)}" + (f" (missed: {', '.join(missed)} ms)" if missed else "")
 
 
+def _rerun_note(args, methods) -> str:
+    """A sentence saying which allocations ran in this run (``--rerun``) and which rows came from the seed cache."""
+    rerun = [m for m in methods if m in (getattr(args, "rerun", None) or [])]
+    if not rerun:
+        return ""
+    others = [m for m in methods if m not in rerun]
+    return (f" Allocations {', '.join(f'`{m}`' for m in rerun)} ran in this run, one after the other on each seed (`--rerun`); the rows of "
+            f"{', '.join(f'`{m}`' for m in others)} come from earlier runs of the same config (cached per seed, pruning the same dense "
+            "model), with latency tables and timings of their own.")
+
+
+def _fill_floor(per_seed: list[dict], profiles) -> str:
+    """How often ``budget_fill`` kept at least ``budget_uniform``'s channels in every group (each run refits its own latency
+    corrections, so its uniform floor can differ from the uniform row's)."""
+    pairs = [(r[f"{p}/budget_fill"]["kept_channels"], r[f"{p}/budget_uniform"]["kept_channels"]) for r in per_seed for p in profiles]
+    wider = sum(all(f[g] >= u[g] for g in u) for f, u in pairs)
+    more = [100 * (sum(f.values()) / sum(u.values()) - 1) for f, u in pairs]
+    return (f"- {LABELS['budget_fill']}: at least the uniform row's channels in every layer in {wider}/{len(pairs)} seed × profile "
+            f"pairs; {np.mean(more):+.1f}% channels kept vs the uniform row on average (range {min(more):+.1f}% to {max(more):+.1f}%). "
+            "Each row is timed and refit on its own, so the uniform widths under the fill can differ from the uniform row's.")
+
+
 def section_seeds(args, scale: float) -> list[int]:
     """Seeds of one equal-budget comparison: ``--seeds`` at the default budgets, ``--scaled-seeds``
     (if given) at the scaled latency budgets."""
@@ -430,7 +452,7 @@ def budget_section(per_seed: list[dict], cfg, args, n_test: int | None, scale: f
            "run's own timing (their ratio, median over passes, times the latency table's prediction for the dense model: "
            "`HardwareModel.relative_latency`); a host that is faster or slower for a while moves both timings, not their ratio."
            if relative else "")
-        + _added_seeds(args), ""]
+        + _added_seeds(args) + _rerun_note(args, methods), ""]
     lines += [
         f"Dense references: {fmt_mean_std(r['dense']['accuracy'] for r in per_seed)} after {first['dense']['epochs']} epochs, "
         f"{fmt_mean_std(r['dense same budget']['accuracy'] for r in per_seed)} after {first['dense same budget']['epochs']} epochs (same total budget).",
@@ -458,6 +480,8 @@ def budget_section(per_seed: list[dict], cfg, args, n_test: int | None, scale: f
                      f"(target 100%: {'met' if all(aware) else 'NOT met'}); "
                      + (f"relative to the dense model timed alongside: {_relative_met(rows)}; " if relative else "")
                      + f"re-timed together at the end: {retimed}.")
+    if {"budget_fill", "budget_uniform"} <= set(methods):
+        lines.append(_fill_floor(per_seed, profiles))
     for method in (m for m in AWARE if m in methods):
         for prof in profiles:
             a, _ = mean_std(r[f"{prof}/{method}"]["accuracy"] for r in per_seed)
@@ -538,6 +562,7 @@ def main(argv=None) -> int:
         sections = {float(k): v for k, v in {"1": saved["seeds"], **saved["scaled"]}.items() if v}
         args.seeds, args.threads = saved["args"]["seeds"], saved["args"]["threads"]  # as the run had them
         args.scaled_seeds = saved["args"].get("scaled_seeds")
+        args.rerun = saved["args"].get("rerun", [])
         write_text(out / "hardware.md", render(saved["lut"], sections, cfg, args, saved["n_test"]))
         print((out / "hardware.md").read_text())
         return 0

@@ -111,6 +111,21 @@ def test_bench_hardware_caches_each_allocation(tmp_path, monkeypatch) -> None:
     assert not pruned and "mobile_cpu/constant_cost" not in fourth and fourth["dense"] == third["dense"]
 
 
+def test_bench_hardware_fill_floor_and_rerun_note() -> None:
+    """The report counts the seed x profile pairs where budget_fill kept at least the uniform row's channels in every
+    layer, and names the allocations that ran in this run (``--rerun``) and those read from the cache."""
+    from types import SimpleNamespace
+
+    bench = _script("bench_hardware")
+    rows = [{"p/budget_fill": {"kept_channels": {"a": 16, "b": 40}}, "p/budget_uniform": {"kept_channels": {"a": 16, "b": 32}}},
+            {"p/budget_fill": {"kept_channels": {"a": 8, "b": 40}}, "p/budget_uniform": {"kept_channels": {"a": 16, "b": 32}}}]
+    line = bench._fill_floor(rows, ["p"])
+    assert "in every layer in 1/2 seed × profile pairs" in line and "+8.3% channels kept" in line and "+0.0% to +16.7%" in line
+    note = bench._rerun_note(SimpleNamespace(rerun=["budget_uniform", "budget_fill"]), ["budget", "budget_fill", "budget_uniform"])
+    assert "`budget_fill`, `budget_uniform` ran in this run" in note and "the rows of `budget` come from earlier runs" in note
+    assert bench._rerun_note(SimpleNamespace(rerun=[]), ["budget"]) == bench._rerun_note(SimpleNamespace(), ["budget"]) == ""
+
+
 def test_bench_federated_compares_each_consensus_row_with_its_random_twin() -> None:
     """Sensitivity-adaptive widths come from the criterion's sensitivity, so a consensus row with them is compared
     with the random-mask row of the same criterion and allocation; rows with the config's widths with plain random
