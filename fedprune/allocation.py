@@ -471,9 +471,9 @@ def _grow(order: _RemovalOrder, counts: Mapping[str, int], cap: Mapping[str, int
     first, and among those the one that gains the most. Stops when no step fits.
     """
     counts = dict(counts)
+    base = [float(fn(counts)) for fn, _ in constraints]
     while True:
-        base = [float(fn(counts)) for fn, _ in constraints]
-        best, best_key, best_new = None, (-math.inf, -math.inf), 0
+        best, best_key, best_new, best_costs = None, (-math.inf, -math.inf), 0, base
         for name in order.names:
             new = order.grow_count(name, counts[name], cap[name])
             if new is None:
@@ -486,10 +486,10 @@ def _grow(order: _RemovalOrder, counts: Mapping[str, int], cap: Mapping[str, int
             gain = order.importance(name, new, counts[name])
             key = (math.inf if added <= 0 else gain / added, gain)
             if key > best_key:
-                best, best_key, best_new = name, key, new
+                best, best_key, best_new, best_costs = name, key, new, costs
         if best is None:
             return counts
-        counts[best] = best_new
+        counts[best], base = best_new, best_costs
 
 
 def _check_feasible(order: _RemovalOrder, profiles: Sequence[Sequence[Constraint]]) -> None:
@@ -685,9 +685,8 @@ def budget_masks(
         # each profile grows within the previous (looser) one, so the masks stay nested.
         order = _RemovalOrder(groups, scores, min_channels, round_to, 0.01, objective=objective)
         prev, filled = dict(groups.sizes), []
-        for mask, c in zip(uniform, profiles):
-            start = {n: min(k, prev[n]) for n, k in mask.kept_counts.items()}
-            prev = _grow(order, start, prev, c)
+        for mask, c in zip(uniform, profiles):  # uniform counts never exceed the looser profile's
+            prev = _grow(order, mask.kept_counts, prev, c)
             filled.append(prev)
         return [StructuredMask.from_scores(scores, c) for c in filled]
     dense = groups.sizes
