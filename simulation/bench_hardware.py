@@ -189,7 +189,8 @@ def _same_dense(cached: dict, dense) -> bool:
     return cached["accuracy"] == dense.metrics["accuracy"]
 
 
-def budget_runs(cfg, seeds, profiles, data, cache_dir: Path | None = None, tag: str = "", rerun: tuple[str, ...] = ()) -> list[dict]:
+def budget_runs(cfg, seeds, profiles, data, cache_dir: Path | None = None, tag: str = "", rerun: tuple[str, ...] = (),
+                ran: str = "") -> list[dict]:
     """Per seed: dense references and, per profile and allocation, the pruned result.
 
     Each finished seed is saved under ``cache_dir`` (``seed<N><tag>.json``) with the config it
@@ -201,6 +202,8 @@ def budget_runs(cfg, seeds, profiles, data, cache_dir: Path | None = None, tag: 
     allocation added later runs in another session than the cached ones: with its own latency
     tables and timings, so its latency-budgeted widths were sized on other measurements;
     ``rerun`` names allocations to run again on every cached seed (e.g. beside an added one).
+    Each row that runs here carries ``ran`` (when this benchmark started), so the report can say
+    which rows came from which run (:func:`_provenance`).
     """
     per_seed = []
     for i, seed in enumerate(seeds):
@@ -236,6 +239,8 @@ def budget_runs(cfg, seeds, profiles, data, cache_dir: Path | None = None, tag: 
                 res = prune_experiment(c2, dense, data)["pruned"]
                 rows[f"{prof}/{method}"] = {k: res[k] for k in ("accuracy", "accuracy_before_finetune", "channel_sparsity", "macs", "params",
                                                                 "budgets", "kept_channels", "latency_ms", "total_epochs")}
+                if ran:
+                    rows[f"{prof}/{method}"]["ran"] = ran
                 b = res["budgets"]
                 log.info("[seed %d] %s %s: acc %.3f, %.0f%% channels pruned, budgets %s (%.0f s so far)", seed, prof, method, res["accuracy"],
                          100 * res["channel_sparsity"], ", ".join(f"{k} {v['measured']:.4g}/{v['limit']:.4g} {'ok' if v['ok'] else 'MISSED'}"
@@ -369,15 +374,38 @@ def _retimed_met(rows: list[dict]) -> str:
     return f"{sum(checks)}/{len(checks)}" + (f" (missed: {', '.join(missed)} ms)" if missed else "")
 
 
-def _rerun_note(args, methods) -> str:
-    """A sentence saying which allocations ran in this run (``--rerun``) and which rows came from the seed cache."""
-    rerun = [m for m in methods if m in (getattr(args, "rerun", None) or [])]
-    if not rerun:
+def _seed_span(seeds) -> str:
+    """Seeds as ranges: ``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    spans: list[list[int]] = []
+    for s in sorted(seeds):
+        if spans and s == spans[-1][-1] + 1:
+            spans[-1].append(s)
+        else:
+            spans.append([s])
+    return ", ".join(f"{sp[0]}-{sp[-1]}" if len(sp) > 1 else f"{sp[0]}" for sp in spans)
+
+
+def _provenance(per_seed: list[dict], seeds, methods, this_run: str | None = None) -> str:
+    """A sentence saying which benchmark run each allocation's rows come from (each row's ``ran``: when the run that
+    pruned it started; rows cached before rows carried it are 'an earlier run'); empty when all come from one run."""
+    runs: dict[str, dict[str, list[int]]] = {}
+    for seed, r in zip(seeds, per_seed):
+        for m in methods:
+            for stamp in sorted({row.get("ran", "an earlier run") for k, row in r.items() if k.endswith(f"/{m}")}):
+                runs.setdefault(stamp, {}).setdefault(m, []).append(seed)
+    if len(runs) <= 1:
         return ""
-    others = [m for m in methods if m not in rerun]
-    return (f" Allocations {', '.join(f'`{m}`' for m in rerun)} ran in this run, one after the other on each seed (`--rerun`); the rows of "
-            f"{', '.join(f'`{m}`' for m in others)} come from earlier runs of the same config (cached per seed, pruning the same dense "
-            "model), with latency tables and timings of their own.")
+    parts = []
+    for stamp in sorted(runs, key=lambda s: (s != "an earlier run", s)):
+        by_seeds: dict[tuple, list[str]] = {}
+        for m, ss in runs[stamp].items():
+            by_seeds.setdefault(tuple(ss), []).append(m)
+        what = "; ".join(f"{'all allocations' if len(ms) == len(methods) else ', '.join(f'`{m}`' for m in ms)} on seeds {_seed_span(ss)}"
+                         for ss, ms in by_seeds.items())
+        parts.append(f"{stamp}{' (this run)' if stamp == this_run else ''}: {what}")
+    return (" The rows come from several runs of the same config, cached per seed (each pruning the same dense model, with latency "
+            "tables and timings of its own; allocations of one run ran one after the other on each seed), by the time of the run: "
+            + "; ".join(parts) + ".")
 
 
 def _fill_floor(per_seed: list[dict], profiles) -> str:
@@ -431,7 +459,7 @@ def budget_section(per_seed: list[dict], cfg, args, n_test: int | None, scale: f
                   f"only; the dense references are retrained with the same seeds{'' if seeds == args.seeds else ': ' + ', '.join(map(str, seeds))}). "
                   "At the default budgets the allocations prune less than half of these profiles' channels "
                   "and end within a point of each other; a tighter budget forces each allocation "
-                  "to choose which layers to thin.", ""]
+                  "to choose which layers to thin." + _provenance(per_seed, seeds, methods, getattr(args, "started", None)), ""]
     if scale == 1.0:  # the method, once; later sections say "as above"
         lines += [
         f"{cfg.model.name} on the CIFAR-10 subset ({n_test} test images; one accuracy point = {n_test / 100:.1f} images); "
@@ -452,7 +480,7 @@ def budget_section(per_seed: list[dict], cfg, args, n_test: int | None, scale: f
            "run's own timing (their ratio, median over passes, times the latency table's prediction for the dense model: "
            "`HardwareModel.relative_latency`); a host that is faster or slower for a while moves both timings, not their ratio."
            if relative else "")
-        + _added_seeds(args) + _rerun_note(args, methods), ""]
+        + _added_seeds(args) + _provenance(per_seed, seeds, methods, getattr(args, "started", None)), ""]
     lines += [
         f"Dense references: {fmt_mean_std(r['dense']['accuracy'] for r in per_seed)} after {first['dense']['epochs']} epochs, "
         f"{fmt_mean_std(r['dense same budget']['accuracy'] for r in per_seed)} after {first['dense same budget']['epochs']} epochs (same total budget).",
@@ -563,9 +591,11 @@ def main(argv=None) -> int:
         args.seeds, args.threads = saved["args"]["seeds"], saved["args"]["threads"]  # as the run had them
         args.scaled_seeds = saved["args"].get("scaled_seeds")
         args.rerun = saved["args"].get("rerun", [])
+        args.started = saved["args"].get("started")
         write_text(out / "hardware.md", render(saved["lut"], sections, cfg, args, saved["n_test"]))
         print((out / "hardware.md").read_text())
         return 0
+    args.started = time.strftime("%Y-%m-%d %H:%M")  # stamped on every row this run prunes (the report's provenance)
     os.environ["FEDPRUNE_CACHE_DIR"] = args.runs_dir  # every latency table of this run lives (fresh) under RUNS_DIR/lut
     lut = None if "lut" in args.skip else lut_accuracy(cfg, args.threads, args.latency_repeats, Path(args.runs_dir) / "lut")
     sections, n_test = {}, None
@@ -580,7 +610,8 @@ def main(argv=None) -> int:
                 continue
             tag = "" if scale == 1.0 else f"-latency{scale:g}"
             log.info("[budgets%s] profiles %s", tag, ", ".join(profiles))
-            sections[scale] = budget_runs(c, section_seeds(args, scale), profiles, data, Path(args.runs_dir) / "seeds", tag, tuple(args.rerun))
+            sections[scale] = budget_runs(c, section_seeds(args, scale), profiles, data, Path(args.runs_dir) / "seeds", tag, tuple(args.rerun),
+                                          args.started)
             plot(sections[scale], out / f"hardware_accuracy{tag}.png",
                  "Equal hardware budgets" + ("" if scale == 1.0 else f" (latency budgets x{scale:g})"))
     if sections:

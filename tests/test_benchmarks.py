@@ -94,8 +94,10 @@ def test_bench_hardware_caches_each_allocation(tmp_path, monkeypatch) -> None:
     assert {k: v for k, v in second.items() if k != "mobile_cpu/budget_fill"} == first
     pruned.clear()
     assert bench.budget_runs(cfg, [3], ["mobile_cpu"], (None, None), tmp_path) == [second] and not pruned  # all cached
-    bench.budget_runs(cfg, [3], ["mobile_cpu"], (None, None), tmp_path, rerun=("budget_uniform", "budget_fill"))
+    (rerun,) = bench.budget_runs(cfg, [3], ["mobile_cpu"], (None, None), tmp_path, rerun=("budget_uniform", "budget_fill"), ran="now")
     assert pruned == [("mobile_cpu", "budget_fill", 0.0), ("mobile_cpu", "budget_uniform", 0.0)]  # in METHODS' order
+    assert [m for m in all_methods if rerun[f"mobile_cpu/{m}"].get("ran") == "now"] == ["budget_fill", "budget_uniform"]
+    assert bench.budget_runs(cfg, [3], ["mobile_cpu"], (None, None), tmp_path) == [rerun]  # the stamp is cached with the rows
     pruned.clear()
     # budget_fill's overrides changed, and the dense model trained again has other weights: the whole seed again
     monkeypatch.setitem(all_methods, "budget_fill", {**all_methods["budget_fill"], "budget_objective": "sum"})
@@ -111,9 +113,9 @@ def test_bench_hardware_caches_each_allocation(tmp_path, monkeypatch) -> None:
     assert not pruned and "mobile_cpu/constant_cost" not in fourth and fourth["dense"] == third["dense"]
 
 
-def test_bench_hardware_fill_floor_and_rerun_note() -> None:
+def test_bench_hardware_fill_floor_and_provenance() -> None:
     """The report counts the seed x profile pairs where budget_fill kept at least the uniform row's channels in every
-    layer, and names the allocations that ran in this run (``--rerun``) and those read from the cache."""
+    layer, and says which run (by its start) each allocation's rows on which seeds come from."""
     from types import SimpleNamespace
 
     bench = _script("bench_hardware")
@@ -121,9 +123,19 @@ def test_bench_hardware_fill_floor_and_rerun_note() -> None:
             {"p/budget_fill": {"kept_channels": {"a": 8, "b": 40}}, "p/budget_uniform": {"kept_channels": {"a": 16, "b": 32}}}]
     line = bench._fill_floor(rows, ["p"])
     assert "in every layer in 1/2 seed × profile pairs" in line and "+8.3% channels kept" in line and "+0.0% to +16.7%" in line
-    note = bench._rerun_note(SimpleNamespace(rerun=["budget_uniform", "budget_fill"]), ["budget", "budget_fill", "budget_uniform"])
-    assert "`budget_fill`, `budget_uniform` ran in this run" in note and "the rows of `budget` come from earlier runs" in note
-    assert bench._rerun_note(SimpleNamespace(rerun=[]), ["budget"]) == bench._rerun_note(SimpleNamespace(), ["budget"]) == ""
+    def row(ran=None):
+        return {"accuracy": 0.5, **({"ran": ran} if ran else {})}
+
+    methods = ["budget", "budget_fill", "budget_uniform"]
+    per_seed = [{"dense": {}, "p/budget": row(), "p/budget_fill": row("2026-12-05 21:47"), "p/budget_uniform": row("2026-12-05 21:47")},
+                {"dense": {}, "p/budget": row(), "p/budget_fill": row("2026-12-05 21:47"), "p/budget_uniform": row("2026-12-05 21:47")},
+                {"dense": {}, **{f"p/{m}": row("2026-12-06 00:30") for m in methods}}]
+    note = bench._provenance(per_seed, [0, 1, 3], methods, this_run="2026-12-06 00:30")
+    assert note.index("an earlier run: `budget` on seeds 0-1") < note.index("2026-12-05 21:47: `budget_fill`, `budget_uniform` on seeds 0-1")
+    assert "2026-12-06 00:30 (this run): all allocations on seeds 3." in note
+    one_run = [{f"p/{m}": row("2026-12-06 00:30") for m in methods}]
+    assert bench._provenance(one_run, [0], methods) == bench._provenance([{"p/budget": row()}], [0], ["budget"]) == ""
+    assert bench._seed_span([5, 0, 1, 2, 7, 8]) == "0-2, 5, 7-8"
 
 
 def test_bench_federated_compares_each_consensus_row_with_its_random_twin() -> None:
