@@ -59,6 +59,7 @@ sweep-profile-mix: $(STAMP)
 sweep-progressive: $(STAMP)
 	$(PY) simulation/sweep.py --grid configs/sweeps/progressive.toml --out runs/sweeps/progressive --benchmarks progressive --data-dir $${FEDPRUNE_DATA_DIR:-../shared/data/cifar10-subset}
 	$(PY) simulation/sweep.py --grid configs/sweeps/progressive_early.toml --out runs/sweeps/progressive_early --benchmarks progressive_early --data-dir $${FEDPRUNE_DATA_DIR:-../shared/data/cifar10-subset}
+	$(PY) simulation/sweep.py --grid configs/sweeps/progressive_long.toml --out runs/sweeps/progressive_long --benchmarks progressive_long --data-dir $${FEDPRUNE_DATA_DIR:-../shared/data/cifar10-subset}
 
 clean:
 	rm -rf runs .pytest_cache .cache

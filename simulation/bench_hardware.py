@@ -54,7 +54,7 @@ from fedprune.masks import StructuredMask, extract_submodel  # noqa: E402
 from fedprune.metrics import median_host_latency_ms  # noqa: E402
 from fedprune.models import get_model  # noqa: E402
 from fedprune.plots import finish  # noqa: E402
-from fedprune.reporting import benchmark_parser, ci95, fmt_mean_std, mean_std, nonnegative_int, read_saved_json, to_jsonable, write_json, write_text  # noqa: E402
+from fedprune.reporting import benchmark_parser, ci95, fmt_mean_std, mean_se, mean_std, nonnegative_int, read_saved_json, to_jsonable, write_json, write_text  # noqa: E402
 from fedprune.task import load_data, make_train_fn, profile_budget_masks, train_config  # noqa: E402
 from fedprune.training import evaluate, set_seed  # noqa: E402
 
@@ -515,15 +515,14 @@ def budget_section(per_seed: list[dict], cfg, args, n_test: int | None, scale: f
             a, _ = mean_std(r[f"{prof}/{method}"]["accuracy"] for r in per_seed)
             u, _ = mean_std(r[f"{prof}/budget_uniform"]["accuracy"] for r in per_seed)
             diffs = [100 * (r[f"{prof}/{method}"]["accuracy"] - r[f"{prof}/budget_uniform"]["accuracy"]) for r in per_seed]
-            d_m, d_s = mean_std(diffs)
-            se = d_s / np.sqrt(len(diffs))
+            (_, d_s), (d_m, se) = mean_std(diffs), mean_se(diffs)
             ci = tie = ""
-            if len(diffs) > 1:
+            if len(diffs) > 1:  # one seed has no spread: no standard error, no interval
                 lo, hi = ci95(d_m, se, len(diffs))
-                ci = f"95% CI of the mean difference {lo:+.2f} to {hi:+.2f}, "
+                ci = f"standard error of the mean {se:.2f}, 95% CI of the mean difference {lo:+.2f} to {hi:+.2f}, "
                 tie = "" if a >= u else (", a tie: the 95% CI includes 0" if hi >= 0 else ", the 95% CI is below 0")
             lines.append(f"- {prof}, {LABELS[method]}: {100 * a:.1f}% vs uniform sparsity {100 * u:.1f}% at the same budget "
-                         f"({d_m:+.2f} ± {d_s:.2f} points, standard error of the mean {se:.2f}, {ci}"
+                         f"({d_m:+.2f} ± {d_s:.2f} points, {ci}"
                          f"paired per seed: {', '.join(f'{d:+.1f}' for d in diffs)}; "
                          f"target ≥ 0: {'met' if a >= u else 'NOT met'}{tie}).")
     lines.append("")
