@@ -253,15 +253,18 @@ def budget_runs(cfg, seeds, profiles, data, cache_dir: Path | None = None, tag: 
     return per_seed
 
 
-def retime_latency_budgets(sections: dict[float, list[dict]], cfg, args) -> None:
+def retime_latency_budgets(sections: dict[float, list[dict]], cfg, args) -> dict[str, float]:
     """Time every chosen sub-network with a latency budget again, all in one session at the end
     (each alone, :data:`RETIME_PASSES` passes over all of them, median), and store the device ms
     as ``budgets[key]["retimed"]`` of its row: whether a missed budget was the width or the minute
-    it was timed in. Latency depends on the widths only, so the widths are rebuilt with any weights."""
+    it was timed in. Latency depends on the widths only, so the widths are rebuilt with any weights.
+    The dense model is timed in the same passes; returns its host ms per batch (``{"b1": ms, "b64": ms}``),
+    how fast the host ran during the re-time (:func:`_retime_note`)."""
     torch.manual_seed(0)
     model = get_model(cfg.model.name).eval()
     groups = discover_groups(model)
     ones = {g.name: np.ones(g.size) for g in groups}
+    dense_ms: dict[str, float] = {}
     for batch in (1, 64):
         todo: dict[str, tuple[dict, float]] = {}
         models = {}
@@ -276,11 +279,15 @@ def retime_latency_budgets(sections: dict[float, list[dict]], cfg, args) -> None
                     models[name] = extract_submodel(model, StructuredMask.from_scores(ones, row["kept_channels"]), groups)
         if not models:
             continue
+        models["dense"] = extract_submodel(model, StructuredMask.from_scores(ones, {g.name: g.size for g in groups}), groups)
         t0 = time.perf_counter()
         host = median_host_latency_ms(models, batch, args.threads, args.latency_repeats, RETIME_PASSES)
         for name, (budget, speed) in todo.items():
             budget["retimed"] = host[name] * device_factor(f"latency_ms_b{batch}", speed)
-        log.info("[re-time] batch %d: %d sub-networks timed again, %d passes (%.0f s)", batch, len(models), RETIME_PASSES, time.perf_counter() - t0)
+        dense_ms[f"b{batch}"] = host["dense"]
+        log.info("[re-time] batch %d: %d sub-networks timed again with the dense model, %d passes (%.0f s; dense %.3g ms)", batch,
+                 len(models) - 1, RETIME_PASSES, time.perf_counter() - t0, host["dense"])
+    return dense_ms
 
 
 # ----------------------------------------------------------------- report
@@ -298,7 +305,8 @@ def _host(args) -> str:
     return f"torch {torch.__version__}, {platform.machine()}, {args.threads} threads for latency"
 
 
-def render(lut: dict | None, sections: dict[float, list[dict]] | None, cfg, args, n_test: int | None) -> str:
+def render(lut: dict | None, sections: dict[float, list[dict]] | None, cfg, args, n_test: int | None,
+           retime_dense: dict[str, float] | None = None) -> str:
     """benchmarks/hardware.md: the latency-table section, then one equal-budget section per latency-budget scale."""
     lines = ["# Hardware-aware pruning: cost models and budgets", ""]
     host = _host(args)
@@ -345,8 +353,22 @@ def render(lut: dict | None, sections: dict[float, list[dict]] | None, cfg, args
                          f"{np.median(lut[f'build_s_{b}']):.1f} s to measure (cached on disk afterwards).")
         lines.append("")
     for scale, per_seed in (sections or {}).items():
-        lines += budget_section(per_seed, scaled_latency_budgets(cfg, scale), args, n_test, scale)
+        lines += budget_section(per_seed, scaled_latency_budgets(cfg, scale), args, n_test, scale, _retime_note(retime_dense, lut))
     return "\n".join(lines)
+
+
+def _retime_note(retime_dense: dict[str, float] | None, lut: dict | None) -> str:
+    """A sentence on how fast the host ran during the re-time: the dense model's host ms in those passes, against its
+    timings when the latency tables were checked at the start of the run (median over builds)."""
+    if not retime_dense:
+        return ""
+    parts = []
+    for b, ms in retime_dense.items():
+        start = np.median(lut["rows"]["uniform 100%"][b]["measured_ms"]) if lut and "uniform 100%" in lut.get("rows", {}) else None
+        parts.append(f"{ms:.2f} ms at batch {b[1:]}" + (f" ({100 * (ms / start - 1):+.0f}% against {start:.2f} ms at the start of the run)"
+                                                        if start else ""))
+    return (" In the re-time the dense model, timed in the same passes, took " + " and ".join(parts)
+            + ": how fast the host ran while the re-timed values were taken.")
 
 
 def _measured_met(rows: list[dict]) -> list[bool]:
@@ -440,7 +462,7 @@ def ran_methods(per_seed: list[dict]) -> list[str]:
     return [m for m in METHODS if all(any(k.endswith(f"/{m}") for k in r) for r in per_seed)]
 
 
-def budget_section(per_seed: list[dict], cfg, args, n_test: int | None, scale: float) -> list[str]:
+def budget_section(per_seed: list[dict], cfg, args, n_test: int | None, scale: float, retime_note: str = "") -> list[str]:
     """Markdown lines of one equal-budget comparison (``cfg`` carries the budgets it ran with)."""
     relative = any("ok_relative" in b for r in per_seed for k, row in r.items() if "/" in k for b in row["budgets"].values())
     lines: list[str] = []
@@ -480,7 +502,7 @@ def budget_section(per_seed: list[dict], cfg, args, n_test: int | None, scale: f
            "run's own timing (their ratio, median over passes, times the latency table's prediction for the dense model: "
            "`HardwareModel.relative_latency`); a host that is faster or slower for a while moves both timings, not their ratio."
            if relative else "")
-        + _added_seeds(args) + _provenance(per_seed, seeds, methods, getattr(args, "started", None)), ""]
+        + retime_note + _added_seeds(args) + _provenance(per_seed, seeds, methods, getattr(args, "started", None)), ""]
     lines += [
         f"Dense references: {fmt_mean_std(r['dense']['accuracy'] for r in per_seed)} after {first['dense']['epochs']} epochs, "
         f"{fmt_mean_std(r['dense same budget']['accuracy'] for r in per_seed)} after {first['dense same budget']['epochs']} epochs (same total budget).",
@@ -591,7 +613,7 @@ def main(argv=None) -> int:
         args.scaled_seeds = saved["args"].get("scaled_seeds")
         args.rerun = saved["args"].get("rerun", [])
         args.started = saved["args"].get("started")
-        write_text(out / "hardware.md", render(saved["lut"], sections, cfg, args, saved["n_test"]))
+        write_text(out / "hardware.md", render(saved["lut"], sections, cfg, args, saved["n_test"], saved.get("retime_dense_ms")))
         print((out / "hardware.md").read_text())
         return 0
     args.started = time.strftime("%Y-%m-%d %H:%M")  # stamped on every row this run prunes (the report's provenance)
@@ -613,11 +635,11 @@ def main(argv=None) -> int:
                                           args.started)
             plot(sections[scale], out / f"hardware_accuracy{tag}.png",
                  "Equal hardware budgets" + ("" if scale == 1.0 else f" (latency budgets x{scale:g})"))
-    if sections:
-        retime_latency_budgets(sections, cfg, args)
+    retime_dense = retime_latency_budgets(sections, cfg, args) if sections else None
     write_json(out / "hardware.json", {"args": vars(args), "lut": lut, "seeds": sections.get(1.0),
-                                        "scaled": {f"{k:g}": v for k, v in sections.items() if k != 1.0}, "n_test": n_test})
-    write_text(out / "hardware.md", render(lut, sections, cfg, args, n_test))
+                                        "scaled": {f"{k:g}": v for k, v in sections.items() if k != 1.0}, "n_test": n_test,
+                                        "retime_dense_ms": retime_dense})
+    write_text(out / "hardware.md", render(lut, sections, cfg, args, n_test, retime_dense))
     print((out / "hardware.md").read_text())
     return 0
 

@@ -138,6 +138,35 @@ def test_bench_hardware_fill_floor_and_provenance() -> None:
     assert bench._seed_span([5, 0, 1, 2, 7, 8]) == "0-2, 5, 7-8"
 
 
+def test_bench_hardware_retime_times_the_dense_model_alongside(monkeypatch) -> None:
+    """The end-of-run re-time stores each latency-budgeted row's device ms and returns the dense model's host ms from the
+    same passes; the report compares that with the dense model's timing at the start of the run."""
+    from types import SimpleNamespace
+
+    from fedprune.config import load_config
+
+    bench = _script("bench_hardware")
+    timed = []
+
+    def fake_median(models, batch, threads, repeats, passes):
+        timed.append((batch, sorted(models)))
+        return {name: (4.0 if name == "dense" else 2.0) for name in models}
+
+    monkeypatch.setattr(bench, "median_host_latency_ms", fake_median)
+    cfg = load_config(None, [])
+    groups = bench.discover_groups(bench.get_model(cfg.model.name))
+    row = {"budgets": {"latency_ms_b1": {"limit": 2.5, "measured": 2.0, "ok": True}}, "kept_channels": {g.name: g.size // 2 for g in groups}}
+    sections = {1.0: [{"dense": {"accuracy": 0.5}, "mobile_cpu/budget": row}]}
+    dense = bench.retime_latency_budgets(sections, cfg, SimpleNamespace(threads=1, latency_repeats=3))
+    assert dense == {"b1": 4.0} and timed == [(1, ["dense", "x1/0/mobile_cpu/budget"])]  # no row has a batch-64 budget
+    speed = cfg.profiles["mobile_cpu"].compute_speed
+    assert row["budgets"]["latency_ms_b1"]["retimed"] == pytest.approx(2.0 * bench.device_factor("latency_ms_b1", speed))
+    lut = {"rows": {"uniform 100%": {"b1": {"measured_ms": [3.0, 3.2, 3.4]}}}}
+    note = bench._retime_note(dense, lut)
+    assert "took 4.00 ms at batch 1 (+25% against 3.20 ms at the start of the run)" in note
+    assert "took 4.00 ms at batch 1:" in bench._retime_note(dense, None) and bench._retime_note(None, lut) == ""
+
+
 def test_bench_federated_compares_each_consensus_row_with_its_random_twin() -> None:
     """Sensitivity-adaptive widths come from the criterion's sensitivity, so a consensus row with them is compared
     with the random-mask row of the same criterion and allocation; rows with the config's widths with plain random
