@@ -352,8 +352,9 @@ def render(lut: dict | None, sections: dict[float, list[dict]] | None, cfg, args
                          f"{int((med <= 0.15).sum())}/{med.size} within 15%. A table takes "
                          f"{np.median(lut[f'build_s_{b}']):.1f} s to measure (cached on disk afterwards).")
         lines.append("")
+    retime_note = _retime_note(retime_dense, lut)
     for scale, per_seed in (sections or {}).items():
-        lines += budget_section(per_seed, scaled_latency_budgets(cfg, scale), args, n_test, scale, _retime_note(retime_dense, lut))
+        lines += budget_section(per_seed, scaled_latency_budgets(cfg, scale), args, n_test, scale, retime_note)
     return "\n".join(lines)
 
 
