@@ -612,7 +612,6 @@ def main(argv=None) -> int:
         sections = {float(k): v for k, v in {"1": saved["seeds"], **saved["scaled"]}.items() if v}
         args.seeds, args.threads = saved["args"]["seeds"], saved["args"]["threads"]  # as the run had them
         args.scaled_seeds = saved["args"].get("scaled_seeds")
-        args.rerun = saved["args"].get("rerun", [])
         args.started = saved["args"].get("started")
         write_text(out / "hardware.md", render(saved["lut"], sections, cfg, args, saved["n_test"], saved.get("retime_dense_ms")))
         print((out / "hardware.md").read_text())

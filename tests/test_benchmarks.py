@@ -116,13 +116,12 @@ def test_bench_hardware_caches_each_allocation(tmp_path, monkeypatch) -> None:
 def test_bench_hardware_fill_floor_and_provenance() -> None:
     """The report counts the seed x profile pairs where budget_fill kept at least the uniform row's channels in every
     layer, and says which run (by its start) each allocation's rows on which seeds come from."""
-    from types import SimpleNamespace
-
     bench = _script("bench_hardware")
     rows = [{"p/budget_fill": {"kept_channels": {"a": 16, "b": 40}}, "p/budget_uniform": {"kept_channels": {"a": 16, "b": 32}}},
             {"p/budget_fill": {"kept_channels": {"a": 8, "b": 40}}, "p/budget_uniform": {"kept_channels": {"a": 16, "b": 32}}}]
     line = bench._fill_floor(rows, ["p"])
     assert "in every layer in 1/2 seed × profile pairs" in line and "+8.3% channels kept" in line and "+0.0% to +16.7%" in line
+
     def row(ran=None):
         return {"accuracy": 0.5, **({"ran": ran} if ran else {})}
 
