@@ -28,8 +28,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/fedprune simulate --config configs/quick.toml --out runs/demo
 
+# Tests run on every core (pytest-xdist); those that start Ray or Flower processes share one worker (tests/conftest.py)
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 bench-centralized: $(STAMP)
 	$(PY) simulation/centralized_table.py --data-dir $${FEDPRUNE_DATA_DIR:-../shared/data/cifar10-subset}

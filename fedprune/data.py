@@ -26,13 +26,15 @@ import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
-from torchvision.transforms import v2
+
+if TYPE_CHECKING:
+    from torchvision.transforms import v2
 
 CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
@@ -390,7 +392,16 @@ class HWCToTensor:
         return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
 
 
+def _v2():
+    """``torchvision.transforms.v2``, imported on first use: it takes ~2 s of CPU, which every process that does not
+    augment (a Deployment Engine ClientApp starts one per message; the evaluation path below does not use it) saves."""
+    from torchvision.transforms import v2
+
+    return v2
+
+
 def _to_normalised_float() -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    v2 = _v2()
     return [
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean=list(CIFAR10_MEAN), std=list(CIFAR10_STD)),
@@ -403,6 +414,7 @@ def train_transform() -> v2.Compose:
     Random 32x32 crop with 4 px zero padding, random horizontal flip, then
     scaling to [0, 1] and per-channel normalisation with the CIFAR-10 statistics.
     """
+    v2 = _v2()
     return v2.Compose(
         [
             HWCToTensor(),
@@ -415,7 +427,7 @@ def train_transform() -> v2.Compose:
 
 def eval_transform() -> v2.Compose:
     """Deterministic transform: uint8 HWC numpy -> float32 ``(3, 32, 32)`` normalised tensor."""
-    return v2.Compose([HWCToTensor(), *_to_normalised_float()])
+    return _v2().Compose([HWCToTensor(), *_to_normalised_float()])
 
 
 class ImageDataset(Dataset):

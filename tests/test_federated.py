@@ -247,6 +247,7 @@ def test_reconstruction_consensus_averages_the_clients_orders():
     assert all(np.array_equal(np.argsort(-mean[g], kind="stable"), np.argsort(-sent[g], kind="stable")) for g in sent)
 
 
+@pytest.mark.integration
 def test_ray_simulation_matches_inprocess(tiny_run, tiny_cfg, tmp_path):
     """Flower's Simulation Engine (Ray backend) gives the same numbers as the in-process loop."""
     res, _ = tiny_run

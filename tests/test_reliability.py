@@ -520,6 +520,7 @@ def test_check_functions_one_job_each(cfg):
         parse_train_reply(content, {"w": spec["w"]}, None, 10, epochs=1)
 
 
+@pytest.mark.integration
 def test_failures_under_the_simulation_engine_match_the_inprocess_run(tmp_path):
     """Flower's Simulation Engine (Ray) reports the same simulated crashes and drop-outs, and gives the same model."""
     from fedprune.federated import simulate
