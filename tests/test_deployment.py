@@ -1,9 +1,11 @@
-"""Flower Deployment Engine: the same ServerApp/ClientApp on a SuperLink and SuperNodes, driven by ``flwr run``.
+"""``flwr run``: the same ServerApp/ClientApp on Flower's local simulation SuperLink and on the Deployment Engine.
 
-The integration test starts 1 ``flower-superlink`` and 3 ``flower-supernode`` processes on
-loopback (free ports, a private ``FLWR_HOME``), submits a tiny synthetic job with ``flwr run``,
-checks ``results.json`` and stops every process it started (process groups + PIDs).
-Two SuperNodes declare their device profile in their node config, as real devices would.
+The first integration test runs ``flwr run .`` as README shows it: ``flwr`` starts a detached local
+SuperLink in simulation mode (Ray backend) under a private ``FLWR_HOME``, and the test stops it by PID.
+The second starts 1 ``flower-superlink`` and 3 ``flower-supernode`` processes on loopback (free ports,
+a private ``FLWR_HOME``), submits a tiny synthetic job with ``flwr run``, checks ``results.json`` and
+stops every process it started (process groups + PIDs). Two SuperNodes declare their device profile in
+their node config, as real devices would. Both compare their numbers with the in-process engine's.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _procs import QUIET_ENV, ProcessGroup, executable, free_ports, pids_matching, wait_for_port
+from _procs import QUIET_ENV, ProcessGroup, descendants, executable, free_ports, pids_matching, stop_pids, wait_for_port
 from conftest import TINY
 
 from fedprune.config import REPO_ROOT, load_config
@@ -62,6 +64,54 @@ def test_unknown_declared_profile_is_a_clear_register_error():
         client_register(cfg, 1, 3, "tablet")
 
 
+def _run_config(tmp_path: Path, overrides: list[str], out_dir: Path) -> Path:
+    """The job's run config (``[tool.flwr.app.config]`` keys) as a TOML file for ``flwr run --run-config``."""
+    path = tmp_path / "run-config.toml"
+    path.write_text(
+        f'config-file = "{CONFIG_FILE}"\n'
+        f"overrides = {json.dumps(shlex.join(overrides))}\n"
+        f"out-dir = {json.dumps(str(out_dir))}\n"  # absolute: the SuperLink runs the app from its own copy
+    )
+    return path
+
+
+def _flwr_env(tools: dict, flwr_home: Path) -> dict:
+    return {**os.environ, **QUIET_ENV, "FLWR_HOME": str(flwr_home), "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
+            "PATH": f"{tools['flwr'].parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+# ------------------------------------------------------------ integration: flwr run . (local simulation SuperLink)
+@pytest.mark.integration
+def test_flwr_run_on_the_local_simulation_superlink(tmp_path):
+    tools = {name: executable(name) for name in ("flower-superlink", "flwr")}
+    missing = [n for n, p in tools.items() if p is None]
+    if missing:
+        pytest.skip(f"Flower executables not installed in this environment: {missing}")
+    flwr_home = tmp_path / "flwr-home"
+    flwr_home.mkdir()
+    out_dir = tmp_path / "out"
+    ray_before = pids_matching("raylet|gcs_server")
+    try:
+        flwr = subprocess.run([str(tools["flwr"]), "run", str(REPO_ROOT), "--stream", "--federation-config",
+                               "num-supernodes=3 client-resources-num-cpus=1 init-args-num-cpus=2",
+                               "--run-config", str(_run_config(tmp_path, TINY, out_dir))],
+                              env=_flwr_env(tools, flwr_home), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    finally:
+        # flwr leaves the local SuperLink running (detached); every process of it names the private FLWR_HOME
+        link = pids_matching(str(flwr_home))
+        left = stop_pids(link | {d for p in link for d in descendants(p)})
+    assert not left and not pids_matching(str(flwr_home)), f"processes still running after stop: {sorted(left)}"
+    assert flwr.returncode == 0, f"flwr run failed:\n{flwr.stdout[-3000:]}\n{flwr.stderr[-3000:]}"
+    assert link, "flwr run started no local SuperLink under FLWR_HOME"
+    assert (out_dir / "results.json").is_file(), f"no results.json; flwr run output:\n{flwr.stdout[-3000:]}"
+    res = json.loads((out_dir / "results.json").read_text())
+    assert pids_matching("raylet|gcs_server") - ray_before == set()  # the simulation shut its Ray instance down
+    assert [r["phase"] for r in res["rounds"]] == ["warmup", "importance", "finetune", "bn_calibration"]
+    expected = _inprocess(TINY, {}, REPO_ROOT / CONFIG_FILE)
+    assert res["profiles"] == expected["profiles"]
+    assert res["consensus"]["kept_channels"] == expected["consensus"]["kept_channels"]
+
+
 # ------------------------------------------------------------ integration: SuperLink + 3 SuperNodes
 @pytest.mark.integration
 def test_deployment_engine_superlink_three_supernodes_flwr_run(tmp_path):
@@ -72,7 +122,7 @@ def test_deployment_engine_superlink_three_supernodes_flwr_run(tmp_path):
     flwr_home = tmp_path / "flwr-home"
     flwr_home.mkdir()
     out_dir = tmp_path / "out"
-    env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(flwr_home), "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2", "PATH": f"{tools['flwr'].parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = _flwr_env(tools, flwr_home)
     link_port, *node_ports = free_ports(4)
     group = ProcessGroup(tmp_path, env)
     t0 = time.monotonic()
@@ -85,12 +135,7 @@ def test_deployment_engine_superlink_three_supernodes_flwr_run(tmp_path):
             group.start(f"supernode{i}", [tools["flower-supernode"], "--insecure", "--superlink", f"127.0.0.1:{link_port}",
                                           "--host", "127.0.0.1", "--port", node_ports[i], "--node-config", node_config])
         (flwr_home / "config.toml").write_text(f'[superlink]\ndefault = "local-deploy"\n\n[superlink.local-deploy]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n')
-        run_config = tmp_path / "run-config.toml"
-        run_config.write_text(
-            f'config-file = "{CONFIG_FILE}"\n'
-            f"overrides = {json.dumps(shlex.join(DEPLOY))}\n"
-            f"out-dir = {json.dumps(str(out_dir))}\n"  # absolute: the SuperLink runs the app from its own copy
-        )
+        run_config = _run_config(tmp_path, DEPLOY, out_dir)
         flwr = subprocess.run([str(tools["flwr"]), "run", str(REPO_ROOT), "local-deploy", "--stream", "--run-config", str(run_config)],
                               env=env, cwd=tmp_path, capture_output=True, text=True, timeout=480)
         group.all_pids()  # note the SuperExec children while they run
