@@ -75,27 +75,31 @@ def _run_config(tmp_path: Path, overrides: list[str], out_dir: Path) -> Path:
     return path
 
 
-def _flwr_env(tools: dict, flwr_home: Path) -> dict:
-    return {**os.environ, **QUIET_ENV, "FLWR_HOME": str(flwr_home), "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
-            "PATH": f"{tools['flwr'].parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-
-
-# ------------------------------------------------------------ integration: flwr run . (local simulation SuperLink)
-@pytest.mark.integration
-def test_flwr_run_on_the_local_simulation_superlink(tmp_path):
-    tools = {name: executable(name) for name in ("flower-superlink", "flwr")}
+def _flwr_setup(tmp_path: Path, names: tuple[str, ...]) -> tuple[dict, Path, dict]:
+    """``(executables, FLWR_HOME, environment)`` of a ``flwr`` job: a private ``FLWR_HOME`` under ``tmp_path``
+    and this venv's Flower executables first on PATH; skips the test when one of ``names`` is not installed."""
+    tools = {name: executable(name) for name in (*names, "flwr")}
     missing = [n for n, p in tools.items() if p is None]
     if missing:
         pytest.skip(f"Flower executables not installed in this environment: {missing}")
     flwr_home = tmp_path / "flwr-home"
     flwr_home.mkdir()
+    env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(flwr_home), "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
+           "PATH": f"{tools['flwr'].parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return tools, flwr_home, env
+
+
+# ------------------------------------------------------------ integration: flwr run . (local simulation SuperLink)
+@pytest.mark.integration
+def test_flwr_run_on_the_local_simulation_superlink(tmp_path):
+    tools, flwr_home, env = _flwr_setup(tmp_path, ("flower-superlink",))
     out_dir = tmp_path / "out"
     ray_before = pids_matching("raylet|gcs_server")
     try:
         flwr = subprocess.run([str(tools["flwr"]), "run", str(REPO_ROOT), "--stream", "--federation-config",
                                "num-supernodes=3 client-resources-num-cpus=1 init-args-num-cpus=2",
                                "--run-config", str(_run_config(tmp_path, TINY, out_dir))],
-                              env=_flwr_env(tools, flwr_home), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     finally:
         # flwr leaves the local SuperLink running (detached); every process of it names the private FLWR_HOME
         link = pids_matching(str(flwr_home))
@@ -115,14 +119,8 @@ def test_flwr_run_on_the_local_simulation_superlink(tmp_path):
 # ------------------------------------------------------------ integration: SuperLink + 3 SuperNodes
 @pytest.mark.integration
 def test_deployment_engine_superlink_three_supernodes_flwr_run(tmp_path):
-    tools = {name: executable(name) for name in ("flower-superlink", "flower-supernode", "flwr")}
-    missing = [n for n, p in tools.items() if p is None]
-    if missing:
-        pytest.skip(f"Flower executables not installed in this environment: {missing}")
-    flwr_home = tmp_path / "flwr-home"
-    flwr_home.mkdir()
+    tools, flwr_home, env = _flwr_setup(tmp_path, ("flower-superlink", "flower-supernode"))
     out_dir = tmp_path / "out"
-    env = _flwr_env(tools, flwr_home)
     link_port, *node_ports = free_ports(4)
     group = ProcessGroup(tmp_path, env)
     t0 = time.monotonic()
