@@ -26,7 +26,7 @@ install: $(STAMP)
 
 # Main simulation: configs/quick.toml (uses FEDPRUNE_DATA_DIR / ./data / download, see README)
 demo: $(STAMP)
-	$(VENV)/bin/fedprune simulate --config configs/quick.toml --out runs/demo
+	$(VENV)/bin/fedprune simulate --config configs/quick.toml --out runs/demo --overwrite
 
 # Tests run on every core (pytest-xdist); those that start Ray or Flower processes share one worker (tests/conftest.py)
 TEST_WORKERS ?= auto

@@ -11,12 +11,14 @@ import logging
 import sys
 from pathlib import Path
 
-from fedprune.config import ConfigError, deep_update, load_config, parse_overrides
+from fedprune.config import REPO_ROOT, ConfigError, deep_update, load_config, parse_overrides
 from fedprune.reporting import check_out_dir, nonnegative_int
 
 __all__ = ["main", "run_reporting_errors"]
 
 EXIT_USAGE = 2
+#: ``simulate --mask-source`` choices (fedprune.federated.MASK_SOURCES; listed here so that ``--help`` imports no torch).
+MASK_SOURCE_CHOICES = ("consensus", "local", "random", "central", "none")
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -50,6 +52,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def _load(args, default_config: str | None = None) -> "ExperimentConfig":  # noqa: F821
     """The config file with ``--set`` overrides, then the flags (which win); flag values are taken as they are,
     not parsed as TOML, so any directory name works."""
+    if args.config is not None and not args.config.strip():
+        raise ConfigError("--config '' is empty; give a TOML config file (see configs/)")
     overrides = parse_overrides(list(args.overrides))
     flags: dict = {}
     data = {k: v for k, v in (("data_dir", args.data_dir), ("dataset", args.dataset)) if v}
@@ -73,16 +77,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="one centralized pruning experiment -> OUT/results.json")
     _common(p)
     p.add_argument("--out", required=True, help="output directory")
+    _overwrite(p)
 
-    p = sub.add_parser("simulate", help="federated consensus pruning on Flower's Simulation Engine (Ray)")
+    p = sub.add_parser("simulate", help="federated consensus pruning, on Flower's Simulation Engine (Ray) or in this process")
     _common(p)
     out = p.add_mutually_exclusive_group(required=True)
     out.add_argument("--out", help="output directory (the server checkpoints there after every round)")
     out.add_argument("--resume", metavar="DIR", help="continue the killed run in DIR from its last complete round (config from its checkpoint)")
+    _overwrite(p)
     p.add_argument("--warm-start", metavar="DIR", help="start after the dense warm-up of the run in DIR (same config but for "
-                   "pruning, fine-tuning and evaluation keys) instead of training it again")
+                   "pruning, fine-tuning and evaluation keys) instead of training it again; DIR is a run that stopped after its "
+                   "warm-up: --mask-source none --set federated.finetune_rounds=0")
+    p.add_argument("--mask-source", choices=MASK_SOURCE_CHOICES, default="consensus",
+                   help="where the masks come from: consensus (the clients' aggregated importance; default); the baselines local "
+                   "(each client its own top-k), random (seeded random channels at the same widths), central (the same criterion "
+                   "on the pooled scoring images); none (dense FedAvg, no pruning)")
     p.add_argument("--engine", choices=["ray", "inprocess"], default="ray", help="ray: Flower Simulation Engine; inprocess: the same ClientApp handlers and Flower messages in this process, one client after another, no Ray (debugging, baselines)")
     return parser
+
+
+def _overwrite(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true", help="write into an --out that holds a finished run (its files "
+                        "are replaced one by one as the new run writes them); without it such an --out is refused")
 
 
 def _cmd_train(args) -> int:
@@ -98,13 +114,21 @@ def _cmd_prune(args) -> int:
     from fedprune.centralized import run_centralized
 
     cfg = _load(args)
-    check_out_dir(args.out)
+    _refuse_finished_run(check_out_dir(args.out), args.overwrite)
     res = run_centralized(cfg, args.out)
     d, p = res["dense"], res["pruned"]
-    print(f"dense accuracy {d['accuracy']:.4f}; pruned ({p['schedule']}, {p['criterion']}, {100 * p['channel_sparsity']:.0f}% channels) "
+    print(f"dense accuracy {d['accuracy']:.4f}; pruned ({p['schedule']}, {p['criterion']}, {100 * p['channel_sparsity']:.0f}% channels pruned) "
           f"{p['accuracy_before_finetune']:.4f} -> {p['accuracy']:.4f} after fine-tuning; MACs {p['flops_reduction']:.2f}x fewer")
     print(f"wrote {Path(args.out) / 'results.json'}")
     return 0
+
+
+def _refuse_finished_run(out: Path, overwrite: bool) -> None:
+    """A new run into ``out`` would replace the finished run there, file by file: refuse unless ``--overwrite``."""
+    results = out / "results.json"
+    if results.is_file() and not overwrite:
+        raise ConfigError(f"--out {str(out)!r} already holds a finished run ({str(results)!r}); give another --out, "
+                          "or pass --overwrite to replace it")
 
 
 def _refuse_unfinished_run(out: Path) -> None:
@@ -128,12 +152,20 @@ def _cmd_simulate(args) -> int:
                                       ("--dataset", args.dataset), ("--seed", args.seed)) if v not in (None, [])]
         if given:
             raise ConfigError(f"--resume takes the config from the run's checkpoint; drop {', '.join(given)}")
+        if args.mask_source != "consensus" or args.overwrite:
+            raise ConfigError(f"--resume takes the mask source from the run's checkpoint and writes into its directory; drop "
+                              f"{'--mask-source' if args.mask_source != 'consensus' else '--overwrite'}")
         cfg, mask_source = resume_config(args.resume)
         res = simulate(cfg, out_dir=args.resume, engine=args.engine, mask_source=mask_source, resume=True)
     else:
-        cfg = _load(args, default_config="configs/quick.toml")
-        _refuse_unfinished_run(check_out_dir(args.out))
-        res = simulate(cfg, out_dir=args.out, engine=args.engine, warm_start=args.warm_start)
+        cfg = _load(args, default_config=str(REPO_ROOT / "configs" / "quick.toml"))
+        out = check_out_dir(args.out)
+        if args.warm_start and Path(args.warm_start).resolve() == out.resolve():
+            raise ConfigError(f"--out and --warm-start name the same directory {str(args.out)!r}: the run would overwrite the "
+                              "warm-up it starts from; give another --out")
+        _refuse_unfinished_run(out)
+        _refuse_finished_run(out, args.overwrite)
+        res = simulate(cfg, out_dir=args.out, engine=args.engine, mask_source=args.mask_source, warm_start=args.warm_start)
     print(res["summary"])
     return 0
 

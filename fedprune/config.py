@@ -282,7 +282,7 @@ class ProfileConfig:
 
 @dataclass
 class ExperimentConfig:
-    seed: int = _spec(0, lo=0)
+    seed: int = _spec(0, lo=0, hi=2**63 - 1, doc="seeds every random choice of the run (a signed 64-bit integer, as torch needs)")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfigSection = field(default_factory=TrainConfigSection)

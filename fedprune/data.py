@@ -634,7 +634,7 @@ def _partition_cached(
     return tuple(frozen)
 
 
-def _validate_partition_args(
+def validate_partition_args(
     labels: np.ndarray,
     num_clients: int,
     scheme: str,
@@ -691,7 +691,7 @@ def partition_indices(
         Results are deterministic in the arguments and cached in-process.
     """
     labels = np.asarray(labels)
-    _validate_partition_args(labels, num_clients, scheme, alpha, classes_per_client)
+    validate_partition_args(labels, num_clients, scheme, alpha, classes_per_client)
     cached = _partition_cached(
         _LabelsKey(labels),
         int(num_clients),

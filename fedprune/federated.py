@@ -48,8 +48,8 @@ from fedprune.records import (
     recorddict_nbytes,
     state_to_record,
 )
-from fedprune.reporting import check_out_dir, write_csv, write_json
-from fedprune.task import budget_group_weights, budget_round_to, build_model, central_importance, gate_state, gated_model, hardware_model, initial_width_state, load_data, model_groups, profile_budget_masks, profile_constraints
+from fedprune.reporting import check_out_dir, to_jsonable, write_csv, write_json
+from fedprune.task import budget_group_weights, budget_round_to, build_model, central_importance, check_partition, gate_state, gated_model, hardware_model, initial_width_state, load_data, model_groups, profile_budget_masks, profile_constraints
 from fedprune.training import evaluate, set_seed
 from fedprune.validation import InvalidReply, parse_bn_stats_reply, parse_evaluate_reply, parse_importance_reply, parse_register_reply, parse_train_reply, state_spec
 
@@ -1168,7 +1168,7 @@ class FederatedPruning:
             ok = e.get("budgets_ok")
             return "" if ok is None else (", budgets met" if ok else ", budgets MISSED: " + ", ".join(k for k, b in e["budgets"].items() if not b["ok"]))
 
-        summary = "; ".join([f"dense {dense_acc:.3f}"] + [f"{p} {e['accuracy']:.3f} @ {100 * e['channel_sparsity']:.0f}% ch, "
+        summary = "; ".join([f"dense {dense_acc:.3f}"] + [f"{p} {e['accuracy']:.3f} @ {100 * e['channel_sparsity']:.0f}% ch pruned, "
                                                           f"{dense['flops'] / e['flops']:.2f}x fewer FLOPs{budget_note(e)}" for p, e in profiles.items()])
         return {
             "config": config_to_dict(self.cfg),
@@ -1381,6 +1381,25 @@ def ray_init_args(fed) -> dict:
     return {**args, "address": address}
 
 
+def finished_results(out_dir: str | Path, cfg: ExperimentConfig, mask_source: str) -> dict | None:
+    """The results of the finished run in ``out_dir`` when resuming it with ``cfg`` would only repeat its final
+    evaluation (its ``results.json`` is newer than its checkpoint and has the same config and mask source), else None:
+    a run killed before it finished, or one finished by an older version or with other final-evaluation keys (a
+    resume evaluates it again, e.g. with static BN)."""
+    import json
+
+    out = Path(out_dir)
+    path, ckpt = out / "results.json", out / CHECKPOINT_FILE
+    if not (path.is_file() and ckpt.is_file()) or path.stat().st_mtime < ckpt.stat().st_mtime:
+        return None
+    try:
+        res = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    same = res.get("config") == json.loads(json.dumps(to_jsonable(config_to_dict(cfg)))) and res.get("mask_source") == mask_source
+    return res if same else None
+
+
 def simulate(cfg: ExperimentConfig, out_dir: str | Path, engine: str = "ray", mask_source: str = "consensus", resume: bool = False,
              warm_start: str | Path | None = None) -> dict:
     """Run one federated experiment and return its results (also written to ``out_dir``).
@@ -1397,10 +1416,14 @@ def simulate(cfg: ExperimentConfig, out_dir: str | Path, engine: str = "ray", ma
     _quiet_env()
     out = check_out_dir(out_dir, "out_dir")  # a file or an unwritable place fails now, not after the first round
     cfg = resolve_data_dir(cfg)
-    load_data(cfg)  # fail early and clearly if the data is missing
+    check_partition(cfg)  # fail early and clearly if the data is missing or too small for the clients
     fed = cfg.federated
     if resume:
         load_checkpoint(out)  # fail early with a clear message
+        finished = finished_results(out, cfg, mask_source)
+        if finished is not None:
+            log.info("[resume] %s: the run finished already with this config; nothing to do", out)
+            return finished
     if warm_start:
         load_checkpoint(warm_start, "warm-start")
     if engine == "inprocess":

@@ -42,12 +42,21 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
+def _file_mode() -> int:
+    """Permission bits of a new file under this process's umask (``mkstemp`` alone gives 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to a temp file beside ``path`` and rename it into place."""
+    """Write ``data`` to a temp file beside ``path`` and rename it into place, readable as any new file would be
+    under the umask (results on a shared cluster stay readable by the group)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)
@@ -127,6 +136,8 @@ def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
     :class:`~fedprune.config.ConfigError` naming ``flag`` otherwise, before any work, and creates nothing."""
     from fedprune.config import ConfigError
 
+    if not str(path).strip():
+        raise ConfigError(f"{flag} {str(path)!r} is empty; give a directory (it is created if missing)")
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{flag} {str(path)!r} is a file; give a directory (it is created if missing)")

@@ -137,6 +137,21 @@ def client_shard(cfg: ExperimentConfig, partition_id: int, num_partitions: int) 
     )
 
 
+def check_partition(cfg: ExperimentConfig) -> None:
+    """The clients' shards can be cut from the training set (as :func:`client_shard` will): a
+    :class:`~fedprune.config.ConfigError` naming the keys and the training set's size otherwise, before any client starts."""
+    from fedprune.config import ConfigError
+    from fedprune.data import validate_partition_args
+
+    train, _ = load_data(cfg)
+    d, n = cfg.data, cfg.federated.num_clients
+    try:
+        validate_partition_args(train.labels, n, d.partition, d.alpha, d.classes_per_client)
+    except ValueError as exc:
+        raise ConfigError(f"federated.num_clients = {n} with data.partition = {d.partition!r} cannot be cut from the "
+                          f"{len(train)} training images of data.dataset = {d.dataset!r}: {exc}") from None
+
+
 def client_profile(cfg: ExperimentConfig, partition_id: int, num_partitions: int) -> str:
     """This client's device profile (by the configured proportions, seeded)."""
     return assign_profiles(num_partitions, cfg.federated.proportions, cfg.seed)[partition_id]

@@ -184,3 +184,84 @@ def test_a_sweep_with_a_broken_base_config(tmp_path) -> None:
     grid = load_grid(tmp_path / "grid.toml")
     with pytest.raises(SweepError, match=r"grid.toml'.*base config '.*base.toml' is not valid TOML"):
         grid.validate()
+
+
+def test_a_finished_run_in_out_is_kept_unless_overwrite(tmp_path, capsys, monkeypatch) -> None:
+    import fedprune.federated as federated
+
+    calls = []
+    monkeypatch.setattr(federated, "simulate", lambda cfg, out_dir, **k: calls.append((out_dir, k)) or {"summary": "ran"})
+    monkeypatch.setattr("fedprune.centralized.run_centralized", lambda *a, **k: pytest.fail("prune may not run"))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text('{"a finished": "run"}')
+    cfg = str(_tiny_toml(tmp_path))
+    for command in ("simulate", "prune"):
+        assert cli.main([command, "--config", cfg, "--out", str(run)]) == 2
+        line = _error_line(capsys)
+        assert f"--out '{run}' already holds a finished run" in line and "--overwrite" in line
+    assert (run / "results.json").read_text() == '{"a finished": "run"}' and calls == []
+    assert cli.main(["simulate", "--config", cfg, "--out", str(run), "--overwrite", "--engine", "inprocess"]) == 0
+    assert calls == [(str(run), {"engine": "inprocess", "mask_source": "consensus", "warm_start": None})]
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--out", "", "--set", "seed=1"], "--out '' is empty"),
+    (["--config", "", "--out", "OUT"], "--config '' is empty"),
+    (["--out", "OUT", "--warm-start", "OUT"], "--out and --warm-start name the same directory"),
+    (["--resume", "OUT", "--mask-source", "none"], "drop --mask-source"),
+    (["--resume", "OUT", "--overwrite"], "drop --overwrite"),
+])
+def test_simulate_flag_errors(tmp_path, capsys, monkeypatch, argv, fragment) -> None:
+    import fedprune.federated as federated
+
+    monkeypatch.setattr(federated, "simulate", lambda *a, **k: pytest.fail("nothing may run"))
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    config = [] if "--config" in argv or "--resume" in argv else ["--config", str(_tiny_toml(tmp_path))]
+    assert cli.main(["simulate", *config, *argv]) == 2
+    assert fragment in _error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_simulate_reads_the_default_config_from_the_repository_wherever_it_runs(tmp_path, monkeypatch) -> None:
+    import fedprune.federated as federated
+
+    seen = []
+    monkeypatch.setattr(federated, "simulate", lambda cfg, out_dir, **k: seen.append(cfg) or {"summary": "ran"})
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["simulate", "--out", "o", "--set", "federated.num_clients=7"]) == 0
+    assert seen[0].federated.num_clients == 7 and seen[0].federated.warmup_rounds == load_config(ROOT / "configs/quick.toml").federated.warmup_rounds
+
+
+def test_mask_source_choices_are_the_simulations() -> None:
+    from fedprune.federated import MASK_SOURCES
+
+    assert cli.MASK_SOURCE_CHOICES == MASK_SOURCES
+
+
+def test_more_clients_than_training_images_is_a_config_error(tmp_path, capsys) -> None:
+    argv = ["simulate", "--config", str(_tiny_toml(tmp_path)), "--out", str(tmp_path / "out"), "--engine", "inprocess",
+            "--set", "data.synthetic_train=10", "federated.num_clients=20"]
+    assert cli.main(argv) == 2
+    line = _error_line(capsys)
+    assert "federated.num_clients = 20" in line and "10 training images" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_seed_out_of_range_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"'seed' = 18446744073709551616 is out of range: allowed \[0, 9223372036854775807\]"):
+        load_config(None, TINY + [f"seed={2**64}"])
+
+
+def test_written_results_are_readable_as_the_umask_allows(tmp_path) -> None:
+    import os
+
+    from fedprune.reporting import write_json
+
+    old = os.umask(0o022)
+    try:
+        assert (write_json(tmp_path / "a.json", {"x": 1}).stat().st_mode & 0o777) == 0o644
+        os.umask(0o077)
+        assert (write_json(tmp_path / "b.json", {"x": 1}).stat().st_mode & 0o777) == 0o600
+    finally:
+        os.umask(old)

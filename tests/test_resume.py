@@ -106,7 +106,7 @@ def test_resume_errors_are_clear(tiny_cfg, tmp_path):
         FederatedPruning(other, InProcessTransport(3), tmp_path).run(resume=True)
 
 
-def test_cli_resume(tiny_cfg, tiny_run, tmp_path):
+def test_cli_resume(tiny_cfg, tiny_run, tmp_path, capsys):
     full, _ = tiny_run
     with pytest.raises(Killed):
         FederatedPruning(tiny_cfg, DyingTransport(3, 6), tmp_path).run()
@@ -116,6 +116,13 @@ def test_cli_resume(tiny_cfg, tiny_run, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == full["summary"]
     assert _strip(json.loads((tmp_path / "results.json").read_text()), registrations=2) == _strip(json.loads(json.dumps(full)))
+    # resuming the finished run again changes nothing: no clients, no re-evaluation, the same files
+    from fedprune import cli
+
+    files = {p.name: p.read_bytes() for p in (tmp_path / "results.json", tmp_path / CHECKPOINT_FILE)}
+    assert cli.main(["simulate", "--resume", str(tmp_path), "--engine", "inprocess"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == full["summary"]
+    assert files == {p.name: p.read_bytes() for p in (tmp_path / "results.json", tmp_path / CHECKPOINT_FILE)}
     bad = subprocess.run(cmd + ["--set", "seed=3"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "drop --set" in bad.stderr and "Traceback" not in bad.stderr
     missing = subprocess.run(cmd[:5] + [str(tmp_path / "missing")], capture_output=True, text=True, timeout=300)
@@ -142,12 +149,22 @@ def test_warm_start_equals_a_run_that_trains_its_own_warmup(tmp_path) -> None:
 
     from conftest import TINY
 
+    from fedprune import cli
+
     cfg = load_config(None, TINY)
-    warm = load_config(None, TINY + ["federated.finetune_rounds=0", "pruning.criterion='l2'", "federated.nested_training=true"])
-    simulate(warm, tmp_path / "warm", engine="inprocess", mask_source="none")
+    defaults = tmp_path / "defaults.toml"
+    defaults.write_text("")
+    # the warm-up through the command line: a dense-only run that stops after its warm-up
+    assert cli.main(["simulate", "--config", str(defaults), "--out", str(tmp_path / "warm"), "--engine", "inprocess", "--mask-source", "none",
+                     "--set", *TINY, "federated.finetune_rounds=0", "pruning.criterion='l2'", "federated.nested_training=true"]) == 0
     for source in ("consensus", "none"):
         scratch = simulate(cfg, tmp_path / f"scratch_{source}", engine="inprocess", mask_source=source)
-        forked = simulate(cfg, tmp_path / f"forked_{source}", engine="inprocess", mask_source=source, warm_start=tmp_path / "warm")
+        if source == "consensus":
+            assert cli.main(["simulate", "--config", str(defaults), "--out", str(tmp_path / "forked"), "--engine", "inprocess",
+                             "--warm-start", str(tmp_path / "warm"), "--set", *TINY]) == 0
+            forked = json.loads((tmp_path / "forked" / "results.json").read_text())
+        else:
+            forked = simulate(cfg, tmp_path / f"forked_{source}", engine="inprocess", mask_source=source, warm_start=tmp_path / "warm")
         assert forked["dense"]["accuracy"] == scratch["dense"]["accuracy"]
         assert [(r["round"], r["phase"], r.get("accuracy")) for r in forked["rounds"]] == \
                [(r["round"], r["phase"], r.get("accuracy")) for r in scratch["rounds"]]
