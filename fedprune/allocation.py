@@ -238,7 +238,24 @@ CostFn = Callable[[Mapping[str, int]], float]
 Constraint = tuple[CostFn, float]
 
 class InfeasibleBudgetError(ValueError):
-    """Even the smallest allowed network exceeds a budget."""
+    """Even the smallest allowed network exceeds a budget.
+
+    ``problems``: ``(cost name, profile index or None, smallest achievable cost, budget)`` per budget
+    missed; :meth:`naming` gives the same error with the profiles' names instead of their indices.
+    """
+
+    def __init__(self, message: str, problems: Sequence[tuple[str, int | None, float, float]] = (),
+                 profile_names: Sequence[str] | None = None):
+        self.problems = list(problems)
+        if self.problems:
+            message = "infeasible budget, even with every group at its minimum kept count: " + "; ".join(
+                f"{cost}{'' if p is None else f' (profile {profile_names[p] if profile_names else p})'}: "
+                f"smallest achievable cost {_fmt(smallest)} > budget {_fmt(budget)}" for cost, p, smallest, budget in self.problems)
+        super().__init__(message)
+
+    def naming(self, profile_names: Sequence[str]) -> "InfeasibleBudgetError":
+        """This error with profile ``i`` called ``profile_names[i]`` (unchanged when it lists no problems)."""
+        return InfeasibleBudgetError(str(self), self.problems, profile_names) if self.problems else self
 
 
 def _fmt(value: float) -> str:
@@ -636,10 +653,9 @@ def _check_feasible_counts(smallest: Mapping[str, int], profiles: Sequence[Seque
         for fn, budget in constraints:
             cost = float(fn(smallest))
             if cost > budget:
-                where = f" (profile {p})" if len(profiles) > 1 else ""
-                problems.append(f"{_cost_name(fn)}{where}: smallest achievable cost {_fmt(cost)} > budget {_fmt(budget)}")
+                problems.append((_cost_name(fn), p if len(profiles) > 1 else None, cost, float(budget)))
     if problems:
-        raise InfeasibleBudgetError("infeasible budget, even with every group at its minimum kept count: " + "; ".join(problems))
+        raise InfeasibleBudgetError("", problems)
 
 
 def budget_masks(

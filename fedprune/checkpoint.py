@@ -56,7 +56,8 @@ def load_checkpoint(out_dir: str | Path, purpose: str = "resume") -> dict:
     caller wanted to do with it, for the message, e.g. "resume" or "warm-start")."""
     path = Path(out_dir) / CHECKPOINT_FILE
     if not Path(out_dir).is_dir():
-        raise CheckpointError(f"cannot {purpose}: run directory {str(out_dir)!r} does not exist")
+        what = "is a file, not a run directory" if Path(out_dir).exists() else "does not exist"
+        raise CheckpointError(f"cannot {purpose}: run directory {str(out_dir)!r} {what}")
     if not path.is_file():
         raise CheckpointError(f"cannot {purpose}: {str(path)!r} does not exist (the run wrote no complete round yet, or this is not a run directory)")
     try:

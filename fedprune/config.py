@@ -433,6 +433,9 @@ def config_from_dict(raw: Mapping, base_dir: Path | None = None, resolved: bool 
     pfile = cfg.federated.profiles_file
     if pfile and base_dir is not None and not Path(pfile).is_absolute():
         pfile = str((base_dir / pfile).resolve())
+    if pfile and not Path(pfile).is_file():
+        raise ConfigError(f"config key 'federated.profiles_file' = {cfg.federated.profiles_file!r}: {pfile!r} "
+                          f"{'is not a file' if Path(pfile).exists() else 'does not exist'} ('' = configs/profiles.toml)")
     profiles = load_profiles(pfile or None)
     if not isinstance(profile_overrides, Mapping):
         raise ConfigError(f"config key 'profiles' must be a table of profile tables, got {profile_overrides!r}")

@@ -34,7 +34,7 @@ import torch
 
 from fedprune.adversarial import adversarial_partitions
 from fedprune.aggregation import aggregate_importance, mask_agreement, merge_substates, pool_bn_stats, screen_clients
-from fedprune.allocation import check_feasible, check_min_channels, nested_masks
+from fedprune.allocation import InfeasibleBudgetError, check_feasible, check_min_channels, nested_masks
 from fedprune.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from fedprune.config import BUDGET_ALLOCATIONS, ExperimentConfig, config_to_dict, config_without
 from fedprune.data import make_loader
@@ -264,7 +264,10 @@ class FederatedPruning:
             return
         check_min_channels(self.groups, pr.min_channels)
         if pr.allocation in BUDGET_ALLOCATIONS:
-            check_feasible(self.groups, profile_constraints(self.cfg, self.hardware, self.profiles), pr.min_channels, budget_round_to(self.cfg))
+            try:
+                check_feasible(self.groups, profile_constraints(self.cfg, self.hardware, self.profiles), pr.min_channels, budget_round_to(self.cfg))
+            except InfeasibleBudgetError as err:
+                raise err.naming(self.profiles) from None
 
     # ------------------------------------------------------------ helpers
     #: Index maps kept at once (least recently used dropped first): the server's memory must not grow
@@ -929,7 +932,7 @@ class FederatedPruning:
         acc_s = " ".join(f"{k}={v:.3f}" for k, v in acc.items()) if acc else "-"
         loss = rec.get("train_loss")
         log.info("[%s round %d/%d] %d clients, %d failed, loss %s, test acc %s, %.1f s, %.2f MB down / %.2f MB up",
-                 rec["phase"], rec["round"], total, rec["clients"], rec["failures"], f"{loss:.3f}" if loss is not None else "-",
+                 rec["phase"], rec["round"], max(total, rec["round"]), rec["clients"], rec["failures"], f"{loss:.3f}" if loss is not None else "-",
                  acc_s, rec["wall_s"], rec["bytes_down"] / 1e6, rec["bytes_up"] / 1e6)
 
     # ---------------------------------------------------------------- run
@@ -1107,7 +1110,7 @@ class FederatedPruning:
 
     def final_results(self, dense_acc: float, dense_costs: dict, wall_s: float) -> dict:
         ev = self.cfg.eval
-        log.info("[evaluate] final models: test split, local validation, params, FLOPs, latency")
+        log.info("[evaluate] final models: test split, local validation, params, FLOPs%s", ", latency" if self.cfg.eval.latency else "")
         profiles = {}
         local_nodes = self.final_eval_nodes()
         local_acc, final_replies = self.federated_evaluate(local_nodes)

@@ -534,7 +534,7 @@ def profile_budget_masks(cfg: ExperimentConfig, hardware, scores, names, scale: 
             masks = [within.widen_mask(m) for m in masks] if within is not None else masks
         except InfeasibleBudgetError as err:
             if not hardware.latency_corrections:
-                raise  # infeasible by the cost model itself
+                raise err.naming(names) from None  # infeasible by the cost model itself
             if attempt == 0:  # corrections from an earlier step (e.g. progressive pruning) rule out every network
                 log.warning("[hardware] latency budgets of %s: the timing corrections %s find them infeasible (%s); dropping the "
                             "corrections and allocating again", ", ".join(names), hardware.latency_corrections, err)

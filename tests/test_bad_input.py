@@ -265,3 +265,15 @@ def test_written_results_are_readable_as_the_umask_allows(tmp_path) -> None:
         assert (write_json(tmp_path / "b.json", {"x": 1}).stat().st_mode & 0o777) == 0o600
     finally:
         os.umask(old)
+
+
+def test_missing_profiles_file_names_its_key() -> None:
+    with pytest.raises(ConfigError, match=r"config key 'federated.profiles_file' = '/nonexistent/p.toml': .* does not exist"):
+        load_config(None, TINY + ["federated.profiles_file='/nonexistent/p.toml'"])
+
+
+def test_resume_of_a_file_says_it_is_a_file(tmp_path, capsys) -> None:
+    (tmp_path / "notes.txt").write_text("keep")
+    assert cli.main(["simulate", "--resume", str(tmp_path / "notes.txt"), "--engine", "inprocess"]) == 2
+    assert "is a file, not a run directory" in _error_line(capsys)
+    assert (tmp_path / "notes.txt").read_text() == "keep"

@@ -385,7 +385,7 @@ def test_infeasible_budget_fails_before_training(tmp_path, capsys) -> None:
             *TINY, *BUDGETS, "pruning.allocation='budget'", "profiles.microcontroller.budgets={macs=1000}"]
     assert cli_main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "smallest achievable cost" in err[0] and "budget 1000" in err[0]
+    assert len(err) == 1 and "macs (profile microcontroller): smallest achievable cost" in err[0] and "budget 1000" in err[0]
     assert not (tmp_path / "run" / "results.json").exists()
 
 
