@@ -202,7 +202,10 @@ def prune_experiment(cfg: ExperimentConfig, dense: DenseRun, data=None) -> dict:
 
 
 def run_centralized(cfg: ExperimentConfig, out_dir: str | Path | None = None) -> dict:
-    """Train dense, prune, fine-tune; write ``results.json``, ``mask.npz`` and weights to ``out_dir``."""
+    """Train dense, prune, fine-tune; write to ``out_dir``: ``mask.npz`` (the mask, original channel indices),
+    ``model_dense.pt``, ``model_masked.pt`` (the fine-tuned model at full size, pruned channels zeroed),
+    ``model_pruned.pt`` (its physically smaller twin, :func:`fedprune.masks.extract_submodel`; the same outputs) as
+    state_dicts, and ``results.json`` last."""
     with torch.random.fork_rng(devices=[]):
         check_pruning_config(cfg)  # a bad budget or min_channels fails before the dense training, not after
     data = load_data(cfg)
@@ -216,8 +219,9 @@ def run_centralized(cfg: ExperimentConfig, out_dir: str | Path | None = None) ->
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "results.json", results)
         np.savez(out / "mask.npz", **run["mask"].to_arrays())
         torch.save(run["model"].state_dict(), out / "model_masked.pt")
+        torch.save(run["extracted"].state_dict(), out / "model_pruned.pt")
         torch.save(dense.model.state_dict(), out / "model_dense.pt")
+        write_json(out / "results.json", results)  # last: a run with results.json is complete
     return results

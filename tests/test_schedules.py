@@ -259,3 +259,36 @@ def test_sensitivity_allocation_in_select_mask(data) -> None:
     assert abs(stage.mask.channel_sparsity - 0.5) <= len(groups) / groups.total_channels
     with pytest.raises(ValueError, match="sensitivity loader"):
         select_mask(model, groups, spec, 0.5)
+
+
+def test_prune_command_writes_the_pruned_model_physically_smaller_with_the_same_outputs(tmp_path, capsys) -> None:
+    """``fedprune prune --out`` saves the fine-tuned model twice: at full size with zeroed channels and extracted;
+    the extracted twin, rebuilt from ``mask.npz``, gives the same outputs with fewer parameters."""
+    import json
+
+    from fedprune import cli
+    from fedprune.config import load_config
+    from fedprune.masks import extract_submodel
+
+    tiny = ["data.dataset='synthetic'", "data.synthetic_train=160", "data.synthetic_test=64", "train.epochs=1",
+            "pruning.finetune_epochs=1", "pruning.num_batches=1", "eval.latency=false", "train.threads=1", "pruning.sparsity=0.5"]
+    defaults = tmp_path / "defaults.toml"
+    defaults.write_text("")
+    assert cli.main(["prune", "--config", str(defaults), "--out", str(tmp_path / "run"), "--set", *tiny]) == 0
+    assert "50% channels pruned" in capsys.readouterr().out
+    run = tmp_path / "run"
+    assert {p.name for p in run.iterdir()} == {"results.json", "mask.npz", "model_dense.pt", "model_masked.pt", "model_pruned.pt"}
+    cfg = load_config(defaults, tiny)
+    masked = get_model(cfg.model.name)
+    masked.load_state_dict(torch.load(run / "model_masked.pt"))
+    groups = discover_groups(masked)
+    with np.load(run / "mask.npz") as arrays:
+        mask = StructuredMask.from_arrays(dict(arrays), groups)
+    pruned = extract_submodel(get_model(cfg.model.name), mask, groups)
+    pruned.load_state_dict(torch.load(run / "model_pruned.pt"))
+    x = torch.randn(4, 3, 32, 32)
+    masked.eval(), pruned.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), masked(x), rtol=1e-4, atol=1e-5)
+    assert sum(p.numel() for p in pruned.parameters()) < 0.5 * sum(p.numel() for p in masked.parameters())
+    assert json.loads((run / "results.json").read_text())["pruned"]["channel_sparsity"] == pytest.approx(0.5, abs=0.02)
