@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the dense model centrally and print test accuracy")
     _common(p)
     p.add_argument("--epochs", type=nonnegative_int, help="same as train.epochs")
+    p.add_argument("--out", help="output directory for model_dense.pt (state_dict) and results.json (optional)")
+    _overwrite(p)
 
     p = sub.add_parser("prune", help="one centralized pruning experiment -> OUT/results.json")
     _common(p)
@@ -105,8 +107,22 @@ def _cmd_train(args) -> int:
     from fedprune.centralized import train_dense
 
     cfg = _load(args)
+    out = None
+    if args.out is not None:
+        out = check_out_dir(args.out)
+        _refuse_finished_run(out, args.overwrite)
     dense = train_dense(cfg, epochs=args.epochs)
     print(f"dense {cfg.model.name} on {cfg.data.dataset}: {dense.epochs} epochs, test accuracy {dense.metrics['accuracy']:.4f} ({dense.metrics['num_examples']} images)")
+    if out is not None:
+        import torch
+
+        from fedprune.config import config_to_dict
+        from fedprune.reporting import write_json
+
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(dense.model.state_dict(), out / "model_dense.pt")
+        write_json(out / "results.json", {"config": config_to_dict(cfg), "dense": {**dense.metrics, "epochs": dense.epochs}})
+        print(f"wrote {out / 'model_dense.pt'} and {out / 'results.json'}")
     return 0
 
 

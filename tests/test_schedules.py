@@ -292,3 +292,20 @@ def test_prune_command_writes_the_pruned_model_physically_smaller_with_the_same_
         torch.testing.assert_close(pruned(x), masked(x), rtol=1e-4, atol=1e-5)
     assert sum(p.numel() for p in pruned.parameters()) < 0.5 * sum(p.numel() for p in masked.parameters())
     assert json.loads((run / "results.json").read_text())["pruned"]["channel_sparsity"] == pytest.approx(0.5, abs=0.02)
+
+
+def test_train_command_saves_the_dense_model_when_given_out(tmp_path, capsys) -> None:
+    import json
+
+    from fedprune import cli
+
+    defaults = tmp_path / "defaults.toml"
+    defaults.write_text("")
+    tiny = ["data.dataset='synthetic'", "data.synthetic_train=160", "data.synthetic_test=64", "train.epochs=1", "train.threads=1"]
+    assert cli.main(["train", "--config", str(defaults), "--out", str(tmp_path / "d"), "--set", *tiny]) == 0
+    res = json.loads((tmp_path / "d" / "results.json").read_text())
+    assert res["dense"]["epochs"] == 1 and 0.0 <= res["dense"]["accuracy"] <= 1.0
+    model = get_model(res["config"]["model"]["name"])
+    model.load_state_dict(torch.load(tmp_path / "d" / "model_dense.pt"))
+    assert cli.main(["train", "--config", str(defaults), "--out", str(tmp_path / "d"), "--set", *tiny]) == 2  # a finished run stays
+    assert "already holds a finished run" in capsys.readouterr().err
