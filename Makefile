@@ -28,10 +28,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/fedprune simulate --config configs/quick.toml --out runs/demo --overwrite
 
-# Tests run on every core (pytest-xdist); those that start Ray or Flower processes share one worker (tests/conftest.py)
+# Tests on every core (pytest-xdist), one file per worker at a time: tests/test_integration.py holds every test that
+# starts Ray or Flower processes, so they run one after another (some check by PID that none is left)
 TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench-centralized: $(STAMP)
 	$(PY) simulation/centralized_table.py --data-dir $${FEDPRUNE_DATA_DIR:-../shared/data/cifar10-subset}

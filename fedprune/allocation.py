@@ -254,8 +254,17 @@ class InfeasibleBudgetError(ValueError):
         super().__init__(message)
 
     def naming(self, profile_names: Sequence[str]) -> "InfeasibleBudgetError":
-        """This error with profile ``i`` called ``profile_names[i]`` (unchanged when it lists no problems)."""
-        return InfeasibleBudgetError(str(self), self.problems, profile_names) if self.problems else self
+        """This error with profile ``i`` called ``profile_names[i]`` (a problem of a one-profile check is the only
+        profile's); unchanged when it lists no problems."""
+        if not self.problems:
+            return self
+        if len(profile_names) == 1:
+            return InfeasibleBudgetError(str(self), [(c, 0, s, b) for c, _, s, b in self.problems], profile_names)
+        return InfeasibleBudgetError(str(self), self.problems, profile_names)
+
+    def at_profile(self, index: int) -> "InfeasibleBudgetError":
+        """This error, raised by a check of profile ``index`` alone, with that index on every problem."""
+        return InfeasibleBudgetError(str(self), [(c, index, s, b) for c, _, s, b in self.problems])
 
 
 def _fmt(value: float) -> str:
@@ -691,8 +700,11 @@ def budget_masks(
                                    group_weights=group_weights)
     if method in ("budget_uniform", "budget_fill"):
         sparsities, lo = [], 0.0
-        for c in profiles:
-            lo = _uniform_sparsity_for(groups, c, min_channels, round_to, lo)
+        for i, c in enumerate(profiles):
+            try:
+                lo = _uniform_sparsity_for(groups, c, min_channels, round_to, lo)
+            except InfeasibleBudgetError as err:
+                raise err.at_profile(i) if len(profiles) > 1 else err from None
             sparsities.append(lo)
         uniform = nested_masks(groups, scores, sparsities, "uniform", None, min_channels, round_to)
         if method == "budget_uniform":

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from fedprune.allocation import check_feasible, check_min_channels
+from fedprune.allocation import InfeasibleBudgetError, check_feasible, check_min_channels
 from fedprune.config import BUDGET_ALLOCATIONS, ConfigError, ExperimentConfig, config_to_dict, config_without
 from fedprune.data import ImageArrays, make_loader
 from fedprune.masks import extract_submodel
@@ -116,7 +116,10 @@ def check_pruning_config(cfg: ExperimentConfig, model: nn.Module | None = None):
             f"(one of {sorted(n for n, pr in cfg.profiles.items() if pr.budgets)})"
         )
     hardware = hardware_model(cfg, model if model is not None else build_model(cfg))
-    check_feasible(model_groups(cfg), profile_constraints(cfg, hardware, [p.budget_profile]), p.min_channels, budget_round_to(cfg))
+    try:
+        check_feasible(model_groups(cfg), profile_constraints(cfg, hardware, [p.budget_profile]), p.min_channels, budget_round_to(cfg))
+    except InfeasibleBudgetError as err:
+        raise err.naming([p.budget_profile]) from None
     return hardware
 
 

@@ -140,11 +140,14 @@ def _cmd_prune(args) -> int:
 
 
 def _refuse_finished_run(out: Path, overwrite: bool) -> None:
-    """A new run into ``out`` would replace the finished run there, file by file: refuse unless ``--overwrite``."""
+    """A new run into ``out`` would replace the finished run there, file by file: refuse unless ``--overwrite``.
+    With it, the old ``results.json`` goes first, so that a new run that stops early never looks finished."""
     results = out / "results.json"
-    if results.is_file() and not overwrite:
-        raise ConfigError(f"--out {str(out)!r} already holds a finished run ({str(results)!r}); give another --out, "
-                          "or pass --overwrite to replace it")
+    if results.is_file():
+        if not overwrite:
+            raise ConfigError(f"--out {str(out)!r} already holds a finished run ({str(results)!r}); give another --out, "
+                              "or pass --overwrite to replace it")
+        results.unlink()
 
 
 def _refuse_unfinished_run(out: Path) -> None:
@@ -161,6 +164,9 @@ def _refuse_unfinished_run(out: Path) -> None:
 def _cmd_simulate(args) -> int:
     from fedprune.federated import resume_config, simulate
 
+    for flag, value in (("--resume", args.resume), ("--warm-start", args.warm_start)):
+        if value is not None and not value.strip():
+            raise ConfigError(f"{flag} '' is empty; give a run directory")
     if args.resume and args.warm_start:
         raise ConfigError("--resume continues a run that already has its warm-up; drop --warm-start")
     if args.resume:

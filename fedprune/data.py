@@ -394,7 +394,8 @@ class HWCToTensor:
 
 def _v2():
     """``torchvision.transforms.v2``, imported on first use: it takes ~2 s of CPU, which every process that does not
-    augment (a Deployment Engine ClientApp starts one per message; the evaluation path below does not use it) saves."""
+    augment saves (a Deployment Engine ClientApp starts one per message; evaluation batches are made with
+    :func:`normalised_tensors` in plain torch, not with :func:`eval_transform`)."""
     from torchvision.transforms import v2
 
     return v2

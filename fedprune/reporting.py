@@ -42,11 +42,15 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def _file_mode() -> int:
-    """Permission bits of a new file under this process's umask (``mkstemp`` alone gives 0600)."""
-    umask = os.umask(0)
+def _read_umask() -> int:
+    """This process's umask, read once at import (setting it is process-wide, so never while threads write files)."""
+    umask = os.umask(0o022)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+#: Permission bits of a new file under the umask at import (``mkstemp`` alone gives 0600).
+FILE_MODE = 0o666 & ~_read_umask()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -56,8 +60,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as fh:
+            try:
+                os.fchmod(fh.fileno(), FILE_MODE)
+            except OSError:  # a filesystem without modes (some network and FUSE mounts): keep mkstemp's
+                pass
             fh.write(data)
         os.replace(tmp, path)
     except BaseException:

@@ -141,14 +141,14 @@ def check_partition(cfg: ExperimentConfig) -> None:
     """The clients' shards can be cut from the training set (as :func:`client_shard` will): a
     :class:`~fedprune.config.ConfigError` naming the keys and the training set's size otherwise, before any client starts."""
     from fedprune.config import ConfigError
-    from fedprune.data import validate_partition_args
+    from fedprune.data import partition_indices
 
     train, _ = load_data(cfg)
     d, n = cfg.data, cfg.federated.num_clients
-    try:
-        validate_partition_args(train.labels, n, d.partition, d.alpha, d.classes_per_client)
+    try:  # the partition itself (cached in this process), not only its arguments: a Dirichlet draw can fail too
+        partition_indices(train.labels, n, d.partition, cfg.seed, d.alpha, d.classes_per_client)
     except ValueError as exc:
-        raise ConfigError(f"federated.num_clients = {n} with data.partition = {d.partition!r} cannot be cut from the "
+        raise ConfigError(f"data.partition = {d.partition!r} for federated.num_clients = {n} cannot be cut from the "
                           f"{len(train)} training images of data.dataset = {d.dataset!r}: {exc}") from None
 
 
@@ -537,11 +537,11 @@ def profile_budget_masks(cfg: ExperimentConfig, hardware, scores, names, scale: 
                 raise err.naming(names) from None  # infeasible by the cost model itself
             if attempt == 0:  # corrections from an earlier step (e.g. progressive pruning) rule out every network
                 log.warning("[hardware] latency budgets of %s: the timing corrections %s find them infeasible (%s); dropping the "
-                            "corrections and allocating again", ", ".join(names), hardware.latency_corrections, err)
+                            "corrections and allocating again", ", ".join(names), hardware.latency_corrections, err.naming(names))
                 hardware.latency_corrections.clear()
                 continue
             log.warning("[hardware] latency budgets of %s: after timing, the corrected latency table finds them infeasible (%s); "
-                        "stopping the refits and using %s", ", ".join(names), err,
+                        "stopping the refits and using %s", ", ".join(names), err.naming(names),
                         "the last allocation that was not too slow" if fallback is not None else "the last allocation")
             return fallback if fallback is not None else masks
         if scale < 1.0 or pr.allocation == "constant_cost":

@@ -11,17 +11,10 @@ import torch
 from fedprune.data import ImageArrays, make_synthetic
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+#: Latency tables built by the tests (timed while other tests load the CPU) stay out of the user's cache
+#: (~/.cache/fedprune), which `make demo` and the benchmarks read; subprocesses inherit the variable.
+os.environ["FEDPRUNE_CACHE_DIR"] = str(Path(__file__).resolve().parents[1] / ".cache" / "tests")
 torch.set_num_threads(1)
-
-#: xdist group of the tests marked ``integration``: they start Ray or Flower processes and check that none is left
-#: afterwards (by PID), so ``make test`` (``pytest -n auto --dist loadgroup``) runs them one after another on one worker.
-EXTERNAL_PROCESSES_GROUP = "external_processes"
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.get_closest_marker("integration") is not None:
-            item.add_marker(pytest.mark.xdist_group(EXTERNAL_PROCESSES_GROUP))
 
 #: Overrides for a tiny federated run on synthetic data (3 clients, one per profile, 1 + 1 rounds, a few seconds).
 TINY = [

@@ -203,6 +203,7 @@ def test_a_finished_run_in_out_is_kept_unless_overwrite(tmp_path, capsys, monkey
     assert (run / "results.json").read_text() == '{"a finished": "run"}' and calls == []
     assert cli.main(["simulate", "--config", cfg, "--out", str(run), "--overwrite", "--engine", "inprocess"]) == 0
     assert calls == [(str(run), {"engine": "inprocess", "mask_source": "consensus", "warm_start": None})]
+    assert not (run / "results.json").exists()  # gone before the new run starts: a run that stops early never looks finished
 
 
 @pytest.mark.parametrize("argv, fragment", [
@@ -211,6 +212,8 @@ def test_a_finished_run_in_out_is_kept_unless_overwrite(tmp_path, capsys, monkey
     (["--out", "OUT", "--warm-start", "OUT"], "--out and --warm-start name the same directory"),
     (["--resume", "OUT", "--mask-source", "none"], "drop --mask-source"),
     (["--resume", "OUT", "--overwrite"], "drop --overwrite"),
+    (["--resume", ""], "--resume '' is empty"),
+    (["--out", "OUT", "--warm-start", ""], "--warm-start '' is empty"),
 ])
 def test_simulate_flag_errors(tmp_path, capsys, monkeypatch, argv, fragment) -> None:
     import fedprune.federated as federated
@@ -245,6 +248,9 @@ def test_more_clients_than_training_images_is_a_config_error(tmp_path, capsys) -
     assert cli.main(argv) == 2
     line = _error_line(capsys)
     assert "federated.num_clients = 20" in line and "10 training images" in line
+    # a partition whose arguments are fine but whose Dirichlet draw cannot give every client an image
+    assert cli.main(argv[:-2] + ["data.synthetic_train=20", "federated.num_clients=20", "data.partition='dirichlet'", "data.alpha=0.05"]) == 2
+    assert "data.partition = 'dirichlet' for federated.num_clients = 20 cannot be cut" in _error_line(capsys)
     assert not (tmp_path / "out").exists()
 
 
@@ -254,17 +260,15 @@ def test_seed_out_of_range_is_a_config_error() -> None:
 
 
 def test_written_results_are_readable_as_the_umask_allows(tmp_path) -> None:
+    """mkstemp makes 0600 files; results get the mode of any new file under the process's umask (0644 under 022)."""
     import os
 
-    from fedprune.reporting import write_json
+    from fedprune.reporting import FILE_MODE, write_json
 
-    old = os.umask(0o022)
-    try:
-        assert (write_json(tmp_path / "a.json", {"x": 1}).stat().st_mode & 0o777) == 0o644
-        os.umask(0o077)
-        assert (write_json(tmp_path / "b.json", {"x": 1}).stat().st_mode & 0o777) == 0o600
-    finally:
-        os.umask(old)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert FILE_MODE == 0o666 & ~umask
+    assert (write_json(tmp_path / "a.json", {"x": 1}).stat().st_mode & 0o777) == FILE_MODE
 
 
 def test_missing_profiles_file_names_its_key() -> None:
@@ -277,3 +281,17 @@ def test_resume_of_a_file_says_it_is_a_file(tmp_path, capsys) -> None:
     assert cli.main(["simulate", "--resume", str(tmp_path / "notes.txt"), "--engine", "inprocess"]) == 2
     assert "is a file, not a run directory" in _error_line(capsys)
     assert (tmp_path / "notes.txt").read_text() == "keep"
+
+
+def test_infeasible_budget_errors_name_the_profile(tmp_path, capsys) -> None:
+    """Every allocation and the centralized check name the profile whose budget cannot be met."""
+    for allocation in ("budget", "budget_uniform", "budget_fill"):
+        argv = ["simulate", "--config", str(_tiny_toml(tmp_path)), "--out", str(tmp_path / allocation), "--engine", "inprocess", "--set",
+                f"pruning.allocation='{allocation}'", "profiles.mobile_cpu.budgets={macs=1000}",
+                "profiles.edge_gpu.budgets={macs=1e12}", "profiles.microcontroller.budgets={macs=1e12}"]
+        assert cli.main(argv) == 2
+        assert "macs (profile mobile_cpu): smallest achievable cost" in _error_line(capsys)
+    argv = ["prune", "--config", str(_tiny_toml(tmp_path)), "--out", str(tmp_path / "c"), "--set", "pruning.allocation='budget'",
+            "pruning.budget_profile='microcontroller'", "profiles.microcontroller.budgets={macs=1000}"]
+    assert cli.main(argv) == 2
+    assert "macs (profile microcontroller): smallest achievable cost" in _error_line(capsys)

@@ -518,24 +518,3 @@ def test_check_functions_one_job_each(cfg):
         parse_train_reply(content, {"w": spec["w"]}, {"g": ArraySpec((4,), torch.float32)}, 10, epochs=0)
     with pytest.raises(InvalidReply, match="train-loss"):
         parse_train_reply(content, {"w": spec["w"]}, None, 10, epochs=1)
-
-
-@pytest.mark.integration
-def test_failures_under_the_simulation_engine_match_the_inprocess_run(tmp_path):
-    """Flower's Simulation Engine (Ray) reports the same simulated crashes and drop-outs, and gives the same model."""
-    from fedprune.federated import simulate
-
-    fail_cfg = load_config(None, TINY + ["profiles.mobile_cpu.failure_prob=0.5", "profiles.microcontroller.failure_prob=0.5",
-                                         "federated.min_replies_fraction=0.3"])
-    ray_res = simulate(fail_cfg, tmp_path / "ray", engine="ray")
-    local = simulate(fail_cfg, tmp_path / "local", engine="inprocess")
-
-    def strip(rounds):
-        return [{**{k: v for k, v in r.items() if k not in ("wall_s", "simulated_round_s", "failed_clients")},
-                 "failed": [(f["partition"], f["profile"], f["attempt"]) for f in r["failed_clients"]]} for r in rounds]
-
-    assert strip(ray_res["rounds"]) == strip(local["rounds"])
-    assert sum(r["failures"] for r in ray_res["rounds"]) > 0
-    reasons = [f["reason"] for r in ray_res["rounds"] for f in r["failed_clients"]]
-    assert all("simulated crash" in x or "simulated drop" in x for x in reasons), reasons
-    assert ray_res["profiles"] == local["profiles"]
