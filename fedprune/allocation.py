@@ -241,10 +241,11 @@ class InfeasibleBudgetError(ValueError):
     """Even the smallest allowed network exceeds a budget.
 
     ``problems``: ``(cost name, profile index or None, smallest achievable cost, budget)`` per budget
-    missed; :meth:`naming` gives the same error with the profiles' names instead of their indices.
+    missed (the message is then made from them); :meth:`naming` gives the same error with the profiles'
+    names instead of their indices.
     """
 
-    def __init__(self, message: str, problems: Sequence[tuple[str, int | None, float, float]] = (),
+    def __init__(self, message: str = "", problems: Sequence[tuple[str, int | None, float, float]] = (),
                  profile_names: Sequence[str] | None = None):
         self.problems = list(problems)
         if self.problems:
@@ -664,7 +665,7 @@ def _check_feasible_counts(smallest: Mapping[str, int], profiles: Sequence[Seque
             if cost > budget:
                 problems.append((_cost_name(fn), p if len(profiles) > 1 else None, cost, float(budget)))
     if problems:
-        raise InfeasibleBudgetError("", problems)
+        raise InfeasibleBudgetError(problems=problems)
 
 
 def budget_masks(

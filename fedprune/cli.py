@@ -99,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overwrite(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--overwrite", action="store_true", help="write into an --out that holds a finished run (its files "
-                        "are replaced one by one as the new run writes them); without it such an --out is refused")
+    parser.add_argument("--overwrite", action="store_true", help="write into an --out that holds a finished run (its "
+                        "results.json is removed first; its other files are replaced as the new run writes them); without it "
+                        "such an --out is refused")
 
 
 def _cmd_train(args) -> int:
@@ -110,7 +111,7 @@ def _cmd_train(args) -> int:
     out = None
     if args.out is not None:
         out = check_out_dir(args.out)
-        _refuse_finished_run(out, args.overwrite)
+        _guard_finished_run(out, args.overwrite)
     dense = train_dense(cfg, epochs=args.epochs)
     print(f"dense {cfg.model.name} on {cfg.data.dataset}: {dense.epochs} epochs, test accuracy {dense.metrics['accuracy']:.4f} ({dense.metrics['num_examples']} images)")
     if out is not None:
@@ -130,7 +131,7 @@ def _cmd_prune(args) -> int:
     from fedprune.centralized import run_centralized
 
     cfg = _load(args)
-    _refuse_finished_run(check_out_dir(args.out), args.overwrite)
+    _guard_finished_run(check_out_dir(args.out), args.overwrite)
     res = run_centralized(cfg, args.out)
     d, p = res["dense"], res["pruned"]
     print(f"dense accuracy {d['accuracy']:.4f}; pruned ({p['schedule']}, {p['criterion']}, {100 * p['channel_sparsity']:.0f}% channels pruned) "
@@ -139,9 +140,9 @@ def _cmd_prune(args) -> int:
     return 0
 
 
-def _refuse_finished_run(out: Path, overwrite: bool) -> None:
-    """A new run into ``out`` would replace the finished run there, file by file: refuse unless ``--overwrite``.
-    With it, the old ``results.json`` goes first, so that a new run that stops early never looks finished."""
+def _guard_finished_run(out: Path, overwrite: bool) -> None:
+    """A new run into ``out`` would replace the finished run there, file by file: refuse it unless ``--overwrite``;
+    with it, remove the old ``results.json`` first, so that a new run that stops early never looks finished."""
     results = out / "results.json"
     if results.is_file():
         if not overwrite:
@@ -186,7 +187,7 @@ def _cmd_simulate(args) -> int:
             raise ConfigError(f"--out and --warm-start name the same directory {str(args.out)!r}: the run would overwrite the "
                               "warm-up it starts from; give another --out")
         _refuse_unfinished_run(out)
-        _refuse_finished_run(out, args.overwrite)
+        _guard_finished_run(out, args.overwrite)
         res = simulate(cfg, out_dir=args.out, engine=args.engine, mask_source=args.mask_source, warm_start=args.warm_start)
     print(res["summary"])
     return 0
