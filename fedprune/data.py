@@ -635,7 +635,7 @@ def _partition_cached(
     return tuple(frozen)
 
 
-def validate_partition_args(
+def _validate_partition_args(
     labels: np.ndarray,
     num_clients: int,
     scheme: str,
@@ -692,7 +692,7 @@ def partition_indices(
         Results are deterministic in the arguments and cached in-process.
     """
     labels = np.asarray(labels)
-    validate_partition_args(labels, num_clients, scheme, alpha, classes_per_client)
+    _validate_partition_args(labels, num_clients, scheme, alpha, classes_per_client)
     cached = _partition_cached(
         _LabelsKey(labels),
         int(num_clients),

@@ -73,6 +73,11 @@ def test_unknown_declared_profile_is_a_clear_register_error():
         client_register(cfg, 1, 3, "tablet")
 
 
+def _ray_pids() -> set[int]:
+    """PIDs of every Ray GCS server and raylet on this machine."""
+    return pids_matching("raylet|gcs_server")
+
+
 def _run_config(tmp_path: Path, overrides: list[str], out_dir: Path) -> Path:
     """The job's run config (``[tool.flwr.app.config]`` keys) as a TOML file for ``flwr run --run-config``."""
     path = tmp_path / "run-config.toml"
@@ -105,7 +110,7 @@ def test_flwr_run_on_the_local_simulation_superlink(tmp_path):
     http_port, control_port = free_ports(2)  # not flwr's fixed 39091/39093: never join another SuperLink there
     env.update(FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http_port), FLWR_LOCAL_CONTROL_API_PORT=str(control_port))
     out_dir = tmp_path / "out"
-    ray_before = pids_matching("raylet|gcs_server")
+    ray_before = _ray_pids()
     try:
         flwr = subprocess.run([str(tools["flwr"]), "run", str(REPO_ROOT), "--stream", "--federation-config",
                                "num-supernodes=3 client-resources-num-cpus=1 init-args-num-cpus=2",
@@ -120,7 +125,7 @@ def test_flwr_run_on_the_local_simulation_superlink(tmp_path):
     assert link, "flwr run started no local SuperLink under FLWR_HOME"
     assert (out_dir / "results.json").is_file(), f"no results.json; flwr run output:\n{flwr.stdout[-3000:]}"
     res = json.loads((out_dir / "results.json").read_text())
-    assert pids_matching("raylet|gcs_server") - ray_before == set()  # the simulation shut its Ray instance down
+    assert _ray_pids() - ray_before == set()  # the simulation shut its Ray instance down
     assert [r["phase"] for r in res["rounds"]] == ["warmup", "importance", "finetune", "bn_calibration"]
     expected = _inprocess(TINY, {}, REPO_ROOT / CONFIG_FILE)
     assert res["profiles"] == expected["profiles"]
@@ -184,11 +189,6 @@ def test_ray_simulation_matches_inprocess(tiny_run, tiny_cfg, tmp_path):
     assert ray_res["rounds"][0]["bytes_down"] == res["rounds"][0]["bytes_down"]
     # The simulation shuts down the Ray instance it started: no new raylet/GCS is left running.
     assert _ray_pids() - before == set()
-
-
-def _ray_pids() -> set[str]:
-    out = subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True).stdout.split()
-    return set(out)
 
 
 @pytest.mark.integration
