@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("simulate", help="federated consensus pruning, on Flower's Simulation Engine (Ray) or in this process")
     _common(p)
-    out = p.add_mutually_exclusive_group(required=True)
+    out = p.add_mutually_exclusive_group()  # one of them is required but for --dry-run (checked in _cmd_simulate)
     out.add_argument("--out", help="output directory (the server checkpoints there after every round)")
     out.add_argument("--resume", metavar="DIR", help="continue the killed run in DIR from its last complete round (config from its checkpoint)")
     _overwrite(p)
@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the masks come from: consensus (the clients' aggregated importance; default); the baselines local "
                    "(each client its own top-k), random (seeded random channels at the same widths), central (the same criterion "
                    "on the pooled scoring images); none (dense FedAvg, no pruning)")
+    p.add_argument("--dry-run", action="store_true", help="print what the run would do (clients and their profiles and "
+                   "shards, budgets, steps by round) after the checks a run makes before its first round; run nothing, write nothing")
     p.add_argument("--engine", choices=["ray", "inprocess"], default="ray", help="ray: Flower Simulation Engine; inprocess: the same ClientApp handlers and Flower messages in this process, one client after another, no Ray (debugging, baselines)")
     return parser
 
@@ -162,6 +164,14 @@ def _refuse_unfinished_run(out: Path) -> None:
                           f"or give another --out (or delete {str(ckpt)!r} to start over there)")
 
 
+def _print_dry_run(cfg, mask_source: str) -> int:
+    from fedprune.federated import describe_run
+
+    print(describe_run(cfg, mask_source))
+    print("dry run: nothing was trained or written")
+    return 0
+
+
 def _cmd_simulate(args) -> int:
     from fedprune.federated import resume_config, simulate
 
@@ -179,9 +189,15 @@ def _cmd_simulate(args) -> int:
             raise ConfigError(f"--resume takes the mask source from the run's checkpoint and writes into its directory; drop "
                               f"{'--mask-source' if args.mask_source != 'consensus' else '--overwrite'}")
         cfg, mask_source = resume_config(args.resume)
+        if args.dry_run:
+            return _print_dry_run(cfg, mask_source)
         res = simulate(cfg, out_dir=args.resume, engine=args.engine, mask_source=mask_source, resume=True)
     else:
         cfg = _load(args, default_config=str(REPO_ROOT / "configs" / "quick.toml"))
+        if args.dry_run:
+            return _print_dry_run(cfg, args.mask_source)
+        if args.out is None:
+            raise ConfigError("simulate needs --out DIR (a new run) or --resume DIR (a killed run); --dry-run needs neither")
         out = check_out_dir(args.out)
         if args.warm_start and Path(args.warm_start).resolve() == out.resolve():
             raise ConfigError(f"--out and --warm-start name the same directory {str(args.out)!r}: the run would overwrite the "

@@ -211,7 +211,7 @@ def resolve_data_dir(cfg: ExperimentConfig) -> ExperimentConfig:
 class FederatedPruning:
     """The server side of one federated consensus-pruning run."""
 
-    def __init__(self, cfg: ExperimentConfig, transport: Transport, out_dir: str | Path | None = None, mask_source: str = "consensus"):
+    def __init__(self, cfg: ExperimentConfig, transport: Transport | None, out_dir: str | Path | None = None, mask_source: str = "consensus"):
         if mask_source not in MASK_SOURCES:
             raise ValueError(f"unknown mask source {mask_source!r}; allowed: {list(MASK_SOURCES)}")
         self.cfg = resolve_data_dir(cfg)
@@ -739,7 +739,7 @@ class FederatedPruning:
         from flwr.app import RecordDict
 
         t0 = time.perf_counter()
-        fed, pr = self.cfg.federated, self.cfg.pruning
+        pr = self.cfg.pruning
         what = f"importance round {round_num}"
         if cached is not None and attempt == 0:  # the clients that received it (a retry samples afresh; they get the model)
             by_pid = {i.partition_id: n for n, i in self.nodes.items()}
@@ -1401,6 +1401,59 @@ def finished_results(out_dir: str | Path, cfg: ExperimentConfig, mask_source: st
         return None
     same = res.get("config") == json.loads(json.dumps(to_jsonable(config_to_dict(cfg)))) and res.get("mask_source") == mask_source
     return res if same else None
+
+
+_STEP_NAMES = {"dense": "dense FedAvg", "warmup": "dense FedAvg warm-up", "finetune": "fine-tuning of the profiles' sub-networks"}
+
+
+def describe_run(cfg: ExperimentConfig, mask_source: str = "consensus") -> str:
+    """What :func:`simulate` would do with ``cfg``, as text, without running a round or writing a file: the data
+    and model, every client's profile and shard size (cut as the clients will cut them), each profile's sparsity and
+    budgets, and the steps of the run by round. It makes the same checks as a run does before its first round
+    (data present, partition possible, budgets feasible), so a config that passes here starts."""
+    from fedprune.task import client_register
+
+    cfg = resolve_data_dir(cfg)
+    check_partition(cfg)
+    server = FederatedPruning(cfg, transport=None, mask_source=mask_source)  # no transport: nothing is sent
+    server.check_budgets()
+    fed, d, pr = cfg.federated, cfg.data, cfg.pruning
+    train, test = load_data(cfg)
+    dense = model_costs(server.model)
+    per_round = fed.clients_per_round or fed.num_clients
+    lines = [
+        f"model {cfg.model.name}: {dense['params']:,} params, {dense['flops'] / 1e6:.1f} MFLOPs per image; data {d.dataset} "
+        f"({len(train)} train / {len(test)} test images{', from ' + str(d.data_dir) if d.data_dir else ''}), partition {d.partition!r}, "
+        f"seed {cfg.seed}",
+        f"clients: {fed.num_clients}, {min(per_round, fed.num_clients)} sampled per round; mask source {mask_source!r}"
+        + ("" if mask_source == "none" else f", criterion {pr.criterion!r}, aggregation {fed.aggregation!r}, allocation {pr.allocation!r}"),
+    ]
+    nodes = [client_register(cfg, i, fed.num_clients) for i in range(fed.num_clients)]
+    for name in server.profiles:
+        mine = [n for n in nodes if n["profile"] == name]
+        p = cfg.profiles[name]
+        ids = ", ".join(str(n["partition-id"]) for n in mine[:12]) + (", ..." if len(mine) > 12 else "")
+        budgets = ", ".join(f"{k} <= {v:,.0f}" if float(v).is_integer() and v >= 1000 else f"{k} <= {v:g}"
+                            for k, v in p.budgets.items()) or "none"
+        width = ("dense" if mask_source == "none" else "width sized to its budgets" if pr.allocation in BUDGET_ALLOCATIONS
+                 else f"{100 * p.sparsity:g}% of channels pruned")
+        lines.append(f"  {name}: {len(mine)} client(s){f' (partitions {ids})' if mine else ''}, "
+                     f"{sum(n['num-train'] for n in mine)} train / {sum(n['num-val'] for n in mine)} validation images, "
+                     f"{width}, {p.local_epochs} local epoch(s) of batch {p.batch_size}, budgets: {budgets}")
+    shards = [n["num-train"] for n in nodes]
+    lines.append(f"  train images per client: min {min(shards)}, median {int(np.median(shards))}, max {max(shards)}")
+    lines.append("steps:")
+    for kind, steps in itertools.groupby(server.plan(), key=lambda step: step[0]):
+        steps = list(steps)
+        if kind == "dense_eval":
+            continue
+        first, last, scale = steps[0][1], steps[-1][1], steps[0][2]
+        span = f"round {first}" if first == last else f"rounds {first}-{last}"
+        what = _STEP_NAMES.get(kind) or (f"importance round + {mask_source} masks"
+                                         + (f" (progressive stage: sparsity x {scale:.2f})" if scale < 1 else ""))
+        lines.append(f"  {span}: {what}")
+    lines.append(f"evaluation every {fed.eval_every} round(s)" if fed.eval_every else "evaluation at the end only")
+    return "\n".join(lines)
 
 
 def simulate(cfg: ExperimentConfig, out_dir: str | Path, engine: str = "ray", mask_source: str = "consensus", resume: bool = False,

@@ -140,7 +140,8 @@ def fmt_mean_std(values: Iterable[float], scale: float = 100.0, digits: int = 1)
 
 def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
     """``path`` as an output directory: an existing writable directory, or one that can be created there. Raises
-    :class:`~fedprune.config.ConfigError` naming ``flag`` otherwise, before any work, and creates nothing."""
+    :class:`~fedprune.config.ConfigError` naming ``flag`` otherwise, before any work. It creates nothing (a probe
+    file written to the nearest existing directory is removed at once)."""
     from fedprune.config import ConfigError
 
     if not str(path).strip():
@@ -155,6 +156,12 @@ def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
         raise ConfigError(f"{flag} {str(path)!r} cannot be created: {str(parent)!r} is a file")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"{flag} {str(path)!r} is not writable ({str(parent)!r} does not allow it)")
+    try:  # permission bits are not the whole story (root, /proc, read-only mounts): write and remove a probe file
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".fedprune-probe-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{flag} {str(path)!r} is not writable: no file can be created in {str(parent)!r} "
+                          f"({exc.strerror or exc})") from None
     return out
 
 

@@ -48,6 +48,22 @@ def test_out_that_cannot_be_a_directory_fails_before_any_work(tmp_path, capsys, 
     assert (tmp_path / "a_file").read_text() == "keep"
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_out_where_no_file_can_be_created_fails_before_any_work(tmp_path, capsys, monkeypatch) -> None:
+    """/proc passes a permission-bit check for root but takes no new files: the probe catches it."""
+    import fedprune.federated as federated
+
+    monkeypatch.setattr(federated, "simulate", lambda *a, **k: pytest.fail("nothing may run"))
+    assert cli.main(["simulate", "--config", str(_tiny_toml(tmp_path)), "--out", "/proc/fedprune-out"]) == 2
+    line = _error_line(capsys)
+    assert "--out '/proc/fedprune-out' is not writable" in line and "'/proc'" in line
+    assert not list(tmp_path.glob(".fedprune-probe-*"))
+    from fedprune.reporting import check_out_dir
+
+    assert check_out_dir(tmp_path / "new" / "sub") == tmp_path / "new" / "sub"
+    assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".fedprune-probe-*"))
+
+
 def test_a_fresh_run_does_not_delete_an_unfinished_runs_checkpoint(tmp_path, capsys, monkeypatch) -> None:
     import fedprune.federated as federated
 

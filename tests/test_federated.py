@@ -279,6 +279,38 @@ def test_progressive_plan_places_the_stages(overrides, expected):
         load_config(None, TINY + ["federated.finetune_rounds=6", "federated.repeat_every=2", "federated.prune_stages=4"])
 
 
+def test_dry_run_describes_the_run_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    """simulate --dry-run: every client with its profile and shard (as the clients cut them), the steps by round; no
+    round runs and nothing is written. The checks a run makes first still apply."""
+    from fedprune import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(federated_mod, "simulate", lambda *a, **k: pytest.fail("a dry run runs nothing"))
+    monkeypatch.setattr(FederatedPruning, "run", lambda *a, **k: pytest.fail("a dry run runs nothing"))
+    argv = ["simulate", "--dry-run", "--set", *TINY, "federated.finetune_rounds=4", "federated.repeat_every=2"]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    cfg = load_config(None, TINY + ["federated.finetune_rounds=4", "federated.repeat_every=2"])
+    for pid in range(3):
+        node = client_register(cfg, pid, 3)
+        assert f"  {node['profile']}: 1 client(s) (partitions {pid}), {node['num-train']} train / {node['num-val']} validation" in text
+    steps = text.split("steps:\n")[1].splitlines()
+    assert steps[:5] == ["  round 1: dense FedAvg warm-up",
+                         "  round 2: importance round + consensus masks (progressive stage: sparsity x 0.50)",
+                         "  rounds 2-3: fine-tuning of the profiles' sub-networks",
+                         "  round 4: importance round + consensus masks",
+                         "  rounds 4-5: fine-tuning of the profiles' sub-networks"]
+    assert "dry run: nothing was trained or written" in text and list(tmp_path.iterdir()) == []
+    assert cli.main(argv + ["--mask-source", "none"]) == 0
+    assert "  rounds 1-5: dense FedAvg\n" in capsys.readouterr().out
+    # a budget no sub-network meets fails here as it would before a run's first round
+    assert cli.main(argv + ["pruning.allocation='budget'", "profiles.mobile_cpu.budgets={macs=1000}"]) == 2
+    assert "macs (profile mobile_cpu): smallest achievable cost" in capsys.readouterr().err
+    assert cli.main(["simulate", "--set", *TINY]) == 2  # without --dry-run, --out or --resume is needed
+    assert "simulate needs --out DIR" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("mask_source", ["consensus", "local", "central"])
 def test_progressive_stages_score_and_keep_the_network_still_held(mask_source):
     """A later stage of progressive pruning scores the union of the clients' sub-networks, delivered as that
