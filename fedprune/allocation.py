@@ -642,16 +642,18 @@ def _meets(constraints: Sequence[Constraint], kept: Mapping[str, int]) -> bool:
 def _uniform_sparsity_for(
     groups: ChannelGroups, constraints: Sequence[Constraint], min_channels: int, round_to: int | None, lo: float
 ) -> float:
-    """Smallest uniform sparsity >= ``lo`` (to 1e-3) whose rounded kept counts meet ``constraints``."""
+    """Smallest uniform sparsity >= ``lo`` whose rounded kept counts meet ``constraints``, by bisection to 1e-9:
+    finer than the distance between any two sparsities at which some group's kept count changes (>= 1 / (2 x size^2)),
+    so the counts are those of the exact smallest sparsity, and a looser budget never keeps fewer channels in any group."""
     def counts(s: float) -> dict[str, int]:
         return {n: round_keep_count(c, groups[n].size, round_to) for n, c in _uniform(groups, s, min_channels).items()}
 
     if _meets(constraints, counts(lo)):
         return lo
-    hi = 0.999
+    hi = 1.0 - 0.5 / max(g.size for g in groups)  # every group at its minimum (0.999 kept 2 of 2048 channels)
     if not _meets(constraints, counts(hi)):
         _check_feasible_counts(counts(hi), [list(constraints)])
-    while hi - lo > 1e-3:
+    while hi - lo > 1e-9:
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if _meets(constraints, counts(mid)) else (mid, hi)
     return hi
@@ -690,6 +692,14 @@ def budget_masks(
     budget by construction (as predicted by the cost functions); ``constant_cost`` does
     not look at the real cost beyond the dense value and may miss or overshoot -- it is
     the baseline.
+
+    A looser budget (no limit lower) never keeps fewer channels in any group under
+    ``budget_uniform`` and ``constant_cost`` (any number of budgets), nor under ``budget``
+    with one budget per profile: their results are points of one sequence that does not
+    depend on the limits. ``budget`` with several budgets weighs each unmet cost by its
+    limit and drops the met ones from its objective, and ``budget_fill`` grows from
+    ``budget_uniform``'s widths, which jump with the limits: for both, a looser budget can
+    keep a few channels fewer in some group (while meeting every budget).
     """
     if method not in BUDGET_ALLOCATIONS:
         raise ValueError(f"unknown budget allocation {method!r}; allowed: {list(BUDGET_ALLOCATIONS)}")

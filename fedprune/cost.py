@@ -461,7 +461,7 @@ class AnalyticCostModel:
         missing = [n for n in self.groups.names if n not in kept]
         if missing:
             raise KeyError(f"kept counts miss groups {missing}")
-        return kept
+        return {n: int(c) for n, c in kept.items()}  # Python ints: numpy int32 counts would overflow in MACs
 
     @property
     def dense(self) -> dict[str, int]:
