@@ -33,11 +33,14 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from fedprune.config import AGGREGATIONS
 from fedprune.masks import StructuredMask
 
 __all__ = ["AGGREGATORS", "normalize_scores", "aggregate_importance", "screen_clients", "mask_agreement", "merge_substates", "pool_bn_stats"]
 
-AGGREGATORS = ("mean", "median", "trimmed_mean", "rank_vote")
+#: Aggregation rules of :func:`aggregate_importance`: the names ``federated.aggregation`` accepts
+#: (:data:`fedprune.config.AGGREGATIONS`, kept there so that configs load without torch).
+AGGREGATORS = AGGREGATIONS
 
 
 def normalize_scores(scores: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -27,7 +27,7 @@ from fedprune.reporting import write_json
 from fedprune.schedules import PruneSpec, lottery_ticket, one_shot, progressive
 from fedprune.task import (budget_group_weights, budget_round_to, build_model, hardware_model, load_data, make_train_fn, model_groups, profile_budget_masks,
                            profile_constraints, train_config)
-from fedprune.training import evaluate, set_seed, train
+from fedprune.training import evaluate, set_seed
 
 log = logging.getLogger(__name__)
 

@@ -53,6 +53,8 @@ def _spec(default=dataclasses.MISSING, *, choices=None, lo=None, hi=None, lo_ope
 
 
 DATASETS = ("cifar10", "synthetic")
+# The names configs accept; the implementations live in fedprune.models.MODEL_NAMES, fedprune.importance.CRITERIA and
+# fedprune.aggregation (tests check that they match): a new model or criterion goes in both places.
 MODELS = ("seed_cnn", "resnet20", "mobilenetv2")
 CRITERIA = ("l1", "l2", "variance", "bn_gamma", "gradient", "taylor", "fisher", "activation", "reconstruction")
 #: Allocations of per-group keep ratios from a channel sparsity (fedprune.allocation.allocate).

@@ -24,7 +24,6 @@ the extracted models exactly.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import math

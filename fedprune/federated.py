@@ -40,7 +40,7 @@ from fedprune.config import BUDGET_ALLOCATIONS, ExperimentConfig, config_to_dict
 from fedprune.data import make_loader
 from fedprune.masks import StructuredMask, extract_submodel, extraction_index_map, pruned_scope, slice_state
 from fedprune.metrics import model_costs
-from fedprune.profiles import profile_order, simulated_client_seconds
+from fedprune.profiles import capability_order, simulated_client_seconds
 from fedprune.records import (
     config_to_record,
     mask_to_record,
@@ -228,7 +228,10 @@ class FederatedPruning:
         self.state = {k: v.clone() for k, v in self.model.state_dict().items()}
         _, test = load_data(self.cfg)
         self.test_loader = make_loader(test, 256, train=False)
-        self.profiles = profile_order(self.cfg.profiles)
+        #: Profiles of the run, most capable first (:func:`capability_order`): before registration those with a
+        #: client share in ``federated.proportions``; after it those of the registered clients (a SuperNode may
+        #: declare its own). A profile without clients gets no mask, evaluation or budget check.
+        self.profiles = capability_order(self.cfg.profiles, {p for p, share in self.cfg.federated.proportions.items() if share > 0})
         self.nodes: dict[int, NodeInfo] = {}
         self.registration_bytes = (0, 0)  # (down, up) of the register messages, in bytes
         # federated.score_model = "last_warmup": the model sent in the last warm-up round, which its clients cached
@@ -479,15 +482,19 @@ class FederatedPruning:
         ok, failed = self._check_replies(replies, "register")
         for r in ok:
             try:
-                info = parse_register_reply(r.content, self.profiles)
+                info = parse_register_reply(r.content, list(self.cfg.profiles))
             except InvalidReply as exc:
                 self._fail(failed, r.node_id, "register", str(exc))
                 continue
             self.nodes[r.node_id] = NodeInfo(r.node_id, int(info["partition-id"]), str(info["profile"]), int(info["num-train"]), int(info["num-val"]), list(info["label-histogram"]))
         if not self.nodes:
             raise RuntimeError("no client registered; cannot run")
+        checked = set(self.profiles)
+        self.profiles = capability_order(self.cfg.profiles, {n.profile for n in self.nodes.values()})
         counts = {p: sum(1 for n in self.nodes.values() if n.profile == p) for p in self.profiles}
         log.info("[register] %d clients: %s", len(self.nodes), ", ".join(f"{p}={c}" for p, c in counts.items()))
+        if not checked.issuperset(self.profiles):  # nodes declared profiles the proportions left out
+            self.check_budgets()
 
     def train_round(self, round_num: int, phase: str) -> dict:
         """One training round: clients fine-tune their sub-networks, the server merges the valid replies.
@@ -816,7 +823,7 @@ class FederatedPruning:
         within = pruned_scope(scope)
         groups = within.narrowed_groups(self.groups) if within else self.groups
         scores = [within.narrow(s) for s in scores] if within else scores
-        kept = screen_clients(scores)[0] if fed.screen_clients else list(range(len(scores)))
+        kept, screen_agreement = screen_clients(scores) if fed.screen_clients else (list(range(len(scores))), None)
         consensus = aggregate_importance([scores[i] for i in kept], [weights[i] for i in kept], fed.aggregation, fed.trim_fraction)
         # Simulated poisoned importance (fedprune.adversarial): the scoring partitions that were adversarial.
         adversarial = adversarial_partitions(fed.num_clients, fed.adversarial_fraction, self.cfg.seed)
@@ -878,6 +885,8 @@ class FederatedPruning:
             "adversarial_mode": fed.adversarial_mode if adversarial else None,
             "adversarial_partitions": sorted(p for p in pids if p in adversarial),
             "screened_out_partitions": sorted(pids[i] for i in range(len(pids)) if i not in set(kept)),
+            # per scoring partition, its ranking's agreement with the median ranking (fedprune.aggregation.screen_clients)
+            "screen_agreement": None if screen_agreement is None else {int(pid): float(a) for pid, a in sorted(zip(pids, screen_agreement))},
             "sparsity_scale": sparsity_scale,
             "scored_channel_sparsity": scope.channel_sparsity if scope is not None else 0.0,  # of the network the clients scored
             "agreement": agreement,

@@ -29,8 +29,8 @@ Criteria:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -95,7 +95,10 @@ def _batches(loader: Iterable, num_batches: int | None):
 
 
 class Importance:
-    """Base class: ``__call__(model, groups, loader=None) -> ImportanceScores``."""
+    """Base class: ``__call__(model, groups, loader=None) -> ImportanceScores``, one score >= 0 per channel of
+    every group, in the group's channel order; a higher score means keep it. A channel whose weights are
+    zeroed (soft-masked, i.e. pruned already) must score 0, so that it ranks last when a soft-masked model is scored;
+    ``needs_data`` says whether ``loader`` is read (then at most ``num_batches`` batches)."""
 
     name: str = ""
     needs_data: bool = False
@@ -408,6 +411,8 @@ def _per_sample_channel_mean(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], t.shape[1], -1).mean(dim=2)
 
 
+#: Criterion name -> factory (keyword ``num_batches``). A new criterion goes here and its name into
+#: :data:`fedprune.config.CRITERIA` (the names a config accepts, importable without torch; a test checks both match).
 CRITERIA: dict[str, Callable[..., Importance]] = {
     "l1": lambda **kw: MagnitudeImportance(p=1),
     "l2": lambda **kw: MagnitudeImportance(p=2),
@@ -420,15 +425,16 @@ CRITERIA: dict[str, Callable[..., Importance]] = {
     "reconstruction": lambda **kw: ReconstructionImportance(**kw),
 }
 
-#: Criteria that need a data loader.
-DATA_CRITERIA = ("gradient", "taylor", "fisher", "activation", "reconstruction")
+#: Criteria that need a data loader (their class sets ``needs_data``).
+DATA_CRITERIA = tuple(name for name, factory in CRITERIA.items() if factory().needs_data)
 
 
 def get_importance(name: str, num_batches: int | None = 8) -> Importance:
-    """Look up a criterion by name (see the module docstring)."""
+    """Look up a criterion by name (see the module docstring). Every factory gets ``num_batches`` (criteria that
+    read no data ignore it), so a new data-driven criterion honours ``pruning.num_batches`` without more wiring."""
     if name not in CRITERIA:
         raise ValueError(f"unknown importance criterion {name!r}; allowed: {sorted(CRITERIA)}")
-    return CRITERIA[name](num_batches=num_batches) if name in DATA_CRITERIA else CRITERIA[name]()
+    return CRITERIA[name](num_batches=num_batches)
 
 
 def compute_importance(

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["plot_run", "plot_accuracy_per_round", "plot_accuracy_vs_flops", "plot_kept_channels", "save", "label", "finish"]
+__all__ = ["run_colors", "plot_run", "plot_accuracy_per_round", "plot_accuracy_vs_flops", "plot_kept_channels", "save", "label", "finish"]
 
 
 def save(fig, path: Path) -> Path:
@@ -35,14 +35,24 @@ def finish(fig, ax, path: Path, xlabel: str | None, ylabel: str, title: str, gri
     return save(fig, path)
 
 
+def run_colors(results: dict) -> dict[str, str]:
+    """One colour per series of a run, the same in every plot: the dense model black, the profiles the
+    colour cycle in their order in ``results["profiles"]`` (most capable first), then any other series."""
+    names = list(results.get("profiles", {}))
+    for rec in results.get("rounds", []):
+        names += [n for n in (rec.get("accuracy") or {}) if n != "dense" and n not in names]
+    return {"dense": "black", **{n: f"C{i % 10}" for i, n in enumerate(names)}}
+
+
 def plot_accuracy_per_round(results: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     series: dict[str, list[tuple[int, float]]] = {}
     for rec in results["rounds"]:
         for name, acc in (rec.get("accuracy") or {}).items():
             series.setdefault(name, []).append((rec["round"], acc))
+    colors = run_colors(results)
     for name, pts in series.items():
-        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=name)
+        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=name, color=colors[name])
     warm = [r["round"] for r in results["rounds"] if r["phase"] == "warmup"]
     if warm:
         ax.axvspan(0.5, max(warm) + 0.5, color="grey", alpha=0.12, label="dense warm-up")
@@ -58,8 +68,10 @@ def plot_accuracy_vs_flops(results: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     d = results["dense"]
     ax.scatter([d["flops"] / 1e6], [100 * d["accuracy"]], marker="*", s=180, color="black", label="dense", zorder=3)
+    colors = run_colors(results)
     for name, p in results["profiles"].items():
-        ax.scatter([p["flops"] / 1e6], [100 * p["accuracy"]], s=70, label=f"{name} ({100 * p['channel_sparsity']:.0f}% ch.)", zorder=3)
+        ax.scatter([p["flops"] / 1e6], [100 * p["accuracy"]], s=70, label=f"{name} ({100 * p['channel_sparsity']:.0f}% ch.)", zorder=3,
+                   color=colors[name])
     ax.set_xscale("log")
     ax.set_xlabel("MFLOPs per image (log)")
     ax.set_ylabel("test accuracy (%)")
@@ -74,9 +86,10 @@ def plot_kept_channels(results: dict, path: Path) -> Path:
     profiles = results["profiles"]
     layers = list(next(iter(profiles.values()))["kept_channels"])
     width = 0.8 / max(len(profiles), 1)
+    colors = run_colors(results)
     for i, (name, p) in enumerate(profiles.items()):
         xs = [j + i * width for j in range(len(layers))]
-        ax.bar(xs, [p["kept_channels"][g] for g in layers], width=width, label=name)
+        ax.bar(xs, [p["kept_channels"][g] for g in layers], width=width, label=name, color=colors[name])
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))])
     ax.set_xticklabels(layers, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("kept channels")

@@ -13,11 +13,20 @@ import numpy as np
 
 from fedprune.config import PROFILE_NAMES, ProfileConfig
 
-__all__ = ["assign_profiles", "profile_order", "simulated_client_seconds"]
+__all__ = ["assign_profiles", "capability_order", "profile_order", "simulated_client_seconds"]
+
+
+def capability_order(profiles: Mapping[str, ProfileConfig], in_use: set[str] | None = None) -> list[str]:
+    """Profile names from most to least capable: the order of their tables in the profiles file
+    (``configs/profiles.toml`` lists them so), optionally only those ``in_use``. Nested masks follow it under
+    the budget allocations: each profile's sub-network is cut within the one before it."""
+    return [n for n in profiles if in_use is None or n in in_use]
 
 
 def profile_order(names) -> list[str]:
-    """Profiles from most to least capable (known names first, then by name)."""
+    """The fixed order in which :func:`assign_profiles` deals profiles out (known names first, then by name): it
+    does not depend on the order of a mapping, so a server and its clients, which read the config from records,
+    assign alike. Not the capability order (:func:`capability_order`)."""
     known = [n for n in PROFILE_NAMES if n in names]
     return known + sorted(n for n in names if n not in PROFILE_NAMES)
 

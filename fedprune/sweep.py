@@ -50,7 +50,7 @@ from fedprune.config import PROFILE_NAMES, ConfigError, ExperimentConfig, config
 from fedprune.reporting import mean_se, mean_std, to_jsonable, write_csv, write_json, write_text
 
 __all__ = [
-    "SweepError", "Cell", "SweepGrid", "load_grid", "run_sweep", "summary_row", "summary_columns",
+    "SweepError", "Cell", "SweepGrid", "load_grid", "run_sweep", "summary_row", "summary_columns", "row_profiles",
     "aggregate", "render_summary", "plot_summary", "write_report", "read_summary", "MASK_SOURCES_SWEEP",
 ]
 
@@ -303,10 +303,21 @@ def load_grid(path: str | Path) -> SweepGrid:
 
 
 # ------------------------------------------------------------- summary rows
-def summary_columns(grid_keys: Sequence[str]) -> list[str]:
-    """Columns of ``summary.csv``: cell, grid keys, seed, status, run metrics, per-profile metrics, error."""
+def row_profiles(rows: Sequence[Mapping]) -> list[str]:
+    """Profile names that have metrics in ``rows`` (``NAME_accuracy`` ...), in the order they first appear (a run
+    lists its profiles most capable first); the three built-in profiles when no row has any yet."""
+    tail = "_channel_sparsity"  # a profile metric that no whole-run metric and no other profile metric ends with
+    names: list[str] = []
+    for r in rows:
+        names += [k[: -len(tail)] for k in r if k.endswith(tail) and k[: -len(tail)] not in names]
+    return names or list(PROFILE_NAMES)
+
+
+def summary_columns(grid_keys: Sequence[str], rows: Sequence[Mapping] = ()) -> list[str]:
+    """Columns of ``summary.csv``: cell, grid keys, seed, status, run metrics, per-profile metrics (of every
+    profile in ``rows``: :func:`row_profiles`), error."""
     return (["cell", *grid_keys, "seed", "status", *RUN_METRICS]
-            + [f"{p}_{m}" for p in PROFILE_NAMES for m in PROFILE_METRICS] + ["error"])
+            + [f"{p}_{m}" for p in row_profiles(rows) for m in PROFILE_METRICS] + ["error"])
 
 
 def summary_row(cell: Cell, results: Mapping | None, status: str, wall_s: float | None, error: str = "") -> dict:
@@ -365,7 +376,7 @@ def aggregate(rows: Sequence[Mapping], keys: Sequence[str]) -> list[dict]:
         gk = tuple(str(r.get(k)) for k in keys)
         g = groups.setdefault(gk, {"keys": {k: r.get(k) for k in keys}, "rows": []})
         g["rows"].append(r)
-    metrics = list(RUN_METRICS) + [f"{p}_{m}" for p in PROFILE_NAMES for m in PROFILE_METRICS]
+    metrics = list(RUN_METRICS) + [f"{p}_{m}" for p in row_profiles(rows) for m in PROFILE_METRICS]
     out = []
     for g in groups.values():
         done = [r for r in g["rows"] if r.get("status") == "done"]
@@ -513,8 +524,8 @@ def run_sweep(grid: SweepGrid, out: str | Path, data_dir: str | Path | None = No
             logging.getLogger().removeHandler(handler)
             handler.close()
         ran += 1
-        write_csv(out / "summary.csv", rows, summary_columns(keys))  # progress so far
-    write_csv(out / "summary.csv", rows, summary_columns(keys))
+        write_csv(out / "summary.csv", rows, summary_columns(keys, rows))  # progress so far
+    write_csv(out / "summary.csv", rows, summary_columns(keys, rows))
     failed = sum(r["status"] != "done" for r in rows)
     echo(f"[sweep] {grid.name}: {n} cells, {ran} run now ({time.perf_counter() - t_start:.0f} s), {n - ran} finished earlier, {failed} failed")
     return rows
@@ -543,7 +554,7 @@ def _setting(grid: SweepGrid, cfg: ExperimentConfig, images: tuple[int, int] | N
         data = f"synthetic data ({images[0]:,} train / {images[1]:,} test images)" if images else "synthetic data"
     part = d.partition + ((" (alpha varies, see the tables)" if "data.alpha" in varies else f" (alpha {d.alpha:g})") if d.partition == "dirichlet" else "")
     profiles = ", ".join(f"{p} {100 * cfg.profiles[p].sparsity:.0f}% channels pruned, {cfg.profiles[p].local_epochs} local epoch(s), "
-                         f"batch {cfg.profiles[p].batch_size}" for p in PROFILE_NAMES if p in cfg.profiles)
+                         f"batch {cfg.profiles[p].batch_size}" for p in cfg.profiles)
     sampled = f", {fed.clients_per_round} sampled per round" if fed.clients_per_round else ", all every round"
     return (
         f"{cfg.model.name} on {data}; {v('federated.num_clients', f'{fed.num_clients} clients', 'number of clients')}{sampled}; "
@@ -564,7 +575,7 @@ def render_summary(grid: SweepGrid, rows: Sequence[Mapping], cfg: ExperimentConf
     keys = list(grid.grid)
     short = grid.short_names()
     groups = aggregate(rows, keys)
-    present = [p for p in PROFILE_NAMES if any(f"{p}_accuracy" in g["stats"] for g in groups)]
+    present = [p for p in row_profiles(rows) if any(f"{p}_accuracy" in g["stats"] for g in groups)]
     n_test = images[1] if images else None
     cells_done = sum(r.get("status") == "done" for r in rows)
     lines = [
@@ -642,6 +653,10 @@ def _numeric_keys(grid: SweepGrid) -> list[str]:
     return [k for k, vals in grid.grid.items() if len(vals) > 1 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals)]
 
 
+#: (matplotlib marker, the symbol that names it in an axis label) per profile, most capable first.
+_MARKERS = (("^", "▲"), ("s", "■"), ("v", "▼"), ("D", "◆"), ("P", "✚"), ("X", "✖"), ("o", "●"), ("<", "◀"), (">", "▶"), ("h", "⬢"))
+
+
 def plot_summary(grid: SweepGrid, rows: Sequence[Mapping], out_dir: Path, prefix: str = "") -> list[tuple[str, str]]:
     """PNG plots into ``out_dir``: accuracy vs FLOPs per profile (one line per grid point) and,
     for each numeric grid key, accuracy vs that key (log x for wide ranges). Returns (title, file name)."""
@@ -655,7 +670,7 @@ def plot_summary(grid: SweepGrid, rows: Sequence[Mapping], out_dir: Path, prefix
     made = []
     if not any(g["n"] for g in groups):
         return made
-    present = [p for p in PROFILE_NAMES if any(f"{p}_accuracy" in g["stats"] for g in groups)]
+    present = [p for p in row_profiles(rows) if any(f"{p}_accuracy" in g["stats"] for g in groups)]
 
     def label(g) -> str:
         return ", ".join(f"{short[k]}={g['keys'][k]}" for k in keys) or grid.name
@@ -665,7 +680,7 @@ def plot_summary(grid: SweepGrid, rows: Sequence[Mapping], out_dir: Path, prefix
         s = g["stats"]
         # (name, MFLOPs, (mean, std) accuracy, marker); the dense point is not on the profiles' line:
         # it is measured after the warm-up only.
-        prof = [(p, s[f"{p}_flops"][0] / 1e6, s[f"{p}_accuracy"], m) for p, m in zip(present, ("^", "s", "v"))
+        prof = [(p, s[f"{p}_flops"][0] / 1e6, s[f"{p}_accuracy"], m) for p, (m, _) in zip(present, _MARKERS)
                 if f"{p}_flops" in s and f"{p}_accuracy" in s]
         dense = [("dense", s["dense_flops"][0] / 1e6, s["dense_accuracy"], "*")] if "dense_flops" in s and "dense_accuracy" in s else []
         pts = sorted(prof + dense, key=lambda t: t[1])
@@ -681,7 +696,7 @@ def plot_summary(grid: SweepGrid, rows: Sequence[Mapping], out_dir: Path, prefix
             ax.scatter([x], [100 * a[0]], marker=marker, s=160 if name == "dense" else 60, color=color, zorder=3)
     ax.set_xscale("log")
     name = f"{prefix}accuracy_vs_flops.png"
-    finish(fig, ax, out_dir / name, "MFLOPs per image (log): " + " · ".join(["microcontroller ▼", "mobile_cpu ■", "edge_gpu ▲", "dense ★"]),
+    finish(fig, ax, out_dir / name, "MFLOPs per image (log): " + " · ".join([f"{p} {sym}" for p, (_, sym) in reversed(list(zip(present, _MARKERS)))] + ["dense ★"]),
            "test accuracy (%)", f"Sweep {grid.name}: accuracy vs FLOPs per profile (mean ± std)", legend_size=7)
     made.append(("accuracy vs FLOPs per profile", name))
     for key in _numeric_keys(grid):
@@ -721,7 +736,7 @@ def write_report(grid: SweepGrid, rows: Sequence[Mapping], out: str | Path, data
 
     out = Path(out)
     keys = list(grid.grid)
-    write_csv(out / "summary.csv", rows, summary_columns(keys))
+    write_csv(out / "summary.csv", rows, summary_columns(keys, rows))
     cells = grid.validate(data_dir)
     cfg = cells[0][1]
     try:
@@ -739,7 +754,7 @@ def write_report(grid: SweepGrid, rows: Sequence[Mapping], out: str | Path, data
         for title, name in plots:
             shutil.copyfile(out / name, bdir / f"{stem}_{name}")
             bplots.append((title, f"{stem}_{name}"))
-        write_csv(bdir / f"{stem}.csv", rows, summary_columns(keys))
+        write_csv(bdir / f"{stem}.csv", rows, summary_columns(keys, rows))
         write_text(bdir / f"{stem}.md", render_summary(grid, rows, cfg, images, bplots, wall_note))
         return bdir / f"{stem}.md"
     return out / "summary.md"

@@ -665,7 +665,7 @@ def render(rows, central, cost, scale, args, cfg, ran: dict | None = None, one_s
     ] + nd_lines + [
         f"- A fine-tune round moves {[r for r in first['rounds'] if r['phase'] == 'finetune'][0]['bytes_down'] / 1e6:.1f} MB down "
         f"vs {warm['bytes_down'] / 1e6:.1f} MB for a dense round: sub-networks are physically smaller.",
-        f"- Agreement of clients' own top-k sets with the consensus (mean Jaccard over profiles): "
+        "- Agreement of clients' own top-k sets with the consensus (mean Jaccard over profiles): "
         + ", ".join(f"{k}: {v:.2f}" for k, v in agreement.items())
         + " (weight-only scores, magnitude and BN scale, are identical on every client, hence 1.00).",
         "",
@@ -680,7 +680,7 @@ def render(rows, central, cost, scale, args, cfg, ran: dict | None = None, one_s
         "|---|---|---|",
     ] + [f"| {n} | {v['wall_s']:.0f} | {v['peak_rss_gb']:.2f} |" for n, v in scale.items()] + [
         "",
-        f"The first row includes the first Ray start-up and cold caches of the run; the others reuse them.",
+        "The first row includes the first Ray start-up and cold caches of the run; the others reuse them.",
         "",
         "## Targets",
         "",

@@ -196,4 +196,6 @@ def test_inprocess_run_with_adversaries_records_them_and_screening_removes_them(
     assert poisoned_masks != honest_masks
     screened, screened_masks = run(*attack, "federated.screen_clients=true")
     assert screened["screened_out_partitions"] == adv and screened["adversarial_partitions"] == adv
+    agreement = screened["screen_agreement"]  # recorded per scoring partition: the dropped one agrees least
+    assert sorted(agreement) == list(range(5)) and min(agreement, key=agreement.get) == adv[0] and poisoned["screen_agreement"] is None
     assert screened_masks == honest_masks

@@ -279,6 +279,27 @@ def test_progressive_plan_places_the_stages(overrides, expected):
         load_config(None, TINY + ["federated.finetune_rounds=6", "federated.repeat_every=2", "federated.prune_stages=4"])
 
 
+def test_profiles_nest_in_file_order_and_profiles_without_clients_are_left_out(tmp_path):
+    """A profile of one's own, listed in the profiles file between mobile_cpu and microcontroller, gets its own
+    budget's width there (not cut within the microcontroller's, as an order by name did); a profile with no client
+    gets no mask, no per-round accuracy and no budget check (its budget here is infeasible)."""
+    budgets = {"edge_gpu": 1000, "mobile_cpu": 20e6, "wearable": 12e6, "microcontroller": 6e6}
+    (tmp_path / "profiles.toml").write_text("".join(f"[{name}]\nsparsity = 0.5\nlocal_epochs = 1\n[{name}.budgets]\nmacs = {macs:.0f}\n"
+                                                    for name, macs in budgets.items()))
+    cfg = load_config(None, TINY + [f"federated.profiles_file='{tmp_path / 'profiles.toml'}'", "pruning.allocation='budget'",
+                                    "federated.proportions={edge_gpu=0, mobile_cpu=0.34, wearable=0.33, microcontroller=0.33}"])
+    server = FederatedPruning(cfg, InProcessTransport(3), None)
+    assert server.profiles == ["mobile_cpu", "wearable", "microcontroller"]
+    res = server.run()
+    assert list(res["profiles"]) == ["mobile_cpu", "wearable", "microcontroller"]
+    macs = {p: e["macs"] for p, e in res["profiles"].items()}
+    assert macs["microcontroller"] <= 6e6 < macs["wearable"] <= 12e6 < macs["mobile_cpu"] <= 20e6
+    masks = server.profile_masks
+    assert set(masks) == {"mobile_cpu", "wearable", "microcontroller"}
+    assert masks["microcontroller"].is_subset_of(masks["wearable"]) and masks["wearable"].is_subset_of(masks["mobile_cpu"])
+    assert all(set(r["accuracy"]) == set(masks) for r in res["rounds"] if r["phase"] == "finetune")
+
+
 def test_dry_run_describes_the_run_and_writes_nothing(tmp_path, capsys, monkeypatch):
     """simulate --dry-run: every client with its profile and shard (as the clients cut them), the steps by round; no
     round runs and nothing is written. The checks a run makes first still apply."""

@@ -45,9 +45,21 @@ def model_and_groups(request):
 def test_criteria_registry() -> None:
     assert set(DATA_CRITERIA) <= set(CRITERIA)
     for name in CRITERIA:
-        imp = get_importance(name)
+        imp = get_importance(name, num_batches=3)
         assert imp.name == name
         assert imp.needs_data == (name in DATA_CRITERIA)
+        assert not imp.needs_data or imp.num_batches == 3  # every data-driven criterion gets pruning.num_batches
+
+
+def test_the_names_a_config_accepts_are_the_implemented_ones() -> None:
+    """fedprune.config lists names without importing torch; each list must match its implementation."""
+    from fedprune import config
+    from fedprune.aggregation import AGGREGATORS
+    from fedprune.models import MODEL_NAMES
+
+    assert config.CRITERIA == tuple(CRITERIA)
+    assert config.AGGREGATIONS == AGGREGATORS
+    assert config.MODELS == MODEL_NAMES
 
 
 @pytest.mark.parametrize("criterion", sorted(CRITERIA))

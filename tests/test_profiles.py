@@ -9,7 +9,7 @@ from fractions import Fraction
 import pytest
 
 from fedprune.config import ProfileConfig
-from fedprune.profiles import assign_profiles, profile_order, simulated_client_seconds
+from fedprune.profiles import assign_profiles, capability_order, profile_order, simulated_client_seconds
 
 DEFAULT = {"edge_gpu": 0.3, "mobile_cpu": 0.4, "microcontroller": 0.3}
 
@@ -102,6 +102,10 @@ def test_more_profiles_than_clients_raises(n, proportions) -> None:
 
 def test_profile_order_and_simulated_time() -> None:
     assert profile_order({"microcontroller": 1, "zeta": 1, "edge_gpu": 1, "alpha": 1}) == ["edge_gpu", "microcontroller", "alpha", "zeta"]
+    # the capability order is the profiles file's (most capable first), whatever the names
+    table = {"edge_gpu": 1, "zeta": 1, "alpha": 1, "microcontroller": 1}
+    assert capability_order(table) == ["edge_gpu", "zeta", "alpha", "microcontroller"]
+    assert capability_order(table, {"microcontroller", "zeta"}) == ["zeta", "microcontroller"]
     p = ProfileConfig(compute_speed=0.5, bandwidth_mbps=8.0)
     # 2 s of host compute at half speed + 2 MB over 8 Mbit/s = 4 + 2 = 6 s
     assert simulated_client_seconds(p, 2.0, 1_000_000, 1_000_000) == pytest.approx(6.0)

@@ -20,6 +20,7 @@ from fedprune.sweep import (
     paired_differences,
     read_summary,
     render_summary,
+    row_profiles,
     run_sweep,
     summary_columns,
     write_report,
@@ -54,6 +55,18 @@ def tiny_grid(tmp_path: Path) -> Path:
 
 
 # ------------------------------------------------------------------ parsing
+def test_summary_columns_follow_the_profiles_of_the_runs():
+    """A profile of one's own (here listed between mobile_cpu and microcontroller) gets its columns, in the runs'
+    order; before any run finished, the built-in three."""
+    rows = [{"cell": "a", "mobile_cpu_channel_sparsity": 0.5, "wearable_channel_sparsity": 0.6, "wearable_local_val_accuracy": 0.3,
+             "microcontroller_channel_sparsity": 0.8, "dense_accuracy": 0.4}]
+    assert row_profiles(rows) == ["mobile_cpu", "wearable", "microcontroller"]
+    assert row_profiles([]) == ["edge_gpu", "mobile_cpu", "microcontroller"]
+    columns = summary_columns(["k"], rows)
+    assert "wearable_accuracy" in columns and "edge_gpu_accuracy" not in columns
+    assert columns.index("mobile_cpu_clients") < columns.index("wearable_accuracy") < columns.index("microcontroller_accuracy")
+
+
 def test_grid_parsing_cells_and_slugs(tmp_path):
     (tmp_path / "base.toml").write_text("[federated]\nnum_clients = 6\n")
     path = write_grid(tmp_path, """
