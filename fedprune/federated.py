@@ -844,6 +844,11 @@ class FederatedPruning:
         group_weights = budget_group_weights(self.cfg, sens_agg)
         if pr.allocation in BUDGET_ALLOCATIONS:
             masks = profile_budget_masks(self.cfg, self.hardware, ranking, self.profiles, sparsity_scale, group_weights, within)
+            for above, below, a, b in zip(self.profiles, self.profiles[1:], masks, masks[1:]):
+                if a == b:  # nested masks: `below` is cut within `above`, whose budgets bind it too
+                    log.warning("[consensus] profile %s gets the same sub-network as %s, listed above it: each profile's sub-network is "
+                                "cut within the one above, so %s's own budgets may allow more (list profiles most capable first)",
+                                below, above, below)
         else:
             sparsities = [self.cfg.profiles[p].sparsity * sparsity_scale for p in self.profiles]
             if within:  # the same number of channels as in the dense network, now as a share of the scope's

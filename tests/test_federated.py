@@ -300,6 +300,22 @@ def test_profiles_nest_in_file_order_and_profiles_without_clients_are_left_out(t
     assert all(set(r["accuracy"]) == set(masks) for r in res["rounds"] if r["phase"] == "finetune")
 
 
+def test_a_profile_listed_below_a_tighter_one_is_warned_about(tmp_path, caplog):
+    """Listed after the microcontroller, a profile with a looser budget is cut within the microcontroller's
+    sub-network (the file's order is the capability order); the log says so."""
+    budgets = {"edge_gpu": 40e6, "mobile_cpu": 20e6, "microcontroller": 6e6, "wearable": 12e6}
+    (tmp_path / "profiles.toml").write_text("".join(f"[{name}]\nsparsity = 0.5\nlocal_epochs = 1\n[{name}.budgets]\nmacs = {macs:.0f}\n"
+                                                    for name, macs in budgets.items()))
+    cfg = load_config(None, TINY + [f"federated.profiles_file='{tmp_path / 'profiles.toml'}'", "pruning.allocation='budget'",
+                                    "federated.warmup_rounds=0", "federated.finetune_rounds=0",
+                                    "federated.proportions={edge_gpu=0, mobile_cpu=0.34, wearable=0.33, microcontroller=0.33}"])
+    server = FederatedPruning(cfg, InProcessTransport(3), None)
+    with caplog.at_level("WARNING", logger="fedprune.federated"):
+        server.run()
+    assert server.profile_masks["wearable"] == server.profile_masks["microcontroller"]
+    assert "profile wearable gets the same sub-network as microcontroller, listed above it" in caplog.text
+
+
 def test_dry_run_describes_the_run_and_writes_nothing(tmp_path, capsys, monkeypatch):
     """simulate --dry-run: every client with its profile and shard (as the clients cut them), the steps by round; no
     round runs and nothing is written. The checks a run makes first still apply."""
