@@ -103,9 +103,12 @@ def aggregate_importance(
             out[name] = np.median(stack, axis=0)
         elif method == "trimmed_mean":
             out[name] = _trimmed_mean(stack, trim_fraction)
-        else:
+        elif method == "rank_vote":
             ranks = np.stack([_ranks(v) for v in stack])
             out[name] = (w[:, None] * ranks).sum(axis=0) / w.sum()
+        else:  # a name in fedprune.config.AGGREGATIONS without its branch here
+            raise NotImplementedError(f"aggregation {method!r} is allowed by fedprune.config.AGGREGATIONS but has no rule in "
+                                      "fedprune.aggregation.aggregate_importance")
     return out
 
 

@@ -696,7 +696,8 @@ def budget_masks(
     A looser budget (no limit lower) never keeps fewer channels in any group under
     ``budget_uniform`` and ``constant_cost`` (any number of budgets), nor under ``budget``
     with one budget per profile: their results are points of one sequence that does not
-    depend on the limits. ``budget`` with several budgets weighs each unmet cost by its
+    depend on the limits. This needs costs that never grow when channels are removed
+    (MACs, parameters, bytes, peak memory; a measured latency table need not be). ``budget`` with several budgets weighs each unmet cost by its
     limit and drops the met ones from its objective, and ``budget_fill`` grows from
     ``budget_uniform``'s widths, which jump with the limits: for both, a looser budget can
     keep a few channels fewer in some group (while meeting every budget).

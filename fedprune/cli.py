@@ -142,15 +142,17 @@ def _cmd_prune(args) -> int:
     return 0
 
 
-def _guard_finished_run(out: Path, overwrite: bool) -> None:
+def _guard_finished_run(out: Path, overwrite: bool, remove: bool = True) -> None:
     """A new run into ``out`` would replace the finished run there, file by file: refuse it unless ``--overwrite``;
-    with it, remove the old ``results.json`` first, so that a new run that stops early never looks finished."""
+    with it, remove the old ``results.json`` first (unless ``remove`` is false: a dry run), so that a new run that
+    stops early never looks finished."""
     results = out / "results.json"
     if results.is_file():
         if not overwrite:
             raise ConfigError(f"--out {str(out)!r} already holds a finished run ({str(results)!r}); give another --out, "
                               "or pass --overwrite to replace it")
-        results.unlink()
+        if remove:
+            results.unlink()
 
 
 def _refuse_unfinished_run(out: Path) -> None:
@@ -164,11 +166,11 @@ def _refuse_unfinished_run(out: Path) -> None:
                           f"or give another --out (or delete {str(ckpt)!r} to start over there)")
 
 
-def _print_dry_run(cfg, mask_source: str) -> int:
+def _print_dry_run(cfg, mask_source: str, warm_start: str | None = None, resume: str | None = None) -> int:
     from fedprune.federated import describe_run
 
-    print(describe_run(cfg, mask_source))
-    print("dry run: nothing was trained or written")
+    print(describe_run(cfg, mask_source, warm_start, resume))
+    print("dry run: no round was run and no run directory was written")
     return 0
 
 
@@ -190,20 +192,21 @@ def _cmd_simulate(args) -> int:
                               f"{'--mask-source' if args.mask_source != 'consensus' else '--overwrite'}")
         cfg, mask_source = resume_config(args.resume)
         if args.dry_run:
-            return _print_dry_run(cfg, mask_source)
+            return _print_dry_run(cfg, mask_source, resume=args.resume)
         res = simulate(cfg, out_dir=args.resume, engine=args.engine, mask_source=mask_source, resume=True)
     else:
         cfg = _load(args, default_config=str(REPO_ROOT / "configs" / "quick.toml"))
-        if args.dry_run:
-            return _print_dry_run(cfg, args.mask_source)
-        if args.out is None:
+        if args.out is None and not args.dry_run:
             raise ConfigError("simulate needs --out DIR (a new run) or --resume DIR (a killed run); --dry-run needs neither")
-        out = check_out_dir(args.out)
-        if args.warm_start and Path(args.warm_start).resolve() == out.resolve():
-            raise ConfigError(f"--out and --warm-start name the same directory {str(args.out)!r}: the run would overwrite the "
-                              "warm-up it starts from; give another --out")
-        _refuse_unfinished_run(out)
-        _guard_finished_run(out, args.overwrite)
+        if args.out is not None:  # checked under --dry-run too, but nothing is removed then
+            out = check_out_dir(args.out)
+            if args.warm_start and Path(args.warm_start).resolve() == out.resolve():
+                raise ConfigError(f"--out and --warm-start name the same directory {str(args.out)!r}: the run would overwrite the "
+                                  "warm-up it starts from; give another --out")
+            _refuse_unfinished_run(out)
+            _guard_finished_run(out, args.overwrite, remove=not args.dry_run)
+        if args.dry_run:
+            return _print_dry_run(cfg, args.mask_source, warm_start=args.warm_start)
         res = simulate(cfg, out_dir=args.out, engine=args.engine, mask_source=args.mask_source, warm_start=args.warm_start)
     print(res["summary"])
     return 0

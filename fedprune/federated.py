@@ -845,7 +845,10 @@ class FederatedPruning:
         if pr.allocation in BUDGET_ALLOCATIONS:
             masks = profile_budget_masks(self.cfg, self.hardware, ranking, self.profiles, sparsity_scale, group_weights, within)
             for above, below, a, b in zip(self.profiles, self.profiles[1:], masks, masks[1:]):
-                if a == b:  # nested masks: `below` is cut within `above`, whose budgets bind it too
+                # nested masks: `below` is cut within `above`; the same pruned sub-network for other budgets means that
+                # `above`'s budgets bound it (not at a looser progressive stage, where both may keep everything)
+                same_budgets = self.cfg.profiles[above].budgets == self.cfg.profiles[below].budgets
+                if a == b and a.channel_sparsity > 0 and sparsity_scale >= 1.0 and not same_budgets:
                     log.warning("[consensus] profile %s gets the same sub-network as %s, listed above it: each profile's sub-network is "
                                 "cut within the one above, so %s's own budgets may allow more (list profiles most capable first)",
                                 below, above, below)
@@ -1059,7 +1062,8 @@ class FederatedPruning:
         if profiles != ckpt["partition_profiles"]:
             raise CheckpointError(f"cannot resume: the registered clients {sorted(profiles)} differ from the checkpoint's {sorted(ckpt['partition_profiles'])}")
         self.state, self.bn_stats, self.gates = ckpt["state"], ckpt["bn_stats"], ckpt["gates"]
-        self.profile_masks = {p: StructuredMask.from_arrays(a, self.groups) for p, a in ckpt["profile_masks"].items()}
+        # in the run's profile order; a checkpoint of an older version also holds masks of profiles without clients: dropped
+        self.profile_masks = {p: StructuredMask.from_arrays(ckpt["profile_masks"][p], self.groups) for p in self.profiles if p in ckpt["profile_masks"]}
         self.node_masks = {}
         if self.profile_masks:
             for n, info in self.nodes.items():
@@ -1420,17 +1424,29 @@ def finished_results(out_dir: str | Path, cfg: ExperimentConfig, mask_source: st
 _STEP_NAMES = {"dense": "dense FedAvg", "warmup": "dense FedAvg warm-up", "finetune": "fine-tuning of the profiles' sub-networks"}
 
 
-def describe_run(cfg: ExperimentConfig, mask_source: str = "consensus") -> str:
-    """What :func:`simulate` would do with ``cfg``, as text, without running a round or writing a file: the data
-    and model, every client's profile and shard size (cut as the clients will cut them), each profile's sparsity and
-    budgets, and the steps of the run by round. It makes the same checks as a run does before its first round
-    (data present, partition possible, budgets feasible), so a config that passes here starts."""
+def describe_run(cfg: ExperimentConfig, mask_source: str = "consensus", warm_start: str | Path | None = None,
+                 resume: str | Path | None = None) -> str:
+    """What :func:`simulate` would do with ``cfg``, as text, without running a round or writing to a run directory:
+    the data and model, every client's profile and shard size (cut as the clients will cut them), each profile's
+    sparsity and budgets, and the steps of the run by round. It makes the checks a run makes before its first round
+    on the config, the data, the budgets and the ``warm_start`` run's config; ``resume`` (the run directory ``cfg``
+    came from) adds how far that run got. Latency budgets need the latency tables, which are measured (and cached,
+    :func:`fedprune.cost.lut_cache_dir`) on first use."""
+    from fedprune.cost import lut_cache_dir
     from fedprune.task import client_register
 
     cfg = resolve_data_dir(cfg)
     check_partition(cfg)
     server = FederatedPruning(cfg, transport=None, mask_source=mask_source)  # no transport: nothing is sent
     server.check_budgets()
+    warm_rounds = ""
+    if warm_start:
+        ckpt = load_checkpoint(warm_start, "warm-start")
+        ours, theirs = warmup_config(config_to_dict(cfg)), warmup_config(ckpt["config"])
+        if ours != theirs:
+            raise CheckpointError(f"cannot warm-start: the checkpoint's run differs in keys that shape the dense warm-up: "
+                                  f"{', '.join(sorted(_config_diff(ours, theirs))[:6])}")
+        warm_rounds = f" (taken over from the warm-start run {str(warm_start)!r}, not trained again)"
     fed, d, pr = cfg.federated, cfg.data, cfg.pruning
     train, test = load_data(cfg)
     dense = model_costs(server.model)
@@ -1465,8 +1481,21 @@ def describe_run(cfg: ExperimentConfig, mask_source: str = "consensus") -> str:
         span = f"round {first}" if first == last else f"rounds {first}-{last}"
         what = _STEP_NAMES.get(kind) or (f"importance round + {mask_source} masks"
                                          + (f" (progressive stage: sparsity x {scale:.2f})" if scale < 1 else ""))
-        lines.append(f"  {span}: {what}")
+        lines.append(f"  {span}: {what}{warm_rounds if kind == 'warmup' else ''}")
     lines.append(f"evaluation every {fed.eval_every} round(s)" if fed.eval_every else "evaluation at the end only")
+    if resume:
+        ckpt, steps = load_checkpoint(resume), server.plan()
+        if finished_results(resume, cfg, mask_source) is not None:
+            lines.append(f"resume: the run in {str(resume)!r} finished already; --resume would do nothing")
+        elif ckpt["steps_done"] < len(steps):
+            kind, r, _ = steps[ckpt["steps_done"]]
+            what = {**_STEP_NAMES, "importance": "importance round", "dense_eval": "test accuracy of the dense model"}[kind]
+            lines.append(f"resume: {ckpt['steps_done']} of {len(steps)} steps done; --resume continues with round {r} ({what})")
+        else:
+            lines.append(f"resume: every step is done; --resume runs the final evaluation of {str(resume)!r}")
+    if server._hardware is not None and server.hardware._luts:
+        lines.append(f"latency tables (batch {', '.join(map(str, sorted(server.hardware._luts)))}) for the budget check: "
+                     f"measured or read from the cache {str(lut_cache_dir())!r}")
     return "\n".join(lines)
 
 

@@ -304,13 +304,19 @@ def load_grid(path: str | Path) -> SweepGrid:
 
 # ------------------------------------------------------------- summary rows
 def row_profiles(rows: Sequence[Mapping]) -> list[str]:
-    """Profile names that have metrics in ``rows`` (``NAME_accuracy`` ...), in the order they first appear (a run
-    lists its profiles most capable first); the three built-in profiles when no row has any yet."""
+    """Profile names that have metrics in ``rows`` (``NAME_accuracy`` ...), most capable first: each row lists its
+    run's profiles in that order (a cell may lack some), and the orders are merged; the three built-in profiles
+    when no row has any yet."""
     tail = "_channel_sparsity"  # a profile metric that no whole-run metric and no other profile metric ends with
-    names: list[str] = []
-    for r in rows:
-        names += [k[: -len(tail)] for k in r if k.endswith(tail) and k[: -len(tail)] not in names]
-    return names or list(PROFILE_NAMES)
+    orders = [[k[: -len(tail)] for k in r if k.endswith(tail)] for r in rows]
+    names = list(dict.fromkeys(n for order in orders for n in order))
+    merged: list[str] = []
+    while len(merged) < len(names):
+        left = [n for n in names if n not in merged]
+        # the first name that no row puts after another name still left (else the first left)
+        free = [n for n in left if not any(n in o and any(m in left for m in o[: o.index(n)]) for o in orders)]
+        merged.append((free or left)[0])
+    return merged or list(PROFILE_NAMES)
 
 
 def summary_columns(grid_keys: Sequence[str], rows: Sequence[Mapping] = ()) -> list[str]:
@@ -680,7 +686,7 @@ def plot_summary(grid: SweepGrid, rows: Sequence[Mapping], out_dir: Path, prefix
         s = g["stats"]
         # (name, MFLOPs, (mean, std) accuracy, marker); the dense point is not on the profiles' line:
         # it is measured after the warm-up only.
-        prof = [(p, s[f"{p}_flops"][0] / 1e6, s[f"{p}_accuracy"], m) for p, (m, _) in zip(present, _MARKERS)
+        prof = [(p, s[f"{p}_flops"][0] / 1e6, s[f"{p}_accuracy"], _MARKERS[j % len(_MARKERS)][0]) for j, p in enumerate(present)
                 if f"{p}_flops" in s and f"{p}_accuracy" in s]
         dense = [("dense", s["dense_flops"][0] / 1e6, s["dense_accuracy"], "*")] if "dense_flops" in s and "dense_accuracy" in s else []
         pts = sorted(prof + dense, key=lambda t: t[1])
@@ -696,7 +702,7 @@ def plot_summary(grid: SweepGrid, rows: Sequence[Mapping], out_dir: Path, prefix
             ax.scatter([x], [100 * a[0]], marker=marker, s=160 if name == "dense" else 60, color=color, zorder=3)
     ax.set_xscale("log")
     name = f"{prefix}accuracy_vs_flops.png"
-    finish(fig, ax, out_dir / name, "MFLOPs per image (log): " + " · ".join([f"{p} {sym}" for p, (_, sym) in reversed(list(zip(present, _MARKERS)))] + ["dense ★"]),
+    finish(fig, ax, out_dir / name, "MFLOPs per image (log): " + " · ".join([f"{p} {_MARKERS[j % len(_MARKERS)][1]}" for j, p in reversed(list(enumerate(present)))] + ["dense ★"]),
            "test accuracy (%)", f"Sweep {grid.name}: accuracy vs FLOPs per profile (mean ± std)", legend_size=7)
     made.append(("accuracy vs FLOPs per profile", name))
     for key in _numeric_keys(grid):

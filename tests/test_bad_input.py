@@ -4,6 +4,7 @@ code 2, before any work, and nothing lost or half-written. Nothing here trains."
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def test_out_that_cannot_be_a_directory_fails_before_any_work(tmp_path, capsys, 
     assert (tmp_path / "a_file").read_text() == "keep"
 
 
-@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+@pytest.mark.skipif(not Path("/proc/self").is_dir() or os.geteuid() != 0, reason="needs Linux /proc and root (others fail the permission bits first)")
 def test_out_where_no_file_can_be_created_fails_before_any_work(tmp_path, capsys, monkeypatch) -> None:
     """/proc passes a permission-bit check for root but takes no new files: the probe catches it."""
     import fedprune.federated as federated
@@ -56,7 +57,7 @@ def test_out_where_no_file_can_be_created_fails_before_any_work(tmp_path, capsys
     monkeypatch.setattr(federated, "simulate", lambda *a, **k: pytest.fail("nothing may run"))
     assert cli.main(["simulate", "--config", str(_tiny_toml(tmp_path)), "--out", "/proc/fedprune-out"]) == 2
     line = _error_line(capsys)
-    assert "--out '/proc/fedprune-out' is not writable" in line and "'/proc'" in line
+    assert "--out '/proc/fedprune-out' is not writable: no file can be created in '/proc'" in line
     assert not list(tmp_path.glob(".fedprune-probe-*"))
     from fedprune.reporting import check_out_dir
 
@@ -76,8 +77,6 @@ def test_a_fresh_run_does_not_delete_an_unfinished_runs_checkpoint(tmp_path, cap
     assert "unfinished run" in line and f"--resume '{run}'" in line
     assert (run / "checkpoint.pt").read_bytes() == b"an unfinished run"
     # results.json of an earlier, finished run does not make a later, killed run's newer checkpoint finished
-    import os
-
     (run / "results.json").write_text("{}")
     os.utime(run / "results.json", (1, 1))
     assert cli.main(["simulate", "--config", str(_tiny_toml(tmp_path)), "--out", str(run)]) == 2
@@ -277,8 +276,6 @@ def test_seed_out_of_range_is_a_config_error() -> None:
 
 def test_written_results_are_readable_as_the_umask_allows(tmp_path) -> None:
     """mkstemp makes 0600 files; results get the mode of any new file under the process's umask (0644 under 022)."""
-    import os
-
     from fedprune.reporting import FILE_MODE, write_json
 
     umask = os.umask(0o022)

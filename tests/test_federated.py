@@ -310,7 +310,7 @@ def test_a_profile_listed_below_a_tighter_one_is_warned_about(tmp_path, caplog):
                                     "federated.warmup_rounds=0", "federated.finetune_rounds=0",
                                     "federated.proportions={edge_gpu=0, mobile_cpu=0.34, wearable=0.33, microcontroller=0.33}"])
     server = FederatedPruning(cfg, InProcessTransport(3), None)
-    with caplog.at_level("WARNING", logger="fedprune.federated"):
+    with caplog.at_level("WARNING", logger="fedprune.server"):
         server.run()
     assert server.profile_masks["wearable"] == server.profile_masks["microcontroller"]
     assert "profile wearable gets the same sub-network as microcontroller, listed above it" in caplog.text
@@ -337,7 +337,7 @@ def test_dry_run_describes_the_run_and_writes_nothing(tmp_path, capsys, monkeypa
                          "  rounds 2-3: fine-tuning of the profiles' sub-networks",
                          "  round 4: importance round + consensus masks",
                          "  rounds 4-5: fine-tuning of the profiles' sub-networks"]
-    assert "dry run: nothing was trained or written" in text and list(tmp_path.iterdir()) == []
+    assert "dry run: no round was run and no run directory was written" in text and list(tmp_path.iterdir()) == []
     assert cli.main(argv + ["--mask-source", "none"]) == 0
     assert "  rounds 1-5: dense FedAvg\n" in capsys.readouterr().out
     # a budget no sub-network meets fails here as it would before a run's first round
@@ -346,6 +346,15 @@ def test_dry_run_describes_the_run_and_writes_nothing(tmp_path, capsys, monkeypa
     assert cli.main(["simulate", "--set", *TINY]) == 2  # without --dry-run, --out or --resume is needed
     assert "simulate needs --out DIR" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+    # --out and --warm-start are checked as a run checks them, and nothing is removed
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "results.json").write_text("{}")
+    assert cli.main(argv + ["--out", str(tmp_path / "done")]) == 2
+    assert "already holds a finished run" in capsys.readouterr().err
+    assert cli.main(argv + ["--out", str(tmp_path / "done"), "--overwrite"]) == 0
+    assert (tmp_path / "done" / "results.json").read_text() == "{}"
+    assert cli.main(argv + ["--warm-start", str(tmp_path / "missing")]) == 2
+    assert "cannot warm-start: run directory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mask_source", ["consensus", "local", "central"])

@@ -65,6 +65,35 @@ def test_killed_run_resumes_to_the_same_results(tiny_cfg, tiny_run, tmp_path, di
     assert load_checkpoint(tmp_path)["steps_done"] == len(ckpt["plan"])
 
 
+def test_resume_drops_masks_an_older_version_kept_for_profiles_without_clients(tmp_path):
+    """Older checkpoints hold a mask for every profile, clients or not; a resumed run evaluates only its clients' profiles."""
+    cfg = load_config(None, [*TINY, "federated.proportions={edge_gpu=0.5, mobile_cpu=0.5, microcontroller=0}"])
+    with pytest.raises(Killed):
+        FederatedPruning(cfg, DyingTransport(3, 6), tmp_path).run()  # inside the fine-tuning: masks exist
+    ckpt = load_checkpoint(tmp_path)
+    assert set(ckpt["profile_masks"]) == {"edge_gpu", "mobile_cpu"}
+    ckpt["profile_masks"] = {**ckpt["profile_masks"], "microcontroller": ckpt["profile_masks"]["mobile_cpu"]}  # as written before
+    save_checkpoint(tmp_path, ckpt)
+    server = FederatedPruning(cfg, InProcessTransport(3), tmp_path)
+    resumed = server.run(resume=True)
+    assert list(server.profile_masks) == ["edge_gpu", "mobile_cpu"]
+    assert all(set(r["accuracy"]) == {"edge_gpu", "mobile_cpu"} for r in resumed["rounds"] if r["phase"] == "finetune")
+
+
+def test_dry_run_of_a_resume_says_how_far_the_run_got(tiny_cfg, tiny_run, tmp_path, capsys):
+    from fedprune import cli
+
+    with pytest.raises(Killed):
+        FederatedPruning(tiny_cfg, DyingTransport(3, 3), tmp_path).run()
+    done, steps = load_checkpoint(tmp_path)["steps_done"], len(load_checkpoint(tmp_path)["plan"])
+    assert cli.main(["simulate", "--resume", str(tmp_path), "--dry-run"]) == 0
+    assert f"resume: {done} of {steps} steps done; --resume continues with round" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path)["steps_done"] == done and not (tmp_path / "results.json").exists()
+    _, finished = tiny_run
+    assert cli.main(["simulate", "--resume", str(finished), "--dry-run"]) == 0
+    assert "finished already; --resume would do nothing" in capsys.readouterr().out
+
+
 def test_checkpoint_after_every_round_is_atomic(tiny_cfg, tiny_run):
     _, out = tiny_run
     ckpt = load_checkpoint(out)

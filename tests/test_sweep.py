@@ -62,6 +62,10 @@ def test_summary_columns_follow_the_profiles_of_the_runs():
              "microcontroller_channel_sparsity": 0.8, "dense_accuracy": 0.4}]
     assert row_profiles(rows) == ["mobile_cpu", "wearable", "microcontroller"]
     assert row_profiles([]) == ["edge_gpu", "mobile_cpu", "microcontroller"]
+    # a first cell without edge_gpu clients does not move edge_gpu to the end
+    two = [{"mobile_cpu_channel_sparsity": 0.5, "microcontroller_channel_sparsity": 0.8},
+           {"edge_gpu_channel_sparsity": 0.3, "mobile_cpu_channel_sparsity": 0.5, "microcontroller_channel_sparsity": 0.8}]
+    assert row_profiles(two) == ["edge_gpu", "mobile_cpu", "microcontroller"]
     columns = summary_columns(["k"], rows)
     assert "wearable_accuracy" in columns and "edge_gpu_accuracy" not in columns
     assert columns.index("mobile_cpu_clients") < columns.index("wearable_accuracy") < columns.index("microcontroller_accuracy")
