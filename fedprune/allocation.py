@@ -644,7 +644,9 @@ def _uniform_sparsity_for(
 ) -> float:
     """Smallest uniform sparsity >= ``lo`` whose rounded kept counts meet ``constraints``, by bisection to 1e-9:
     finer than the distance between any two sparsities at which some group's kept count changes (>= 1 / (2 x size^2)),
-    so the counts are those of the exact smallest sparsity, and a looser budget never keeps fewer channels in any group."""
+    so the counts are those of the exact smallest sparsity (a stop at 1e-3 could leave a rounding step of budget
+    unused). Two limits' bisections take the same steps until one falls between their thresholds, so a looser
+    budget never ends at a higher sparsity."""
     def counts(s: float) -> dict[str, int]:
         return {n: round_keep_count(c, groups[n].size, round_to) for n, c in _uniform(groups, s, min_channels).items()}
 
