@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["run_colors", "plot_run", "plot_accuracy_per_round", "plot_accuracy_vs_flops", "plot_kept_channels", "save", "label", "finish"]
+__all__ = ["plain_log_ticks", "run_colors", "plot_run", "plot_accuracy_per_round", "plot_accuracy_vs_flops", "plot_kept_channels", "save", "label", "finish"]
 
 
 def save(fig, path: Path) -> Path:
@@ -33,6 +33,16 @@ def finish(fig, ax, path: Path, xlabel: str | None, ylabel: str, title: str, gri
     """Label, grid and legend ``ax`` (:func:`label`), then save ``fig`` as a PNG at ``path``."""
     label(ax, xlabel, ylabel, title, grid_axis, legend_size, **legend_kw)
     return save(fig, path)
+
+
+def plain_log_ticks(axis) -> None:
+    """Tick labels of a log axis as plain numbers (20, 30, 100), not powers of ten (2 x 10^1)."""
+    from matplotlib.ticker import LogLocator, ScalarFormatter
+
+    for which, fmt in (("major", ScalarFormatter()), ("minor", ScalarFormatter())):
+        fmt.set_scientific(False)
+        (axis.set_major_formatter if which == "major" else axis.set_minor_formatter)(fmt)
+    axis.set_minor_locator(LogLocator(subs=(2.0, 3.0, 5.0)))
 
 
 def run_colors(results: dict) -> dict[str, str]:
@@ -70,9 +80,10 @@ def plot_accuracy_vs_flops(results: dict, path: Path) -> Path:
     ax.scatter([d["flops"] / 1e6], [100 * d["accuracy"]], marker="*", s=180, color="black", label="dense", zorder=3)
     colors = run_colors(results)
     for name, p in results["profiles"].items():
-        ax.scatter([p["flops"] / 1e6], [100 * p["accuracy"]], s=70, label=f"{name} ({100 * p['channel_sparsity']:.0f}% ch.)", zorder=3,
-                   color=colors[name])
+        ax.scatter([p["flops"] / 1e6], [100 * p["accuracy"]], s=70, label=f"{name} ({100 * p['channel_sparsity']:.0f}% ch. pruned)",
+                   zorder=3, color=colors[name])
     ax.set_xscale("log")
+    plain_log_ticks(ax.xaxis)
     ax.set_xlabel("MFLOPs per image (log)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Accuracy vs FLOPs per profile")

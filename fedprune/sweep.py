@@ -668,7 +668,7 @@ def plot_summary(grid: SweepGrid, rows: Sequence[Mapping], out_dir: Path, prefix
     for each numeric grid key, accuracy vs that key (log x for wide ranges). Returns (title, file name)."""
     import matplotlib.pyplot as plt
 
-    from fedprune.plots import finish
+    from fedprune.plots import finish, plain_log_ticks
 
     keys = list(grid.grid)
     short = grid.short_names()
@@ -701,6 +701,7 @@ def plot_summary(grid: SweepGrid, rows: Sequence[Mapping], out_dir: Path, prefix
         for name, x, a, marker in pts:
             ax.scatter([x], [100 * a[0]], marker=marker, s=160 if name == "dense" else 60, color=color, zorder=3)
     ax.set_xscale("log")
+    plain_log_ticks(ax.xaxis)
     name = f"{prefix}accuracy_vs_flops.png"
     finish(fig, ax, out_dir / name, "MFLOPs per image (log): " + " · ".join([f"{p} {_MARKERS[j % len(_MARKERS)][1]}" for j, p in reversed(list(enumerate(present)))] + ["dense ★"]),
            "test accuracy (%)", f"Sweep {grid.name}: accuracy vs FLOPs per profile (mean ± std)", legend_size=7)

@@ -59,7 +59,7 @@ from fedprune.config import config_to_dict, load_config  # noqa: E402
 from fedprune.metrics import process_tree_rss  # noqa: E402
 from fedprune.checkpoint import CHECKPOINT_FILE, load_checkpoint  # noqa: E402
 from fedprune.federated import acting_config, resolve_data_dir, simulate, without_final_eval  # noqa: E402
-from fedprune.plots import save  # noqa: E402
+from fedprune.plots import plain_log_ticks, save  # noqa: E402
 from fedprune.reporting import ci95, fmt_mean_std, mean_se, mean_std, nonnegative_int, t95, write_json, write_text  # noqa: E402
 from fedprune.masks import StructuredMask  # noqa: E402
 from fedprune.task import load_data, model_groups, pruned_accuracy  # noqa: E402
@@ -744,6 +744,7 @@ def plot(rows, central, path: Path) -> None:
     ms = [mean_std(c[p] for c in central) for p in PROFILES]
     ax.errorbar([flops[p] for p in PROFILES], [100 * m for m, _ in ms], yerr=[100 * s for _, s in ms], marker="s", ls="--", capsize=3, label="centralized, same budget")
     ax.set_xscale("log")
+    plain_log_ticks(ax.xaxis)
     ax.set_xlabel("MFLOPs per image (log): microcontroller · mobile_cpu · edge_gpu · dense")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3, which="both")
