@@ -1105,6 +1105,11 @@ class HardwareModel:
                     )
         return {b: lut for b, lut in self._luts.items()}
 
+    @property
+    def table_batches(self) -> list[int]:
+        """Batch sizes whose latency tables were built or loaded so far."""
+        return sorted(self._luts)
+
     def predict(self, key: str, kept: Kept | StructuredMask, compute_speed: float = 1.0) -> float:
         """Predicted device value of budget metric ``key`` (units in :data:`BUDGET_KEYS`)."""
         spec = CostSpec(key, 1.0)

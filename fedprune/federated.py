@@ -1089,10 +1089,7 @@ class FederatedPruning:
         evaluation of the dense model). Criteria, mask sources and fine-tuning methods can so be
         compared from one warm-up, e.g. one ``mask_source="none"`` run with ``finetune_rounds = 0``.
         """
-        ours, theirs = warmup_config(config_to_dict(self.cfg)), warmup_config(ckpt["config"])
-        if ours != theirs:
-            diff = sorted(_config_diff(ours, theirs))
-            raise CheckpointError(f"cannot warm-start: the checkpoint's run differs in keys that shape the dense warm-up: {', '.join(diff[:6])}")
+        check_warmup_config(self.cfg, ckpt)
         profiles = {i.partition_id: i.profile for i in self.nodes.values()}
         if profiles != ckpt["partition_profiles"]:
             raise CheckpointError(f"cannot warm-start: the registered clients {sorted(profiles)} differ from the checkpoint's")
@@ -1345,6 +1342,15 @@ def without_final_eval(config: dict) -> dict:
     return config_without(acting_config(config), FINAL_EVAL_KEYS)
 
 
+def check_warmup_config(cfg: ExperimentConfig, ckpt: dict) -> None:
+    """:class:`CheckpointError` unless the run of checkpoint ``ckpt`` has ``cfg``'s config in every key that shapes
+    the dense warm-up (:func:`warmup_config`), which a warm start takes over."""
+    ours, theirs = warmup_config(config_to_dict(cfg)), warmup_config(ckpt["config"])
+    if ours != theirs:
+        diff = sorted(_config_diff(ours, theirs))
+        raise CheckpointError(f"cannot warm-start: the checkpoint's run differs in keys that shape the dense warm-up: {', '.join(diff[:6])}")
+
+
 def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     keys = set(a) | set(b)
     out = []
@@ -1421,7 +1427,9 @@ def finished_results(out_dir: str | Path, cfg: ExperimentConfig, mask_source: st
     return res if same else None
 
 
-_STEP_NAMES = {"dense": "dense FedAvg", "warmup": "dense FedAvg warm-up", "finetune": "fine-tuning of the profiles' sub-networks"}
+#: What each kind of step of :meth:`FederatedPruning.plan` does, for people.
+_STEP_NAMES = {"dense": "dense FedAvg", "warmup": "dense FedAvg warm-up", "finetune": "fine-tuning of the profiles' sub-networks",
+               "importance": "importance round", "dense_eval": "test accuracy of the dense model"}
 
 
 def describe_run(cfg: ExperimentConfig, mask_source: str = "consensus", warm_start: str | Path | None = None,
@@ -1441,11 +1449,7 @@ def describe_run(cfg: ExperimentConfig, mask_source: str = "consensus", warm_sta
     server.check_budgets()
     warm_rounds = ""
     if warm_start:
-        ckpt = load_checkpoint(warm_start, "warm-start")
-        ours, theirs = warmup_config(config_to_dict(cfg)), warmup_config(ckpt["config"])
-        if ours != theirs:
-            raise CheckpointError(f"cannot warm-start: the checkpoint's run differs in keys that shape the dense warm-up: "
-                                  f"{', '.join(sorted(_config_diff(ours, theirs))[:6])}")
+        check_warmup_config(cfg, load_checkpoint(warm_start, "warm-start"))
         warm_rounds = f" (taken over from the warm-start run {str(warm_start)!r}, not trained again)"
     fed, d, pr = cfg.federated, cfg.data, cfg.pruning
     train, test = load_data(cfg)
@@ -1479,9 +1483,9 @@ def describe_run(cfg: ExperimentConfig, mask_source: str = "consensus", warm_sta
             continue
         first, last, scale = steps[0][1], steps[-1][1], steps[0][2]
         span = f"round {first}" if first == last else f"rounds {first}-{last}"
-        what = _STEP_NAMES.get(kind) or (f"importance round + {mask_source} masks"
-                                         + (f" (progressive stage: sparsity x {scale:.2f})" if scale < 1 else ""))
-        lines.append(f"  {span}: {what}{warm_rounds if kind == 'warmup' else ''}")
+        what = _STEP_NAMES[kind] + (f" + {mask_source} masks" + (f" (progressive stage: sparsity x {scale:.2f})" if scale < 1 else "")
+                                    if kind == "importance" else warm_rounds if kind == "warmup" else "")
+        lines.append(f"  {span}: {what}")
     lines.append(f"evaluation every {fed.eval_every} round(s)" if fed.eval_every else "evaluation at the end only")
     if resume:
         ckpt, steps = load_checkpoint(resume), server.plan()
@@ -1489,12 +1493,11 @@ def describe_run(cfg: ExperimentConfig, mask_source: str = "consensus", warm_sta
             lines.append(f"resume: the run in {str(resume)!r} finished already; --resume would do nothing")
         elif ckpt["steps_done"] < len(steps):
             kind, r, _ = steps[ckpt["steps_done"]]
-            what = {**_STEP_NAMES, "importance": "importance round", "dense_eval": "test accuracy of the dense model"}[kind]
-            lines.append(f"resume: {ckpt['steps_done']} of {len(steps)} steps done; --resume continues with round {r} ({what})")
+            lines.append(f"resume: {ckpt['steps_done']} of {len(steps)} steps done; --resume continues with round {r} ({_STEP_NAMES[kind]})")
         else:
             lines.append(f"resume: every step is done; --resume runs the final evaluation of {str(resume)!r}")
-    if server._hardware is not None and server.hardware._luts:
-        lines.append(f"latency tables (batch {', '.join(map(str, sorted(server.hardware._luts)))}) for the budget check: "
+    if server._hardware is not None and server.hardware.table_batches:
+        lines.append(f"latency tables (batch {', '.join(map(str, server.hardware.table_batches))}) for the budget check: "
                      f"measured or read from the cache {str(lut_cache_dir())!r}")
     return "\n".join(lines)
 
