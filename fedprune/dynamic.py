@@ -101,7 +101,8 @@ def keep_count(budget: float, channels: int, round_to: int = 1) -> int:
 
 
 def _topk_mask(saliency: torch.Tensor, k: int) -> torch.Tensor:
-    """0/1 mask of the ``k`` largest saliencies per row (ties broken by lower index)."""
+    """0/1 mask of the ``k`` largest saliencies per row (ties as ``torch.topk`` breaks them, which is not by index;
+    the sliced path calls ``torch.topk`` on the same saliencies, so both paths keep the same channels)."""
     idx = torch.topk(saliency, k, dim=1, sorted=False).indices
     return torch.zeros_like(saliency).scatter_(1, idx, 1.0)
 
@@ -792,7 +793,8 @@ def _exit_stage(logits: Sequence[torch.Tensor], threshold: float, rule: str = "m
     stage = torch.full((n,), last, dtype=torch.long)
     undecided = torch.ones(n, dtype=torch.bool)
     for i in range(last):
-        take = undecided & (exit_confidence(logits[i], rule) >= threshold)
+        # in float64, as WidthCascade compares float(conf): a float32 comparison rounds the threshold
+        take = undecided & (exit_confidence(logits[i], rule).double() >= threshold)
         stage[take] = i
         undecided &= ~take
     return stage

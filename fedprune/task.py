@@ -146,10 +146,17 @@ def check_partition(cfg: ExperimentConfig) -> None:
     train, _ = load_data(cfg)
     d, n = cfg.data, cfg.federated.num_clients
     try:  # the partition itself (cached in this process), not only its arguments: a Dirichlet draw can fail too
-        partition_indices(train.labels, n, d.partition, cfg.seed, d.alpha, d.classes_per_client)
+        parts = partition_indices(train.labels, n, d.partition, cfg.seed, d.alpha, d.classes_per_client)
     except ValueError as exc:
         raise ConfigError(f"data.partition = {d.partition!r} for federated.num_clients = {n} cannot be cut from the "
                           f"{len(train)} training images of data.dataset = {d.dataset!r}: {exc}") from None
+    held = np.unique(np.asarray(train.labels)[np.concatenate(parts)]) if parts else np.array([], dtype=int)
+    unused = sorted(set(np.unique(train.labels).tolist()) - set(held.tolist()))
+    if unused:  # pathological shards with fewer clients than classes: no client learns these, the test split has them
+        left = int(np.isin(train.labels, unused).sum())
+        log.warning("data.partition = %r with data.classes_per_client = %d for federated.num_clients = %d gives classes %s to no "
+                    "client: %d of %d training images are never used, while the test split still has those classes",
+                    d.partition, d.classes_per_client, n, unused, left, len(train))
 
 
 def client_profile(cfg: ExperimentConfig, partition_id: int, num_partitions: int) -> str:

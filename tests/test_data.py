@@ -307,3 +307,18 @@ def test_client_shard_bad_client_id() -> None:
 def test_empty_train_loader_is_allowed(synthetic_data) -> None:
     loader = make_loader(synthetic_data[0].subset([]), 8, train=True)
     assert len(loader) == 0
+
+
+def test_pathological_shards_that_leave_classes_to_no_client_are_warned_about(caplog) -> None:
+    """3 clients x 2 classes of 10 leave 6 classes to nobody; the test split still has them: the run says so."""
+    from fedprune.config import load_config
+    from fedprune.task import check_partition
+
+    base = ["data.dataset='synthetic'", "data.synthetic_train=400", "data.partition='pathological'", "data.classes_per_client=2"]
+    with caplog.at_level("WARNING", logger="fedprune.task"):
+        check_partition(load_config(None, base + ["federated.num_clients=3"]))
+    assert "gives classes [4, 5, 6, 7, 8, 9] to no client: 240 of 400 training images are never used" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fedprune.task"):
+        check_partition(load_config(None, base + ["federated.num_clients=9"]))  # 9 + 2 - 1 >= 10: every class is held
+    assert "to no client" not in caplog.text

@@ -468,3 +468,20 @@ def test_channel_orders_are_buffers_outside_the_state_dict(static) -> None:
     buffers = dict(net.named_buffers())
     assert all(torch.equal(buffers[f"order_{j}"], o) for j, o in enumerate(net.orders))
     assert not any(k.startswith("order_") for k in net.state_dict())
+
+
+def test_batched_exits_compare_as_a_cascade_does_input_by_input() -> None:
+    """_exit_stage (the batched outcome) compares in float64 like WidthCascade's float(conf): a threshold just above a
+    float32 confidence, which rounds down onto it in float32, must not let that input exit."""
+    import numpy as np
+
+    from fedprune.dynamic import _exit_stage, exit_confidence
+
+    logits = [torch.randn(8, 10, generator=torch.Generator().manual_seed(0)), torch.zeros(8, 10)]
+    conf = exit_confidence(logits[0])
+    c = float(conf[0])
+    threshold = c + float(np.spacing(np.float32(c))) / 4  # above c, but float32(threshold) == c
+    assert np.float32(threshold) == np.float32(c) and c < threshold
+    stages = _exit_stage(logits, threshold)
+    assert stages.tolist() == [0 if float(v) >= threshold else 1 for v in conf]
+    assert stages[0] == 1
