@@ -480,13 +480,22 @@ class FederatedPruning:
                 self.transport.timeout = timeout
         self.registration_bytes = (sum(r.bytes_down for r in replies), sum(r.bytes_up for r in replies))
         ok, failed = self._check_replies(replies, "register")
+        train, _ = load_data(self.cfg)
+        parsed: dict[int, dict] = {}
         for r in ok:
             try:
-                info = parse_register_reply(r.content, list(self.cfg.profiles))
+                parsed[r.node_id] = parse_register_reply(r.content, list(self.cfg.profiles), self.cfg.federated.num_clients, len(train))
             except InvalidReply as exc:
                 self._fail(failed, r.node_id, "register", str(exc))
+        holder: dict[int, int] = {}  # partition id -> the node that keeps it: the lowest node id claiming it
+        for node, info in sorted(parsed.items()):
+            holder.setdefault(int(info["partition-id"]), node)
+        for node, info in parsed.items():
+            pid = int(info["partition-id"])
+            if holder[pid] != node:  # one client's shard must not count twice
+                self._fail(failed, node, "register", f"partition-id {pid} is registered by node {holder[pid]} too; keeping that one")
                 continue
-            self.nodes[r.node_id] = NodeInfo(r.node_id, int(info["partition-id"]), str(info["profile"]), int(info["num-train"]), int(info["num-val"]), list(info["label-histogram"]))
+            self.nodes[node] = NodeInfo(node, pid, str(info["profile"]), int(info["num-train"]), int(info["num-val"]), list(info["label-histogram"]))
         if not self.nodes:
             raise RuntimeError("no client registered; cannot run")
         checked = set(self.profiles)

@@ -10,14 +10,23 @@ global model, the BN statistics, the gates or the consensus.
 What is checked:
 
 * weights and gates: the same array names as sent (none missing, none extra),
-  the same shapes and dtypes, finite values, BatchNorm variances not negative;
+  the same shapes and dtypes, finite values of magnitude at most
+  :data:`MAX_ABS_VALUE` (variances :data:`MAX_ABS_VALUE` squared; a trained
+  network's are below 100, so larger values are an attack or a diverged client,
+  and they would overflow the averages), BatchNorm variances not negative;
 * importance vectors: one per channel group (none missing, none extra), 1-D
   of the group's size, floating point, finite and non-negative; layer
-  sensitivity (when requested): one finite value per group;
+  sensitivity (when requested): one finite value per group, of magnitude at
+  most :data:`MAX_ABS_VALUE`;
 * sample counts: integers, positive (evaluation: non-negative) and at most the
   shard size the client registered with;
+* registration: a known profile, a partition id in ``[0, num_partitions)``, at
+  least one training image, a shard no larger than the training set the server
+  knows (a client's self-declared size weighs its updates), and a label
+  histogram of non-negative counts that sum to the shard;
 * metrics: the training loss is finite (unless no local epoch was asked for),
-  the compute time finite and non-negative, accuracies in [0, 1].
+  the compute time finite, non-negative and at most :data:`MAX_COMPUTE_S`,
+  accuracies in [0, 1].
 """
 
 from __future__ import annotations
@@ -51,6 +60,10 @@ __all__ = [
 
 #: Reasons quote at most this many offending names.
 _SHOW = 3
+#: Largest magnitude accepted in weights, BN means, gates and layer sensitivities (variances: its square).
+MAX_ABS_VALUE = 1e6
+#: Largest compute time (seconds) a client may report for one message.
+MAX_COMPUTE_S = 1e6
 
 
 class InvalidReply(ValueError):
@@ -108,6 +121,9 @@ def check_state(expected: Mapping[str, ArraySpec], received: Mapping[str, torch.
             return f"{what}: {k!r} holds non-finite values (NaN or inf)"
         if k.endswith(VARIANCE_SUFFIXES) and bool((v < 0).any()):
             return f"{what}: {k!r} holds negative variances"
+        limit = MAX_ABS_VALUE ** 2 if k.endswith(VARIANCE_SUFFIXES) else MAX_ABS_VALUE
+        if v.is_floating_point() and v.numel() and float(v.abs().max()) > limit:
+            return f"{what}: {k!r} holds values of magnitude {float(v.abs().max()):.3g}, above {limit:.0e}"
     return None
 
 
@@ -143,6 +159,8 @@ def check_sensitivity(groups, vectors: Mapping[str, np.ndarray]) -> str | None:
         v = np.asarray(vectors[name])
         if v.shape != (1,) or v.dtype.kind != "f" or not np.isfinite(v).all():
             return f"sensitivity: group {name!r} must be one finite number, got shape {v.shape} dtype {v.dtype}"
+        if abs(float(v[0])) > MAX_ABS_VALUE:
+            return f"sensitivity: group {name!r} = {float(v[0]):.3g} is above {MAX_ABS_VALUE:.0e} in magnitude"
     return None
 
 
@@ -247,7 +265,7 @@ def parse_train_reply(content, sent: Mapping[str, ArraySpec], sent_gates: Mappin
         _raise(check_finite_metric(m, "train-loss"))
     elif "train-loss" not in m:
         raise InvalidReply("metric 'train-loss' is missing")
-    _raise(check_finite_metric(m, "compute-s", lo=0.0))
+    _raise(check_finite_metric(m, "compute-s", lo=0.0, hi=MAX_COMPUTE_S))
     _raise(check_finite_metric(m, "gate-loss", required=False))
     return TrainReply(state, gates, int(m["num-examples"]), float(m["train-loss"]), float(m["compute-s"]))
 
@@ -289,15 +307,28 @@ def parse_bn_stats_reply(content, sent: Mapping[str, ArraySpec], num_train: int,
     return stats, widths, int(m["num-examples"])
 
 
-def parse_register_reply(content, profiles) -> dict:
-    """The ``info`` record: a known profile, a partition id >= 0, non-negative shard sizes."""
+def parse_register_reply(content, profiles, num_partitions: int | None = None, max_images: int | None = None) -> dict:
+    """The ``info`` record: a known profile, a partition id in ``[0, num_partitions)``, at least one training image,
+    train + validation images at most ``max_images`` (the training set the server knows), and a label histogram: a
+    list of non-negative integers that sum to train + validation images."""
     info = _record(content, "info", "record")
     for key in ("partition-id", "profile", "num-train", "num-val", "label-histogram"):
         if key not in info:
             raise InvalidReply(f"info: {key!r} is missing")
-    _raise(check_count(info["partition-id"], "partition-id", 0))
+    top = None if num_partitions is None else num_partitions - 1
+    _raise(check_count(info["partition-id"], "partition-id", 0, top, "the last partition id of federated.num_clients"))
     if str(info["profile"]) not in profiles:
         raise InvalidReply(f"info: unknown profile {info['profile']!r}; allowed: {list(profiles)}")
-    _raise(check_count(info["num-train"], "num-train", 0))
-    _raise(check_count(info["num-val"], "num-val", 0))
+    _raise(check_count(info["num-train"], "num-train", 1, max_images, "the training set's size"))
+    _raise(check_count(info["num-val"], "num-val", 0, max_images, "the training set's size"))
+    shard = int(info["num-train"]) + int(info["num-val"])
+    if max_images is not None and shard > max_images:
+        raise InvalidReply(f"info: num-train + num-val = {shard} exceeds {max_images} (the training set's size)")
+    hist = info["label-histogram"]
+    if isinstance(hist, (str, bytes)) or not isinstance(hist, (list, tuple)):
+        raise InvalidReply(f"info: label-histogram = {hist!r} is not a list of counts")
+    for i, c in enumerate(hist):
+        _raise(check_count(c, f"label-histogram[{i}]", 0))
+    if sum(int(c) for c in hist) != shard:
+        raise InvalidReply(f"info: label-histogram sums to {sum(int(c) for c in hist)}, not num-train + num-val = {shard}")
     return dict(info)

@@ -370,6 +370,8 @@ TRAIN_CASES = {
     "wrong dtype": (_with_state(_retype), "has dtype torch.float64, sent torch.float32"),
     "NaN weight": (_with_state(_poke(float("nan"))), "non-finite"),
     "inf weight": (_with_state(_poke(float("inf"))), "non-finite"),
+    "huge finite weight": (_with_state(_poke(3e38)), "above 1e+06"),
+    "huge compute time": (_with_metrics(**{"compute-s": 1e300}), "'compute-s' = 1e+300 is outside"),
     "zero examples": (_with_metrics(**{"num-examples": 0}), "num-examples = 0 is below 1"),
     "negative examples": (_with_metrics(**{"num-examples": -5}), "num-examples = -5 is below 1"),
     "too many examples": (_with_metrics(**{"num-examples": 10**6}), "exceeds"),
@@ -488,6 +490,42 @@ def test_bad_evaluation_reply_is_left_out(cfg, recorded, caplog):
 
 
 # ----------------------------------------------------------- check functions
+def test_bad_registrations_are_dropped_and_a_partition_counts_once(cfg, recorded, caplog):
+    """Registration replies: a histogram that is not a list of counts summing to the shard, a partition id out of
+    range or claimed by two nodes, no training image, or a shard larger than the training set: dropped, logged."""
+    import re
+
+    from flwr.app import ConfigRecord
+
+    from fedprune.task import load_data
+    from fedprune.validation import InvalidReply, parse_register_reply
+
+    nodes = sorted({n for n, _ in recorded})
+    info = dict(recorded[(nodes[BAD], "query.register")].content["info"])
+    profiles, n_train = list(cfg.profiles), len(load_data(cfg)[0])
+
+    def parse(**change):
+        return parse_register_reply(RecordDict({"info": ConfigRecord({**info, **change})}), profiles, 3, n_train)
+
+    assert parse()["partition-id"] == info["partition-id"]
+    hist = list(info["label-histogram"])
+    for change, reason in [({"label-histogram": 5}, "not a list of counts"), ({"label-histogram": "abc"}, "not a list of counts"),
+                           ({"label-histogram": [-1] + hist[1:]}, "label-histogram[0] = -1 is below 0"),
+                           ({"label-histogram": [0] * len(hist)}, "label-histogram sums to 0"),
+                           ({"partition-id": 3}, "partition-id = 3 exceeds 2"), ({"num-train": 0}, "num-train = 0 is below 1"),
+                           ({"num-train": 10**9}, "exceeds"), ({"num-val": n_train}, "num-train + num-val")]:
+        with pytest.raises(InvalidReply, match=re.escape(reason)):
+            parse(**change)
+    # the last node claims the first node's partition: the lower node id keeps it, the other is dropped
+    first = dict(recorded[(nodes[0], "query.register")].content["info"])
+    fp = FederatedPruning(cfg, ReplayTransport(recorded, corrupt={(nodes[-1], "query.register"): lambda c: RecordDict({"info": ConfigRecord(first)})}))
+    with caplog.at_level("WARNING", logger="fedprune.server"):
+        fp.register()
+    assert sorted(i.partition_id for i in fp.nodes.values()) == sorted(int(recorded[(n, "query.register")].content["info"]["partition-id"])
+                                                                        for n in nodes[:-1])
+    assert f"partition-id {first['partition-id']} is registered by node {nodes[0]} too" in caplog.text
+
+
 def test_check_functions_one_job_each(cfg):
     from fedprune.task import model_groups
 
@@ -506,6 +544,13 @@ def test_check_functions_one_job_each(cfg):
     assert check_importance(groups, vecs) is None
     assert "expected floating point" in check_importance(groups, {**vecs, groups.names[0]: np.ones(groups[groups.names[0]].size, dtype=np.int64)})
     assert check_count(5, "n", 1, 5) is None and check_count(5.0, "n", 1, 5) is None
+    # magnitudes no trained network has would overflow the averages: weights, BN means and sensitivities above 1e6
+    assert "above 1e+06" in check_state(spec, {**good, "w": torch.full((2, 2), 1e20)})
+    assert check_state(var_spec, {k: torch.full((2,), 1e11) for k in var_spec}) is None  # variances: up to 1e12
+    from fedprune.validation import check_sensitivity
+
+    assert check_sensitivity(groups, {g: np.array([0.3]) for g in groups.names}) is None
+    assert "above 1e+06 in magnitude" in check_sensitivity(groups, {g: np.array([1e307]) for g in groups.names})
     assert "not an integer" in check_count(2.5, "n") and "not a number" in check_count("7", "n") and "not a number" in check_count(True, "n")
     # a client asked for no local epoch may report a NaN loss (it did not train); gates are checked like weights
     content = RecordDict({"arrays": state_to_record({"w": torch.ones(2, 2)}), "gates": state_to_record({"g": torch.ones(3)}),
