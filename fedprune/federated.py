@@ -234,6 +234,7 @@ class FederatedPruning:
         self.profiles = capability_order(self.cfg.profiles, {p for p, share in self.cfg.federated.proportions.items() if share > 0})
         self.nodes: dict[int, NodeInfo] = {}
         self.registration_bytes = (0, 0)  # (down, up) of the register messages, in bytes
+        self.registration_failures: list[str] = []  # why nodes that answered the registration were left out
         # federated.score_model = "last_warmup": the model sent in the last warm-up round, which its clients cached
         # ({"version", "state", "partitions"}), until the importance round after the warm-up has scored it.
         self.warmup_input: dict | None = None
@@ -496,6 +497,7 @@ class FederatedPruning:
                 self._fail(failed, node, "register", f"partition-id {pid} is registered by node {holder[pid]} too; keeping that one")
                 continue
             self.nodes[node] = NodeInfo(node, pid, str(info["profile"]), int(info["num-train"]), int(info["num-val"]), list(info["label-histogram"]))
+        self.registration_failures = [f["reason"] for f in failed]
         if not self.nodes:
             raise RuntimeError("no client registered; cannot run")
         checked = set(self.profiles)
@@ -1206,6 +1208,7 @@ class FederatedPruning:
             "consensus": self.consensus_log[-1] if self.consensus_log else None,
             "consensus_history": self.consensus_log,
             "clients": [dataclasses.asdict(i) for i in sorted(self.nodes.values(), key=lambda i: i.partition_id)],
+            "registration_failures": list(self.registration_failures),
             "totals": totals,
             "summary": summary,
         }

@@ -524,6 +524,7 @@ def test_bad_registrations_are_dropped_and_a_partition_counts_once(cfg, recorded
     assert sorted(i.partition_id for i in fp.nodes.values()) == sorted(int(recorded[(n, "query.register")].content["info"]["partition-id"])
                                                                         for n in nodes[:-1])
     assert f"partition-id {first['partition-id']} is registered by node {nodes[0]} too" in caplog.text
+    assert fp.registration_failures == [f"partition-id {first['partition-id']} is registered by node {nodes[0]} too; keeping that one"]
 
 
 def test_check_functions_one_job_each(cfg):
