@@ -601,10 +601,11 @@ class FederatedPruning:
             "attempts": 1,
         }
 
-    def federated_evaluate(self, nodes: list[int], scored: tuple[StructuredMask, dict] | None = None) -> tuple[dict, list[Reply]]:
+    def federated_evaluate(self, nodes: list[int], scored: tuple[StructuredMask, dict] | None = None) -> tuple[dict, list[Reply], dict]:
         """Each node evaluates its own sub-model (or, with ``scored = (mask, sub-network state)``, that network:
         the one the importance round that follows scores, which the clients cache) on local validation data;
-        returns per-profile accuracy. Messages go out in batches of at most ``clients_per_round``, so no more
+        returns per-profile accuracy (weighted by validation images), the replies, and per profile the number of
+        clients whose reply was valid. Messages go out in batches of at most ``clients_per_round``, so no more
         models are in flight than in a training round."""
         from flwr.app import RecordDict
 
@@ -617,16 +618,19 @@ class FederatedPruning:
         replies = self._exchange_in_batches(nodes, request)
         ok, failed = self._check_replies(replies, "evaluate")
         per_profile: dict[str, list[tuple[float, int]]] = {}
+        valid: dict[str, int] = {}
         for r in ok:
             try:
                 n_ex, accuracy = parse_evaluate_reply(r.content, self.nodes[r.node_id].num_val)
             except InvalidReply as exc:
                 self._fail(failed, r.node_id, "evaluate", str(exc))
                 continue
+            profile = self.nodes[r.node_id].profile
+            valid[profile] = valid.get(profile, 0) + 1
             if n_ex > 0:
-                per_profile.setdefault(self.nodes[r.node_id].profile, []).append((accuracy, n_ex))
+                per_profile.setdefault(profile, []).append((accuracy, n_ex))
         acc = {p: sum(a * n for a, n in v) / sum(n for _, n in v) for p, v in per_profile.items()}
-        return acc, replies
+        return acc, replies, valid
 
     def _exchange_in_batches(self, nodes: list[int], request) -> list[Reply]:
         """``request(node)`` for every node, sent in batches of at most ``clients_per_round``
@@ -770,7 +774,7 @@ class FederatedPruning:
             # (``model_delivery_bytes_*``, counted in ``bytes_*``).
             scope = self.scope()
             delivered = self.scope_substate(scope)
-            _, eval_replies = self.federated_evaluate(nodes, scored=(scope, delivered))
+            _, eval_replies, _ = self.federated_evaluate(nodes, scored=(scope, delivered))
             delivery = (sum(r.bytes_down for r in eval_replies), sum(r.bytes_up for r in eval_replies))
             version = self.model_version
             scored = delivered if self.node_masks else self.state  # before the first consensus: the dense global model
@@ -1139,7 +1143,7 @@ class FederatedPruning:
         log.info("[evaluate] final models: test split, local validation, params, FLOPs%s", ", latency" if self.cfg.eval.latency else "")
         profiles = {}
         local_nodes = self.final_eval_nodes()
-        local_acc, final_replies = self.federated_evaluate(local_nodes)
+        local_acc, final_replies, local_valid = self.federated_evaluate(local_nodes)
         for p in self.profiles:
             clients = [n for n, i in self.nodes.items() if i.profile == p]
             if not clients:
@@ -1160,7 +1164,7 @@ class FederatedPruning:
                 "macs": int(np.mean([c["macs"] for c in costs])),
                 "accuracy": float(np.mean(accs)),
                 "local_val_accuracy": local_acc.get(p),
-                "local_val_clients": sum(1 for n in local_nodes if self.nodes[n].profile == p),
+                "local_val_clients": local_valid.get(p, 0),  # whose final evaluation reply was valid
                 "clients": len(clients),
                 "distinct_masks": len(masks),
                 "kept_channels": mask0.kept_counts,

@@ -476,7 +476,7 @@ def test_bad_importance_reply_is_dropped(case, cfg, recorded, consensus_without_
 def test_bad_evaluation_reply_is_left_out(cfg, recorded, caplog):
     honest = FederatedPruning(cfg, ReplayTransport(recorded))
     honest.register()
-    acc, _ = honest.federated_evaluate(sorted(honest.nodes), scored=(StructuredMask.dense(honest.groups), honest.substate(StructuredMask.dense(honest.groups))))
+    acc, _, _ = honest.federated_evaluate(sorted(honest.nodes), scored=(StructuredMask.dense(honest.groups), honest.substate(StructuredMask.dense(honest.groups))))
     prof = honest.nodes[BAD].profile
     for values, reason in (({"accuracy": 1.5}, "outside [0.0, 1.0]"), ({"accuracy": float("nan")}, "not finite"),
                            ({"num-examples": 10**6}, "exceeds")):
@@ -484,9 +484,10 @@ def test_bad_evaluation_reply_is_left_out(cfg, recorded, caplog):
         fp.register()
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger=LOGGER):
-            bad_acc, _ = fp.federated_evaluate(sorted(fp.nodes), scored=(StructuredMask.dense(fp.groups), fp.substate(StructuredMask.dense(fp.groups))))
+            bad_acc, _, valid = fp.federated_evaluate(sorted(fp.nodes), scored=(StructuredMask.dense(fp.groups), fp.substate(StructuredMask.dense(fp.groups))))
         assert prof not in bad_acc and {p: a for p, a in acc.items() if p != prof} == bad_acc
         assert f"evaluate: dropped the reply of client #{BAD} ({prof}): " in caplog.text and reason in caplog.text
+        assert prof not in valid and sum(valid.values()) == len(fp.nodes) - 1  # local_val_clients counts valid replies
 
 
 # ----------------------------------------------------------- check functions
