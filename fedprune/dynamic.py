@@ -122,8 +122,8 @@ def conv_blocks(model: nn.Module) -> list[Block]:
     """The ``(conv, bn, pool or None)`` blocks of a seed_cnn-like model, checked.
 
     ``model`` needs ``features`` made of Conv2d-BatchNorm2d-ReLU[-MaxPool2d]
-    blocks, an ``AdaptiveAvgPool2d`` ``pool`` and a ``classifier`` with two
-    Linear layers (:class:`fedprune.models.SeedCNN` at any widths, e.g. an
+    blocks, an ``AdaptiveAvgPool2d`` ``pool`` and a Flatten-Linear-ReLU[-Dropout]-Linear
+    ``classifier`` (:class:`fedprune.models.SeedCNN` at any widths, e.g. an
     extracted sub-network); anything else is a ``NotImplementedError``.
     """
     if not all(isinstance(getattr(model, a, None), nn.Module) for a in ("features", "pool", "classifier")):
@@ -142,8 +142,11 @@ def conv_blocks(model: nn.Module) -> list[Block]:
         if i < len(layers) and isinstance(layers[i], nn.MaxPool2d):
             pool, i = layers[i], i + 1
         blocks.append((conv, bn, pool))
-    if not isinstance(model.pool, nn.AdaptiveAvgPool2d) or len(_linears(model)) != 2:
-        raise NotImplementedError("needs an AdaptiveAvgPool2d and a two-layer Linear classifier (seed_cnn)")
+    # the sliced path runs the classifier as flatten, fc1, ReLU, fc2 (dropout is off at inference)
+    kinds = [type(m) for m in model.classifier if not isinstance(m, nn.Dropout)]
+    if not isinstance(model.pool, nn.AdaptiveAvgPool2d) or kinds != [nn.Flatten, nn.Linear, nn.ReLU, nn.Linear]:
+        raise NotImplementedError("needs an AdaptiveAvgPool2d and a Flatten-Linear-ReLU[-Dropout]-Linear classifier (seed_cnn), "
+                                  f"got {[k.__name__ for k in kinds]}")
     return blocks
 
 

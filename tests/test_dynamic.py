@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from fedprune.dynamic import GatedCNN, keep_count
 from fedprune.groups import discover_groups
@@ -485,3 +486,14 @@ def test_batched_exits_compare_as_a_cascade_does_input_by_input() -> None:
     stages = _exit_stage(logits, threshold)
     assert stages.tolist() == [0 if float(v) >= threshold else 1 for v in conf]
     assert stages[0] == 1
+
+
+def test_gates_refuse_a_classifier_the_sliced_path_would_run_differently() -> None:
+    """The sliced path applies ReLU between the two Linear layers: a classifier without it is refused, not run wrong."""
+    from fedprune.dynamic import conv_blocks
+
+    model = get_model("seed_cnn")
+    assert len(conv_blocks(model)) == 4
+    model.classifier = nn.Sequential(*[m for m in model.classifier if not isinstance(m, nn.ReLU)])
+    with pytest.raises(NotImplementedError, match="Flatten-Linear-ReLU"):
+        conv_blocks(model)
