@@ -226,7 +226,8 @@ class FederatedPruning:
         set_seed(self.cfg.seed)
         self.model = build_model(self.cfg)
         self.state = {k: v.clone() for k, v in self.model.state_dict().items()}
-        _, test = load_data(self.cfg)
+        train, test = load_data(self.cfg)
+        self.train_images = len(train)  # no client's shard can be larger (registration checks it)
         self.test_loader = make_loader(test, 256, train=False)
         #: Profiles of the run, most capable first (:func:`capability_order`): before registration those with a
         #: client share in ``federated.proportions``; after it those of the registered clients (a SuperNode may
@@ -481,11 +482,10 @@ class FederatedPruning:
                 self.transport.timeout = timeout
         self.registration_bytes = (sum(r.bytes_down for r in replies), sum(r.bytes_up for r in replies))
         ok, failed = self._check_replies(replies, "register")
-        train, _ = load_data(self.cfg)
         parsed: dict[int, dict] = {}
         for r in ok:
             try:
-                parsed[r.node_id] = parse_register_reply(r.content, list(self.cfg.profiles), self.cfg.federated.num_clients, len(train))
+                parsed[r.node_id] = parse_register_reply(r.content, list(self.cfg.profiles), self.cfg.federated.num_clients, self.train_images)
             except InvalidReply as exc:
                 self._fail(failed, r.node_id, "register", str(exc))
         holder: dict[int, int] = {}  # partition id -> the node that keeps it: the lowest node id claiming it

@@ -39,9 +39,8 @@ def plain_log_ticks(axis) -> None:
     """Tick labels of a log axis as plain numbers (20, 30, 100), not powers of ten (2 x 10^1)."""
     from matplotlib.ticker import LogLocator, ScalarFormatter
 
-    for which, fmt in (("major", ScalarFormatter()), ("minor", ScalarFormatter())):
-        fmt.set_scientific(False)
-        (axis.set_major_formatter if which == "major" else axis.set_minor_formatter)(fmt)
+    axis.set_major_formatter(ScalarFormatter())
+    axis.set_minor_formatter(ScalarFormatter())
     axis.set_minor_locator(LogLocator(subs=(2.0, 3.0, 5.0)))
 
 

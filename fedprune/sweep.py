@@ -581,7 +581,7 @@ def render_summary(grid: SweepGrid, rows: Sequence[Mapping], cfg: ExperimentConf
     keys = list(grid.grid)
     short = grid.short_names()
     groups = aggregate(rows, keys)
-    present = [p for p in row_profiles(rows) if any(f"{p}_accuracy" in g["stats"] for g in groups)]
+    present = _present_profiles(rows, groups)
     n_test = images[1] if images else None
     cells_done = sum(r.get("status") == "done" for r in rows)
     lines = [
@@ -663,6 +663,16 @@ def _numeric_keys(grid: SweepGrid) -> list[str]:
 _MARKERS = (("^", "▲"), ("s", "■"), ("v", "▼"), ("D", "◆"), ("P", "✚"), ("X", "✖"), ("o", "●"), ("<", "◀"), (">", "▶"), ("h", "⬢"))
 
 
+def _marker(j: int) -> tuple[str, str]:
+    """The :data:`_MARKERS` entry of the ``j``-th profile (cycling)."""
+    return _MARKERS[j % len(_MARKERS)]
+
+
+def _present_profiles(rows: Sequence[Mapping], groups: Sequence[dict]) -> list[str]:
+    """Profiles (most capable first) with an accuracy in some aggregated group of :func:`aggregate`."""
+    return [p for p in row_profiles(rows) if any(f"{p}_accuracy" in g["stats"] for g in groups)]
+
+
 def plot_summary(grid: SweepGrid, rows: Sequence[Mapping], out_dir: Path, prefix: str = "") -> list[tuple[str, str]]:
     """PNG plots into ``out_dir``: accuracy vs FLOPs per profile (one line per grid point) and,
     for each numeric grid key, accuracy vs that key (log x for wide ranges). Returns (title, file name)."""
@@ -676,7 +686,7 @@ def plot_summary(grid: SweepGrid, rows: Sequence[Mapping], out_dir: Path, prefix
     made = []
     if not any(g["n"] for g in groups):
         return made
-    present = [p for p in row_profiles(rows) if any(f"{p}_accuracy" in g["stats"] for g in groups)]
+    present = _present_profiles(rows, groups)
 
     def label(g) -> str:
         return ", ".join(f"{short[k]}={g['keys'][k]}" for k in keys) or grid.name
@@ -686,7 +696,7 @@ def plot_summary(grid: SweepGrid, rows: Sequence[Mapping], out_dir: Path, prefix
         s = g["stats"]
         # (name, MFLOPs, (mean, std) accuracy, marker); the dense point is not on the profiles' line:
         # it is measured after the warm-up only.
-        prof = [(p, s[f"{p}_flops"][0] / 1e6, s[f"{p}_accuracy"], _MARKERS[j % len(_MARKERS)][0]) for j, p in enumerate(present)
+        prof = [(p, s[f"{p}_flops"][0] / 1e6, s[f"{p}_accuracy"], _marker(j)[0]) for j, p in enumerate(present)
                 if f"{p}_flops" in s and f"{p}_accuracy" in s]
         dense = [("dense", s["dense_flops"][0] / 1e6, s["dense_accuracy"], "*")] if "dense_flops" in s and "dense_accuracy" in s else []
         pts = sorted(prof + dense, key=lambda t: t[1])
@@ -703,7 +713,7 @@ def plot_summary(grid: SweepGrid, rows: Sequence[Mapping], out_dir: Path, prefix
     ax.set_xscale("log")
     plain_log_ticks(ax.xaxis)
     name = f"{prefix}accuracy_vs_flops.png"
-    finish(fig, ax, out_dir / name, "MFLOPs per image (log): " + " · ".join([f"{p} {_MARKERS[j % len(_MARKERS)][1]}" for j, p in reversed(list(enumerate(present)))] + ["dense ★"]),
+    finish(fig, ax, out_dir / name, "MFLOPs per image (log): " + " · ".join([f"{p} {_marker(j)[1]}" for j, p in reversed(list(enumerate(present)))] + ["dense ★"]),
            "test accuracy (%)", f"Sweep {grid.name}: accuracy vs FLOPs per profile (mean ± std)", legend_size=7)
     made.append(("accuracy vs FLOPs per profile", name))
     for key in _numeric_keys(grid):
